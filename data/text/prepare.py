@@ -1,0 +1,33 @@
+"""Prepare any local text files or folders, byte- or char-level.
+
+    python data/text/prepare.py --input notes/ more.txt --level byte --name mytext
+
+writes data/<name>/{train,val}.bin and meta.json; train with --dataset=<name>.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from sqrllm.data import DataError
+from sqrllm.prepare import prepare_text
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", nargs="+", required=True, help="text files and/or folders (walked, sorted)")
+    ap.add_argument("--level", choices=("byte", "char"), default="byte", help="tokenizer (default: byte)")
+    ap.add_argument("--name", default="text", help="dataset folder name under data/ (default: text)")
+    ap.add_argument("--val_fraction", type=float, default=0.1, help="share of the text, from the end, for val")
+    ap.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                    help="invalid UTF-8: strict stops with the file and offset; replace substitutes U+FFFD")
+    args = ap.parse_args()
+    out = Path(__file__).resolve().parent.parent / args.name
+    try:
+        meta, replaced = prepare_text(out, args.input, args.level, args.val_fraction, args.errors, args.name)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    if replaced:
+        print(f"warning: replaced {replaced} invalid UTF-8 sequence(s) with U+FFFD")
+    s = meta["splits"]
+    print(f"{args.name}: {args.level}-level, vocab {meta['vocab_size']}, {s['train']['tokens']:,} train and "
+          f"{s['val']['tokens']:,} val tokens -> {out}")

@@ -1,0 +1,188 @@
+"""Training configuration: one dataclass, filled from a Python config file and --key=value overrides.
+
+    python train.py configs/small.py --batch_size=32 --learning_rate=3e-3
+
+A config file is plain Python whose top-level assignments name fields of `Config`. Unknown keys
+and wrong types are errors that name the field and suggest the nearest key; ints promote to floats.
+"""
+
+import dataclasses
+import difflib
+import json
+import math
+import runpy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which field and why."""
+
+
+@dataclass
+class Config:
+    # --- I/O ---
+    out_dir: str = "out/run"  # folder for config.json, metrics.jsonl and checkpoints
+    init_from: str = "scratch"  # "scratch" or "resume" (continue from out_dir/ckpt.pt)
+    log_interval: int = 10  # steps between console/metrics log lines
+    eval_interval: int = 250  # steps between evaluations (and checkpoints); 0 = only at the end
+    eval_only: bool = False  # evaluate the checkpoint (with init_from="resume") and exit
+    eval_stream: bool = True  # also evaluate with state streamed through the whole val split
+    eval_max_tokens: int = 0  # cap on val tokens per evaluation; 0 = the whole split
+    eval_batch_size: int = 64  # windows (or streams) per evaluation forward
+    always_save_checkpoint: bool = True  # save at every eval, not only when val improves
+    progress: bool = True  # tqdm progress bar
+    # --- data ---
+    dataset: str = "builtin"  # folder under data_dir holding train.bin, val.bin, meta.json
+    data_dir: str = "data"  # where datasets live, relative to the working directory
+    batching: str = "stream"  # "stream": rows read consecutive windows, memory carried; "random": nanoGPT windows
+    reset_every: int = 0  # with stream batching, zero the carried memory every N steps; 0 = never
+    # --- model ---
+    n_layer: int = 4  # sqrll layers
+    n_embd: int = 256  # model width
+    n_mem: int = 0  # memory width of each sqrll layer; 0 = n_embd
+    n_ffn: int = 0  # hidden width of the gated MLP; 0 = 2 * n_embd
+    mlp_every: int = 1  # a gated MLP block after every N-th sqrll layer; 0 = no MLP
+    dropout: float = 0.0  # dropout on residual branches and embeddings
+    tie_weights: bool = True  # output head shares the token embedding
+    bias: bool = True  # biases in linear layers (the forget gate's bias is always on)
+    init: str = "scaled"  # "scaled" (GPT-2 style, residual outputs scaled by depth) or "normal"
+    init_std: float = 0.02  # std of the normal weight init
+    forget_init: str = "spread"  # forget bias: "spread" (timescales 1..max_timescale) or "zero"
+    max_timescale: float = 64.0  # longest initial memory timescale in tokens, for forget_init="spread"
+    # --- optimisation ---
+    batch_size: int = 32  # rows per micro-batch (streams, with stream batching)
+    block_size: int = 128  # tokens per row per step (truncated backprop length)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_iters: int = 2000  # optimizer steps
+    max_time: float = 0.0  # stop after this many seconds of wall-clock; 0 = no limit
+    learning_rate: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 100  # linear warmup steps
+    lr_decay_iters: int = 0  # steps of cosine decay; 0 = max_iters
+    weight_decay: float = 0.1  # AdamW weight decay on matrices (norm weights and biases are not decayed)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.99  # AdamW second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
+    # --- system ---
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
+    dtype: str = "auto"  # "auto" (bfloat16 on capable CUDA, float32 elsewhere), "float32", "bfloat16", "float16"
+    compile: bool = False  # torch.compile the model
+    num_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    seed: int = 1337  # seeds torch, numpy and python RNGs
+
+    @property
+    def mem_width(self):
+        return self.n_mem or self.n_embd
+
+    @property
+    def ffn_width(self):
+        return self.n_ffn or 2 * self.n_embd
+
+    def validate(self):
+        choices = {
+            "init_from": ("scratch", "resume"),
+            "batching": ("stream", "random"),
+            "init": ("scaled", "normal"),
+            "forget_init": ("spread", "zero"),
+            "dtype": ("auto", "float32", "bfloat16", "float16"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(map(repr, allowed))}")
+        positive = ("n_layer", "n_embd", "batch_size", "block_size", "gradient_accumulation_steps", "eval_batch_size")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("n_mem", "n_ffn", "mlp_every", "max_iters", "reset_every", "eval_interval", "warmup_iters"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def save(self, path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _unknown(key):
+    near = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+    hint = f"; did you mean '{near[0]}'?" if near else "; run `python train.py --help` for the list of keys"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def coerce(key, value, source="config"):
+    """Check `value` against the type of field `key` (ints promote to floats); return it typed."""
+    if key not in FIELDS:
+        raise _unknown(key)
+    want = FIELDS[key].type
+    want = {"int": int, "float": float, "bool": bool, "str": str}.get(want, want)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, want) and not (want is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: {key} must be {want.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _parse_override(text, key):
+    """Parse the text of --key=value into the type of field `key`."""
+    want = FIELDS[key].type
+    want = {"int": int, "float": float, "bool": bool, "str": str}.get(want, want)
+    if want is str:
+        return text
+    if want is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key}={text}: {key} must be a bool (true/false)")
+    try:
+        return int(text) if want is int else float(text)
+    except ValueError:
+        raise ConfigError(f"--{key}={text}: {key} must be {want.__name__}, got {text!r}") from None
+
+
+def load_config(argv, base=None):
+    """Build a Config from [config_file.py] [--key=value ...]; `base` is a dict of starting values."""
+    values = dict(base or {})
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"override '{arg}' must be written --key=value")
+            if key not in FIELDS:
+                raise _unknown(key)
+            values[key] = _parse_override(text, key)
+        else:
+            path = Path(arg)
+            if not path.is_file():
+                raise ConfigError(f"config file {arg} not found; pass a file from configs/, e.g. configs/small.py")
+            try:
+                namespace = runpy.run_path(str(path))
+            except Exception as e:
+                raise ConfigError(f"config file {arg} failed to run: {type(e).__name__}: {e}") from e
+            for key, value in namespace.items():
+                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+                    continue
+                values[key] = coerce(key, value, source=str(path))
+    for key, value in values.items():
+        values[key] = coerce(key, value)
+    return Config(**values).validate()
+
+
+def config_help():
+    lines = ["config keys (defaults):"]
+    for name, f in FIELDS.items():
+        lines.append(f"  --{name}={f.default!r}")
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""Token files and batches.
+
+A token file is a 32-byte header followed by the tokens, little-endian:
+
+    magic b"SQRLTOKS" | version u32 | bytes per token u32 (1, 2 or 4) | token count u64 | reserved u64
+
+Files are read through np.memmap, never loaded whole. A dataset folder holds train.bin, val.bin
+and meta.json (the tokenizer and per-split token and byte counts; no pickle anywhere).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = b"SQRLTOKS"
+VERSION = 1
+HEADER_SIZE = 32
+_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+class DataError(ValueError):
+    """A dataset file that cannot be used; the message names the file and the fix."""
+
+
+def token_dtype(vocab_size):
+    """Smallest unsigned dtype that holds ids < vocab_size."""
+    for size, dtype in _DTYPES.items():
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return dtype
+    raise DataError(f"vocab_size {vocab_size} does not fit in 32-bit token ids")
+
+
+def write_tokens(path, tokens):
+    """Write a token file atomically (temp file in the same folder, then rename)."""
+    tokens = np.ascontiguousarray(tokens)
+    if tokens.dtype.itemsize not in _DTYPES or tokens.dtype.kind != "u":
+        raise DataError(f"tokens must be uint8, uint16 or uint32, got {tokens.dtype}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = MAGIC + np.array([VERSION, tokens.dtype.itemsize], "<u4").tobytes()
+    header += np.array([tokens.size, 0], "<u8").tobytes()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_tokens(path):
+    """Memory-map a token file after checking its header and size; returns a 1-D array."""
+    path = Path(path)
+    fix = "re-run the dataset's prepare.py to rewrite it"
+    if not path.is_file():
+        raise DataError(f"{path} not found; {fix}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(HEADER_SIZE)
+    if len(header) < HEADER_SIZE or header[:8] != MAGIC:
+        raise DataError(f"{path} is not a sqrllm token file (bad magic); {fix}")
+    version, itemsize = np.frombuffer(header[8:16], "<u4")
+    count = int(np.frombuffer(header[16:24], "<u8")[0])
+    if version != VERSION:
+        raise DataError(f"{path} has format version {version}, this sqrllm reads {VERSION}; {fix}")
+    if itemsize not in _DTYPES:
+        raise DataError(f"{path} declares {itemsize} bytes per token (expected 1, 2 or 4); {fix}")
+    if size != HEADER_SIZE + count * itemsize:
+        raise DataError(f"{path} holds {size - HEADER_SIZE} bytes of tokens but its header says "
+                        f"{count} x {itemsize}; the file is truncated or corrupt; {fix}")
+    if count == 0:
+        raise DataError(f"{path} holds no tokens; {fix} with more text")
+    return np.memmap(path, dtype=np.dtype(_DTYPES[int(itemsize)]).newbyteorder("<"), mode="r",
+                     offset=HEADER_SIZE, shape=(count,))
+
+
+def read_meta(folder):
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found; run the dataset's prepare.py")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); re-run the dataset's prepare.py") from e
+
+
+def write_meta(folder, meta):
+    path = Path(folder) / "meta.json"
+    tmp = path.with_name("meta.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def check_ids(tokens, vocab_size, path):
+    """Every id in `tokens` must be < vocab_size (checked in slices, memory stays flat)."""
+    step = 1 << 24
+    for lo in range(0, len(tokens), step):
+        top = int(tokens[lo : lo + step].max())
+        if top >= vocab_size:
+            raise DataError(f"{path} holds token id {top} but the tokenizer's vocab_size is {vocab_size}; "
+                            "the file and meta.json disagree: re-run the dataset's prepare.py")
+
+
+class StreamBatches:
+    """Each of B rows reads consecutive windows of its own contiguous stretch of the tokens.
+
+    The split is cut into world_size * B equal stretches; rank k owns rows k*B ... k*B+B-1. A row that
+    reaches the end of its stretch wraps to its start and is flagged, so its memory is reset.
+    """
+
+    def __init__(self, tokens, batch_size, block_size, rank=0, world_size=1, path="split"):
+        self.tokens, self.B, self.T = tokens, batch_size, block_size
+        n_streams = batch_size * world_size
+        self.length = (len(tokens) - 1) // n_streams
+        if self.length < block_size + 1:
+            raise DataError(f"{path}: {len(tokens)} tokens cannot feed {n_streams} streams of block_size "
+                            f"{block_size}; lower batch_size or block_size, or use more data")
+        self.starts = (rank * batch_size + np.arange(batch_size)) * self.length
+        self.cursor = np.zeros(batch_size, dtype=np.int64)
+
+    def next(self):
+        """-> x (B, T), y (B, T) int64 tensors and reset (B,) bool: rows whose memory must be zeroed."""
+        reset = self.cursor + self.T + 1 > self.length
+        self.cursor[reset] = 0
+        reset |= self.cursor == 0
+        idx = (self.starts + self.cursor)[:, None] + np.arange(self.T + 1)
+        chunk = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        self.cursor += self.T
+        return chunk[:, :-1], chunk[:, 1:], torch.from_numpy(reset)
+
+    def state_dict(self):
+        return {"cursor": torch.from_numpy(self.cursor.copy())}
+
+    def load_state_dict(self, state):
+        cursor = state["cursor"].numpy()
+        if cursor.shape != self.cursor.shape:
+            raise DataError(f"the checkpoint's data cursor has {cursor.shape[0]} streams, this run has "
+                            f"{self.B}; keep batch_size as it was to resume")
+        self.cursor = cursor.astype(np.int64).copy()
+
+
+class RandomBatches:
+    """nanoGPT-style: B windows at random offsets; no memory is carried."""
+
+    def __init__(self, tokens, batch_size, block_size, seed=0, path="split"):
+        self.tokens, self.B, self.T = tokens, batch_size, block_size
+        if len(tokens) < block_size + 1:
+            raise DataError(f"{path}: {len(tokens)} tokens are fewer than block_size + 1 = {block_size + 1}; "
+                            "lower block_size or use more data")
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self):
+        ix = torch.randint(len(self.tokens) - self.T, (self.B,), generator=self.gen).numpy()
+        chunk = torch.from_numpy(self.tokens[ix[:, None] + np.arange(self.T + 1)].astype(np.int64))
+        return chunk[:, :-1], chunk[:, 1:], torch.ones(self.B, dtype=torch.bool)
+
+    def state_dict(self):
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state):
+        self.gen.set_state(state["generator"])
