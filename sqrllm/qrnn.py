@@ -1,0 +1,282 @@
+"""QRNN (Bradbury et al., ICLR 2017) on the sqrll scan: a drop-in for nn.LSTM / nn.GRU.
+
+- A layer computes its gates from the inputs alone, as a causal convolution of width `window`
+  (one matrix multiply over the last `window` inputs): Z = tanh(W_z * X), F = sigmoid(W_f * X),
+  O = sigmoid(W_o * X). fo-pooling c[t] = f[t] * z[t] + (1 - f[t]) * c[t-1] is one `scan` with
+  x = f * z and r = 1 - f; the output is h[t] = o[t] * c[t] (c[t] without the output gate).
+- Beyond the original release: bidirectional layers (the scan's reverse direction, the mirror
+  image of the forward one, including its window), packed variable-length sequences, any window,
+  and no run-time compiler of its own.
+- Shapes follow nn.GRU: output (T, B, D * H) (batch_first: (B, T, D * H)), h_0 and h_n
+  (num_layers * D, B, H). The state carried in h_n is c, the pooled memory.
+"""
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from sqrllm.scan import scan
+
+
+def forget_mult(f, x, h0=None, batch_first=False, reverse=False):
+    """h[t] = f[t] * x[t] + (1 - f[t]) * h[t-1] over (T, B, C) tensors, (B, T, C) with batch_first.
+
+    h[-1] = h0, a (B, C) tensor, or zeros. reverse=True runs time backwards:
+    h[t] = f[t] * x[t] + (1 - f[t]) * h[t+1]. f and x are cast to their common dtype; the result
+    has that dtype. One `scan` call on f * x and 1 - f, so it runs on every device `scan` does.
+    """
+    if f.dim() != 3 or f.shape != x.shape:
+        raise ValueError(
+            f"forget_mult: f and x must both be (T, B, C) (or (B, T, C) with batch_first), "
+            f"got {tuple(f.shape)} and {tuple(x.shape)}"
+        )
+    if h0 is not None:
+        B, C = f.shape[0 if batch_first else 1], f.shape[2]
+        if h0.shape != (B, C):
+            raise ValueError(f"forget_mult: h0 must be (B, C) = {(B, C)}, got {tuple(h0.shape)}")
+    dtype = torch.promote_types(f.dtype, x.dtype)
+    return _fo_pool(f.to(dtype), x.to(dtype), h0, batch_first, reverse)
+
+
+def _fo_pool(f, x, h0, batch_first, reverse):
+    """forget_mult without the checks; f and x share a dtype."""
+    xs, r = f * x, 1 - f
+    if batch_first:
+        return scan(xs, r, h0, reverse)
+    T, B, C = xs.shape
+    # Time-major (T, B, C) is one (1, T, B*C) scan: every (batch, channel) pair is independent,
+    # so no transpose is needed.
+    h0 = None if h0 is None else h0.reshape(1, B * C)
+    return scan(xs.reshape(1, T, B * C), r.reshape(1, T, B * C), h0, reverse).view(T, B, C)
+
+
+class ForgetMult(nn.Module):
+    """Module form of `forget_mult`, called as the original QRNN's: forward(f, x, hidden_init=None)."""
+
+    def __init__(self, batch_first=False, reverse=False):
+        super().__init__()
+        self.batch_first = batch_first
+        self.reverse = reverse
+
+    def forward(self, f, x, hidden_init=None):
+        return forget_mult(f, x, hidden_init, self.batch_first, self.reverse)
+
+    def extra_repr(self):
+        return f"batch_first={self.batch_first}, reverse={self.reverse}"
+
+
+class QRNN(nn.Module):
+    """Quasi-recurrent layers with the interface of nn.GRU: forward(input, h_0=None) -> (output, h_n).
+
+    input: (T, B, input_size), (B, T, input_size) with batch_first, (T, input_size) unbatched, or
+    a PackedSequence (the output is then packed the same way, and h_n holds each sequence's state
+    at its own last step; for the reverse direction, at its first).
+    h_0, h_n: (num_layers * num_directions, B, hidden_size), indexed layer * num_directions + d.
+
+    window: width k >= 1 of the causal convolution that computes the gates from the inputs
+      x[t-k+1..t] (the reverse direction mirrors it: x[t..t+k-1]).
+    zoneout: probability of zeroing each forget-gate value in training, so that the state is
+      kept unchanged there; in eval the forget gate is scaled by (1 - zoneout), its expectation.
+    dropout: on the outputs of every layer but the last, in training, as in nn.LSTM.
+    output_gate: h = o * c if True, else h = c (f-pooling) with two gates instead of three.
+    save_prev_x: keep each layer's last k-1 inputs between calls, so that a sequence fed in
+      pieces (passing h_n back as h_0) gives the same result as one call; reset() forgets them.
+      Forward direction only.
+
+    Parameters weight_ih_l{k}[_reverse]: (gates * hidden_size, layer_input * window), rows
+    [z; f; o], columns a Conv1d weight (gates * hidden_size, layer_input, window) flattened, whose
+    last tap meets the newest input; bias_ih_l{k}[_reverse]: (gates * hidden_size,).
+    """
+
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        num_layers=1,
+        bias=True,
+        batch_first=False,
+        dropout=0.0,
+        bidirectional=False,
+        window=1,
+        zoneout=0.0,
+        output_gate=True,
+        save_prev_x=False,
+    ):
+        super().__init__()
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
+                        ("num_layers", num_layers), ("window", window)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"QRNN: {name} must be a positive int, got {v!r}")
+        for name, p in (("dropout", dropout), ("zoneout", zoneout)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"QRNN: {name} must be a probability in [0, 1], got {p!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "QRNN: dropout acts between layers, so it does nothing with num_layers=1",
+                stacklevel=2,
+            )
+        if save_prev_x and bidirectional:
+            raise ValueError(
+                "QRNN: save_prev_x is for streaming, which a bidirectional QRNN cannot do: "
+                "its reverse direction needs the whole sequence"
+            )
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.num_directions = 2 if bidirectional else 1
+        self.window = window
+        self.zoneout = float(zoneout)
+        self.output_gate = output_gate
+        self.save_prev_x = save_prev_x
+
+        gates = 3 if output_gate else 2
+        self._param_names = []  # [(weight name, bias name or None)], index layer * D + d
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else hidden_size * self.num_directions
+            for suffix in ("", "_reverse")[: self.num_directions]:
+                w, b = f"weight_ih_l{layer}{suffix}", f"bias_ih_l{layer}{suffix}"
+                self.register_parameter(w, nn.Parameter(torch.empty(gates * hidden_size, layer_in * window)))
+                self.register_parameter(b, nn.Parameter(torch.empty(gates * hidden_size)) if bias else None)
+                self._param_names.append((w, b if bias else None))
+        self._prev_x = [None] * num_layers  # per layer, its last window-1 inputs
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Uniform in +-1/sqrt(fan_in), fan_in = layer_input * window, as nn.Linear and nn.Conv1d."""
+        for w, b in self._param_names:
+            bound = 1.0 / math.sqrt(getattr(self, w).shape[1])
+            nn.init.uniform_(getattr(self, w), -bound, bound)
+            if b is not None:
+                nn.init.uniform_(getattr(self, b), -bound, bound)
+
+    def reset(self):
+        """Forget the inputs kept by save_prev_x: the next call starts a new stream."""
+        self._prev_x = [None] * self.num_layers
+
+    def flatten_parameters(self):
+        """No-op, so that code written for cuDNN's nn.LSTM / nn.GRU runs unchanged."""
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}"
+        for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
+                              ("dropout", 0.0), ("bidirectional", False), ("window", 1),
+                              ("zoneout", 0.0), ("output_gate", True), ("save_prev_x", False)):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return s
+
+    def forward(self, input, h_0=None):
+        keep = None  # (T, B, 1) bool, False on the padding of packed sequences
+        if isinstance(input, PackedSequence):
+            if self.save_prev_x:
+                raise ValueError("QRNN: save_prev_x (streaming) takes padded tensors, not a PackedSequence")
+            x, lengths = pad_packed_sequence(input)  # (T, B, I), the caller's batch order
+            T = x.shape[0]
+            keep = (torch.arange(T, device=x.device)[:, None] < lengths.to(x.device)[None, :]).unsqueeze(-1)
+            batch_first, unbatched = False, False
+        elif isinstance(input, torch.Tensor) and input.dim() in (2, 3):
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else input
+            batch_first = self.batch_first and not unbatched
+        else:
+            got = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+            raise ValueError(
+                f"QRNN: input must be (T, B, input_size), (B, T, input_size) with batch_first, "
+                f"(T, input_size) or a PackedSequence; got {got}"
+            )
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"QRNN: input must have input_size={self.input_size} features, got {x.shape[-1]}")
+        td = 1 if batch_first else 0  # the time dim
+        B = x.shape[1 - td]
+        LD = self.num_layers * self.num_directions
+        if h_0 is not None:
+            expected = (LD, self.hidden_size) if unbatched else (LD, B, self.hidden_size)
+            if not isinstance(h_0, torch.Tensor) or h_0.shape != expected:
+                got = tuple(h_0.shape) if isinstance(h_0, torch.Tensor) else type(h_0).__name__
+                what = "(num_layers * num_directions, hidden_size)" if unbatched else \
+                    "(num_layers * num_directions, batch, hidden_size)"
+                raise ValueError(f"QRNN: h_0 must be {what} = {expected}, got {got}")
+            if unbatched:
+                h_0 = h_0.unsqueeze(1)
+
+        finals = []  # (B, H) per layer and direction
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(self.num_directions):
+                i = layer * self.num_directions + d
+                h, c_last = self._direction(x, layer, i, d == 1, None if h_0 is None else h_0[i], keep, td)
+                outs.append(h)
+                finals.append(c_last)
+            x = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+            if layer < self.num_layers - 1:
+                if keep is not None:
+                    x = x * keep  # zero padding, which the next reverse window reads
+                if self.dropout and self.training:
+                    x = F.dropout(x, self.dropout, True)
+        h_n = torch.stack(finals)
+
+        if keep is not None:
+            s = input.sorted_indices
+            out = x if s is None else x.index_select(1, s)
+            lens = lengths if s is None else lengths[s.cpu()]
+            data = pack_padded_sequence(out, lens, enforce_sorted=True).data
+            return PackedSequence(data, input.batch_sizes, s, input.unsorted_indices), h_n
+        if unbatched:
+            return x.squeeze(1), h_n.squeeze(1)
+        return x, h_n
+
+    def _direction(self, x, layer, i, reverse, h0, keep, td):
+        """One layer, one direction: x (.., I) -> h (.., H) and the last c (B, H)."""
+        w, b = self._param_names[i]
+        w, b = getattr(self, w), (None if b is None else getattr(self, b))
+        k = self.window
+        if k > 1:
+            x = self._windows(x, layer, reverse, td)
+        H = self.hidden_size
+        g = F.linear(x, w, b)  # (.., gates * H)
+        if self.output_gate:
+            z, fo = g.split([H, 2 * H], -1)
+            f, o = fo.sigmoid().chunk(2, -1)
+        else:
+            z, f = g.chunk(2, -1)
+            f = f.sigmoid()
+        z = z.tanh()
+        if self.zoneout:
+            if self.training:
+                f = f * torch.empty_like(f).bernoulli_(1 - self.zoneout)
+            else:
+                f = f * (1 - self.zoneout)
+        if keep is not None:
+            f = f * keep  # f = 0 on padding passes the state through, in both directions
+        c = _fo_pool(f, z, h0, td == 1, reverse)
+        h = c * o if self.output_gate else c
+        return h, c.select(td, 0 if reverse else -1)
+
+    def _windows(self, x, layer, reverse, td):
+        """(.., I) -> (.., I * k): each step's k inputs, oldest first in the direction of travel."""
+        k = self.window
+        pad_shape = list(x.shape)
+        pad_shape[td] = k - 1
+        if reverse:
+            xp = torch.cat([x, x.new_zeros(pad_shape)], td)  # (T + k - 1) steps
+            return xp.unfold(td, k, 1).flip(-1).flatten(-2)  # tap j meets x[t + k-1 - j]
+        prev = self._prev_x[layer] if self.save_prev_x else None
+        if prev is None:
+            prev = x.new_zeros(pad_shape)
+        elif prev.shape[1 - td] != x.shape[1 - td]:
+            raise ValueError(
+                f"QRNN: the inputs kept by save_prev_x are for batch size {prev.shape[1 - td]}, "
+                f"got {x.shape[1 - td]}; call reset() to start a new stream"
+            )
+        xp = torch.cat([prev.to(x.dtype), x], td)
+        if self.save_prev_x:
+            self._prev_x[layer] = xp.narrow(td, xp.shape[td] - (k - 1), k - 1).detach()
+        return xp.unfold(td, k, 1).flatten(-2)  # tap j meets x[t - (k-1) + j]

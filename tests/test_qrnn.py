@@ -1,0 +1,328 @@
+"""QRNN against a plain loop over the paper's equations, and as a drop-in for nn.LSTM / nn.GRU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from sqrllm.qrnn import QRNN, ForgetMult, forget_mult
+
+# ||got - want|| / ||want||, for float64 modules against the float64 reference, and for lower
+# precisions against float64
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+def paper_qrnn(m, x, h0=None):
+    """QRNN from the paper's equations, a loop over time: x (T, B, I) -> (output, h_n).
+
+    Per step, in the direction of travel: g = b + sum_j W[:, :, j] x[t - (k-1) + j] (forward) or
+    x[t + (k-1) - j] (reverse), inputs outside the sequence being zero; z = tanh(g_z),
+    f = sigmoid(g_f), o = sigmoid(g_o); c = f * z + (1 - f) * c; h = o * c (or c).
+    """
+    T, B, _ = x.shape
+    H, k, D = m.hidden_size, m.window, m.num_directions
+    finals, inp = [], x
+    for layer in range(m.num_layers):
+        outs = []
+        for d in range(D):
+            suffix = "_reverse" if d else ""
+            W = getattr(m, f"weight_ih_l{layer}{suffix}").double()
+            W = W.view(W.shape[0], -1, k)  # (gates * H, I, k)
+            b = getattr(m, f"bias_ih_l{layer}{suffix}")
+            c = x.new_zeros(B, H) if h0 is None else h0[layer * D + d]
+            hs = [None] * T
+            for t in range(T) if d == 0 else reversed(range(T)):
+                g = x.new_zeros(B, W.shape[0]) if b is None else b.double().expand(B, -1)
+                for j in range(k):
+                    s = t - (k - 1) + j if d == 0 else t + (k - 1) - j
+                    if 0 <= s < T:
+                        g = g + inp[s] @ W[:, :, j].T
+                z, f = torch.tanh(g[:, :H]), torch.sigmoid(g[:, H:2 * H])
+                c = f * z + (1 - f) * c
+                hs[t] = torch.sigmoid(g[:, 2 * H:]) * c if m.output_gate else c
+            outs.append(torch.stack(hs))
+            finals.append(c)
+        inp = torch.cat(outs, -1)
+    return inp, torch.stack(finals)
+
+
+def loss_of(out, h_n, w_out, w_h):
+    return (out * w_out).sum() + (h_n * w_h).sum()
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+@pytest.mark.parametrize("output_gate", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_matches_paper_equations(window, output_gate, bidirectional):
+    torch.manual_seed(window * 4 + output_gate * 2 + bidirectional)
+    T, B, I, H, L = 7, 3, 5, 4, 2
+    m = QRNN(I, H, num_layers=L, window=window, output_gate=output_gate,
+             bidirectional=bidirectional).double()
+    D = m.num_directions
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(L * D, B, H, dtype=torch.float64, requires_grad=True)
+    w_out, w_h = torch.randn(T, B, D * H, dtype=torch.float64), torch.randn(L * D, B, H, dtype=torch.float64)
+    params = [x, h0, *m.parameters()]
+
+    out, h_n = m(x, h0)
+    ref_out, ref_h = paper_qrnn(m, x, h0)
+    assert out.shape == (T, B, D * H) and h_n.shape == (L * D, B, H)
+    assert rel_err(out, ref_out) < RTOL[torch.float64]
+    assert rel_err(h_n, ref_h) < RTOL[torch.float64]
+    grads = torch.autograd.grad(loss_of(out, h_n, w_out, w_h), params)
+    ref_grads = torch.autograd.grad(loss_of(ref_out, ref_h, w_out, w_h), params)
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < RTOL[torch.float64]
+
+    # float32 module, same weights, against the float64 reference
+    out32, h32 = m.float()(x.float(), h0.float())
+    assert out32.dtype == torch.float32
+    assert rel_err(out32, ref_out) < RTOL[torch.float32] and rel_err(h32, ref_h) < RTOL[torch.float32]
+
+
+def test_batch_first_and_unbatched_match_time_major():
+    torch.manual_seed(0)
+    m = QRNN(3, 4, num_layers=2, window=2, bidirectional=True).double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    h0 = torch.randn(4, 2, 4, dtype=torch.float64)
+    out, h_n = m(x, h0)
+    m.batch_first = True
+    out_bf, h_bf = m(x.transpose(0, 1), h0)
+    assert torch.allclose(out_bf.transpose(0, 1), out) and torch.allclose(h_bf, h_n)
+    out_1, h_1 = m(x[:, 1], h0[:, 1])  # unbatched input is (T, I) whatever batch_first says
+    assert torch.allclose(out_1, out[:, 1]) and torch.allclose(h_1, h_n[:, 1])
+
+
+@pytest.mark.parametrize("enforce_sorted", [False, True])
+def test_packed_equals_each_sequence_alone(enforce_sorted):
+    torch.manual_seed(1)
+    I, H, L = 3, 4, 2
+    m = QRNN(I, H, num_layers=L, window=2, bidirectional=True).double()
+    lengths = [6, 6, 4, 2, 1] if enforce_sorted else [4, 6, 1, 6, 2]
+    B, T = len(lengths), max(lengths)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    for b, n in enumerate(lengths):
+        x[n:, b] = float("nan")  # padding must not reach any result
+    h0 = torch.randn(L * 2, B, H, dtype=torch.float64)
+
+    packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=enforce_sorted)
+    out, h_n = m(packed, h0)
+    assert torch.equal(out.batch_sizes, packed.batch_sizes)
+    assert (out.sorted_indices is None) == enforce_sorted
+    if not enforce_sorted:
+        assert torch.equal(out.sorted_indices, packed.sorted_indices)
+    padded, out_lengths = pad_packed_sequence(out)
+    assert out_lengths.tolist() == lengths
+    for b, n in enumerate(lengths):
+        alone, h_alone = m(x[:n, b:b + 1], h0[:, b:b + 1])
+        assert rel_err(padded[:n, b:b + 1], alone) < RTOL[torch.float64]
+        assert rel_err(h_n[:, b:b + 1], h_alone) < RTOL[torch.float64]
+    assert not padded.isnan().any() and not h_n.isnan().any()
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_streaming_pieces_equal_one_call(batch_first):
+    torch.manual_seed(2)
+    T, B, I, H, L = 10, 2, 3, 4, 2
+    m = QRNN(I, H, num_layers=L, window=3, batch_first=batch_first, save_prev_x=True).double()
+    td = 1 if batch_first else 0
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    x = x.transpose(0, 1) if batch_first else x
+    h0 = torch.randn(L, B, H, dtype=torch.float64)
+    full, h_full = m(x, h0)
+
+    m.reset()
+    outs, h = [], h0
+    for piece in x.split([1, 4, 2, 3], td):  # a piece shorter than window - 1 too
+        out, h = m(piece, h)
+        outs.append(out)
+    assert rel_err(torch.cat(outs, td), full) < RTOL[torch.float64]
+    assert rel_err(h, h_full) < RTOL[torch.float64]
+
+    m.reset()  # a new stream starts from zero inputs again
+    again, _ = m(x, h0)
+    assert torch.equal(again, full)
+    with pytest.raises(ValueError, match="reset"):
+        m(x.narrow(1 - td, 0, 1), None)  # batch 1 after a stream of batch 2
+
+
+def test_without_kept_inputs_each_call_starts_fresh():
+    torch.manual_seed(3)
+    m = QRNN(3, 4, window=2).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    out_a, _ = m(x)
+    out_b, _ = m(x)
+    assert torch.equal(out_a, out_b)
+
+
+def test_zoneout_only_in_training():
+    torch.manual_seed(4)
+    m = QRNN(3, 4, zoneout=0.5).double()
+    x = torch.randn(8, 2, 3, dtype=torch.float64)
+    h0 = torch.randn(1, 2, 4, dtype=torch.float64)
+    m.eval()
+    assert torch.equal(m(x, h0)[0], m(x, h0)[0])
+    m.train()
+    assert not torch.equal(m(x, h0)[0], m(x, h0)[0])
+    m.zoneout = 1.0  # every forget gate zeroed: the state never moves from h0
+    _, h_n = m(x, h0)
+    assert torch.equal(h_n, h0)
+    # eval uses the expected forget gate, (1 - zoneout) * f
+    m.zoneout = 0.25
+    m.eval()
+    with torch.no_grad():
+        m.bias_ih_l0[4:8] = 0.0
+        m.weight_ih_l0[4:8] = 0.0  # f = sigmoid(0) = 0.5, times 0.75
+    out, h_n = m(x, h0)
+    ref_f = 0.375
+    g = F.linear(x, m.weight_ih_l0, m.bias_ih_l0)
+    c = h0[0]
+    for t in range(8):
+        c = ref_f * torch.tanh(g[t, :, :4]) + (1 - ref_f) * c
+    assert rel_err(h_n[0], c) < RTOL[torch.float64]
+
+
+def test_h0_and_input_errors_are_clear():
+    m = QRNN(3, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(ValueError, match=r"h_0 must be \(num_layers \* num_directions, batch, hidden_size\) "
+                                         r"= \(4, 2, 4\), got \(2, 2, 4\)"):
+        m(x, torch.zeros(2, 2, 4))
+    with pytest.raises(ValueError, match=r"= \(4, 2, 4\), got \(4, 3, 4\)"):
+        m(x, torch.zeros(4, 3, 4))
+    with pytest.raises(ValueError, match=r"h_0 must be .* = \(4, 4\), got \(4, 1, 4\)"):
+        m(x[:, 0], torch.zeros(4, 1, 4))
+    with pytest.raises(ValueError, match="got tuple"):
+        m(x, (torch.zeros(4, 2, 4), torch.zeros(4, 2, 4)))
+    with pytest.raises(ValueError, match="input_size=3 features, got 5"):
+        m(torch.randn(5, 2, 5))
+    with pytest.raises(ValueError, match=r"got \(5,\)"):
+        m(torch.randn(5))
+    with pytest.raises(ValueError, match="bidirectional"):
+        QRNN(3, 4, bidirectional=True, save_prev_x=True)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        QRNN(3, 4, window=0)
+
+
+def test_forget_mult_matches_loop():
+    torch.manual_seed(5)
+    T, B, C = 6, 2, 3
+    f = torch.rand(T, B, C, dtype=torch.float64)
+    x = torch.randn(T, B, C, dtype=torch.float64)
+    h0 = torch.randn(B, C, dtype=torch.float64)
+    for reverse in (False, True):
+        h, want = h0, [None] * T
+        for t in reversed(range(T)) if reverse else range(T):
+            h = f[t] * x[t] + (1 - f[t]) * h
+            want[t] = h
+        want = torch.stack(want)
+        assert rel_err(forget_mult(f, x, h0, reverse=reverse), want) < RTOL[torch.float64]
+        got_bf = ForgetMult(batch_first=True, reverse=reverse)(f.transpose(0, 1), x.transpose(0, 1), h0)
+        assert rel_err(got_bf.transpose(0, 1), want) < RTOL[torch.float64]
+    assert forget_mult(f.half(), x.float()).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"h0 must be \(B, C\) = \(2, 3\)"):
+        forget_mult(f, x, h0.t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_and_autocast_cpu(dtype):
+    torch.manual_seed(6)
+    m = QRNN(8, 16, num_layers=2, window=2, bidirectional=True)
+    x = torch.randn(9, 3, 8)
+    want, want_h = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, h_n = m(x, torch.zeros(4, 3, 16))
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, want) < RTOL[torch.bfloat16] and rel_err(h_n, want_h) < RTOL[torch.bfloat16]
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in m.parameters())
+    out, h_n = m.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype and h_n.dtype == dtype
+    assert rel_err(out, want) < RTOL[dtype] * 3 and rel_err(h_n, want_h) < RTOL[dtype] * 3
+
+
+class Tagger(nn.Module):
+    """A sequence tagger written against nn.LSTM / nn.GRU: tokens (B, T) -> tag logits (B, T, n_tags)."""
+
+    def __init__(self, rnn_cls, batch_first, n_vocab=12, n_tags=3, hidden=16):
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(n_vocab, 16)
+        self.rnn = rnn_cls(16, hidden, num_layers=2, batch_first=batch_first, dropout=0.1, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, n_tags)
+
+    def forward(self, tokens, h_0=None):
+        self.rnn.flatten_parameters()
+        x = self.emb(tokens if self.batch_first else tokens.t())
+        out, _ = self.rnn(x) if h_0 is None else self.rnn(x, h_0)
+        return self.head(out if self.batch_first else out.transpose(0, 1))
+
+
+@pytest.mark.parametrize("rnn_cls,pass_h0", [(nn.LSTM, False), (nn.GRU, True), (QRNN, False), (QRNN, True)])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_drop_in_tagger_trains(rnn_cls, pass_h0, batch_first):
+    torch.manual_seed(7)
+    model = Tagger(rnn_cls, batch_first)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    B, T = 16, 8
+    losses = []
+    for _ in range(30):
+        tokens = torch.randint(0, 12, (B, T))
+        tags = torch.roll(tokens, 1, 1) % 3  # the previous token's class: needs memory
+        tags[:, 0] = 0
+        h_0 = torch.zeros(2 * 2, B, model.rnn.hidden_size) if pass_h0 else None
+        loss = F.cross_entropy(model(tokens, h_0).flatten(0, 1), tags.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_cpu_cuda_parity():
+    torch.manual_seed(8)
+    T, B, I, H, L = 33, 5, 16, 32, 2
+    m = QRNN(I, H, num_layers=L, window=3, bidirectional=True)
+    x = torch.randn(T, B, I)
+    h0 = torch.randn(2 * L, B, H)
+    w_out = torch.randn(T, B, 2 * H)
+    out, h_n = m(x, h0)
+    loss_of(out, h_n, w_out, 1.0).backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+
+    mc = m.cuda()
+    mc.zero_grad()
+    out_c, h_c = mc(x.cuda(), h0.cuda())
+    loss_of(out_c, h_c, w_out.cuda(), 1.0).backward()
+    assert rel_err(out_c.cpu(), out) < RTOL[torch.float32] and rel_err(h_c.cpu(), h_n) < RTOL[torch.float32]
+    for p, g in zip(mc.parameters(), grads):
+        assert rel_err(p.grad.cpu(), g) < 1e-4
+
+    lengths = torch.tensor([33, 20, 33, 1, 7])
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    out_p, h_p = m.cpu()(packed, h0)
+    out_pc, h_pc = m.cuda()(packed.to("cuda"), h0.cuda())
+    assert rel_err(out_pc.data.cpu(), out_p.data) < RTOL[torch.float32]
+    assert rel_err(h_pc.cpu(), h_p) < RTOL[torch.float32]
+
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cuda", dtype=dtype):
+            out_a, h_a = m(x.cuda(), h0.cuda())
+        assert out_a.dtype == dtype and rel_err(out_a.cpu(), out) < 3 * RTOL[dtype]
+        out_a.float().sum().backward()
+        md = QRNN(I, H, num_layers=L, window=3, bidirectional=True).cuda().to(dtype)
+        md.load_state_dict(m.state_dict())
+        out_d, h_d = md(x.cuda().to(dtype), h0.cuda())
+        assert out_d.dtype == dtype and rel_err(out_d.cpu(), out) < 3 * RTOL[dtype]
+        assert rel_err(h_d.cpu(), h_n) < 3 * RTOL[dtype]
