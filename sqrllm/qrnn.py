@@ -42,9 +42,12 @@ def forget_mult(f, x, h0=None, batch_first=False, reverse=False):
     return _fo_pool(f.to(dtype), x.to(dtype), h0, batch_first, reverse)
 
 
+_ONE = torch.tensor(1.0)  # 1 - f with a Python 1 costs a scalar wrap per call; a 0-dim tensor does not
+
+
 def _fo_pool(f, x, h0, batch_first, reverse):
     """forget_mult without the checks; f and x share a dtype."""
-    xs, r = f * x, 1 - f
+    xs, r = f * x, _ONE - f
     if batch_first:
         return scan(xs, r, h0, reverse)
     T, B, C = xs.shape
@@ -207,7 +210,7 @@ class QRNN(nn.Module):
             if unbatched:
                 h_0 = h_0.unsqueeze(1)
 
-        finals = []  # (B, H) per layer and direction
+        finals = []  # (1, B, H) per layer and direction
         for layer in range(self.num_layers):
             outs = []
             for d in range(self.num_directions):
@@ -221,7 +224,7 @@ class QRNN(nn.Module):
                     x = x * keep  # zero padding, which the next reverse window reads
                 if self.dropout and self.training:
                     x = F.dropout(x, self.dropout, True)
-        h_n = torch.stack(finals)
+        h_n = finals[0] if len(finals) == 1 else torch.cat(finals)
 
         if keep is not None:
             s = input.sorted_indices
@@ -234,7 +237,7 @@ class QRNN(nn.Module):
         return x, h_n
 
     def _direction(self, x, layer, i, reverse, h0, keep, td):
-        """One layer, one direction: x (.., I) -> h (.., H) and the last c (B, H)."""
+        """One layer, one direction: x (.., I) -> h (.., H) and the last c (1, B, H)."""
         w, b = self._param_names[i]
         w, b = getattr(self, w), (None if b is None else getattr(self, b))
         k = self.window
@@ -242,12 +245,13 @@ class QRNN(nn.Module):
             x = self._windows(x, layer, reverse, td)
         H = self.hidden_size
         g = F.linear(x, w, b)  # (.., gates * H)
-        if self.output_gate:
-            z, fo = g.split([H, 2 * H], -1)
-            f, o = fo.sigmoid().chunk(2, -1)
-        else:
-            z, f = g.chunk(2, -1)
-            f = f.sigmoid()
+        if torch.is_grad_enabled():  # split's backward is one cat, narrow's a zero-fill, copy and add
+            z, fo = g.split([H, g.shape[-1] - H], -1)
+            fo = fo.sigmoid()  # f and o in one kernel
+            f, o = fo.split(H, -1) if self.output_gate else (fo, None)
+        else:  # narrow costs a third of split's dispatch, which small batches feel
+            z, fo = g.narrow(-1, 0, H), g.narrow(-1, H, g.shape[-1] - H).sigmoid()
+            f, o = fo.narrow(-1, 0, H), (fo.narrow(-1, H, H) if self.output_gate else None)
         z = z.tanh()
         if self.zoneout:
             if self.training:
@@ -258,7 +262,8 @@ class QRNN(nn.Module):
             f = f * keep  # f = 0 on padding passes the state through, in both directions
         c = _fo_pool(f, z, h0, td == 1, reverse)
         h = c * o if self.output_gate else c
-        return h, c.select(td, 0 if reverse else -1)
+        last = c.narrow(td, 0 if reverse else c.shape[td] - 1, 1)
+        return h, (last.transpose(0, 1) if td else last)  # (1, B, H)
 
     def _windows(self, x, layer, reverse, td):
         """(.., I) -> (.., I * k): each step's k inputs, oldest first in the direction of travel."""

@@ -74,6 +74,9 @@ def test_matches_paper_equations(window, output_gate, bidirectional):
     assert out.shape == (T, B, D * H) and h_n.shape == (L * D, B, H)
     assert rel_err(out, ref_out) < RTOL[torch.float64]
     assert rel_err(h_n, ref_h) < RTOL[torch.float64]
+    with torch.no_grad():  # inference takes its own, cheaper gate slicing
+        out_ng, h_ng = m(x, h0)
+    assert torch.equal(out_ng, out) and torch.equal(h_ng, h_n)
     grads = torch.autograd.grad(loss_of(out, h_n, w_out, w_h), params)
     ref_grads = torch.autograd.grad(loss_of(ref_out, ref_h, w_out, w_h), params)
     for g, rg in zip(grads, ref_grads):
