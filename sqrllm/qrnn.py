@@ -224,7 +224,7 @@ class QRNN(nn.Module):
                     x = x * keep  # zero padding, which the next reverse window reads
                 if self.dropout and self.training:
                     x = F.dropout(x, self.dropout, True)
-        h_n = finals[0] if len(finals) == 1 else torch.cat(finals)
+        h_n = finals[0].contiguous() if len(finals) == 1 else torch.cat(finals)
 
         if keep is not None:
             s = input.sorted_indices
