@@ -97,7 +97,7 @@ def test_batch_first_and_unbatched_match_time_major():
     m.batch_first = True
     out_bf, h_bf = m(x.transpose(0, 1), h0)
     assert torch.allclose(out_bf.transpose(0, 1), out) and torch.allclose(h_bf, h_n)
-    m1 = QRNN(3, 4, batch_first=True)
+    m1 = QRNN(3, 4, batch_first=True).double()
     assert m1(x.transpose(0, 1))[1].is_contiguous()  # code written for nn.GRU may .view(h_n)
     out_1, h_1 = m(x[:, 1], h0[:, 1])  # unbatched input is (T, I) whatever batch_first says
     assert torch.allclose(out_1, out[:, 1]) and torch.allclose(h_1, h_n[:, 1])
