@@ -154,7 +154,8 @@ class SqrLLM(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(wide.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss, new_state
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):

@@ -54,7 +54,8 @@ def _loop_fwd(x, r, h0, reverse):
 def _loop_bwd(dy, r, y, h0, reverse):
     """Returns (dx, dr, dh0) for the loop path, dh0 = zeros when there was no h0."""
     acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    gs = dy.to(acc).transpose(0, 1).contiguous()  # (T, B, C), becomes g in place
+    gs = torch.empty(dy.shape[1], dy.shape[0], dy.shape[2], dtype=acc, device=dy.device)
+    gs.copy_(dy.transpose(0, 1))  # (T, B, C), becomes g in place
     rs = r.to(acc).transpose(0, 1)
     ys = y.to(acc).transpose(0, 1)
     if reverse:

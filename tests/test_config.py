@@ -1,0 +1,69 @@
+"""Config files and --key=value overrides: strict, typed, with errors that say what to do."""
+
+import json
+
+import pytest
+
+from sqrllm.config import Config, ConfigError, load_config
+
+
+def test_file_then_overrides(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("n_layer = 6\nlearning_rate = 1  # int promotes to float\nout_dir = 'out/x'\nimport math\n")
+    cfg = load_config([str(f), "--n_layer=2", "--dropout=0.1", "--compile=true", "--dataset=abc"])
+    assert cfg.n_layer == 2 and cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.dropout == 0.1 and cfg.compile is True and cfg.dataset == "abc" and cfg.out_dir == "out/x"
+
+
+def test_unknown_key_suggests_nearest(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'learnign_rate'; did you mean 'learning_rate'"):
+        load_config(["--learnign_rate=0.1"])
+    f = tmp_path / "c.py"
+    f.write_text("n_layers = 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'n_layer'"):
+        load_config([str(f)])
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--batch_size=abc", "batch_size must be int, got 'abc'"),
+    ("--batch_size=1.5", "batch_size must be int"),
+    ("--compile=maybe", "compile must be a bool"),
+    ("--batch_size", "must be written --key=value"),
+    ("--batching=sequential", "batching='sequential' is not one of 'stream', 'random'"),
+    ("--dropout=1.5", "dropout must be in \\[0, 1\\)"),
+    ("--n_layer=0", "n_layer must be at least 1"),
+])
+def test_bad_overrides_name_the_field(arg, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config([arg])
+
+
+def test_wrong_type_in_file_names_field_and_file(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("n_embd = '128'\n")
+    with pytest.raises(ConfigError, match=r"c.py: n_embd must be int, got str '128'"):
+        load_config([str(f)])
+    f.write_text("compile = 1\n")
+    with pytest.raises(ConfigError, match="compile must be bool"):
+        load_config([str(f)])
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file nope.py not found"):
+        load_config(["nope.py"])
+    f = tmp_path / "c.py"
+    f.write_text("n_layer = (\n")
+    with pytest.raises(ConfigError, match="failed to run: SyntaxError"):
+        load_config([str(f)])
+
+
+def test_shipped_configs_load():
+    for name in ("small", "shakespeare_char", "shakespeare_char_cpu"):
+        cfg = load_config([f"configs/{name}.py"])
+        assert cfg.out_dir.endswith(name)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(["--n_layer=5"])
+    cfg.save(tmp_path / "config.json")
+    assert Config(**json.loads((tmp_path / "config.json").read_text())) == cfg

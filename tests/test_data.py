@@ -1,0 +1,133 @@
+"""Token files, prepare scripts and batching."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sqrllm.data import DataError, RandomBatches, StreamBatches, read_tokens, write_tokens
+from sqrllm.prepare import prepare_text
+from sqrllm.tokenizer import ByteTokenizer, CharTokenizer, StreamDecoder
+
+
+def test_token_file_round_trip(tmp_path):
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        ids = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, 1000).astype(dtype)
+        write_tokens(tmp_path / "a.bin", ids)
+        back = read_tokens(tmp_path / "a.bin")
+        assert back.dtype.itemsize == ids.dtype.itemsize and np.array_equal(back, ids)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_token_files_are_named(tmp_path):
+    path = tmp_path / "train.bin"
+    write_tokens(path, np.arange(100, dtype=np.uint16))
+    data = path.read_bytes()
+    path.write_bytes(data[:-3])
+    with pytest.raises(DataError, match="train.bin holds 197 bytes of tokens but its header says 100 x 2"):
+        read_tokens(path)
+    path.write_bytes(b"NOTATOKENFILE" + data[13:])
+    with pytest.raises(DataError, match="not a sqrllm token file"):
+        read_tokens(path)
+    with pytest.raises(DataError, match="missing.bin not found; re-run"):
+        read_tokens(tmp_path / "missing.bin")
+
+
+@pytest.mark.parametrize("level", ["byte", "char"])
+def test_prepare_text_round_trip(tmp_path, level):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_text("Hello, world! héllo ✓ 🙂\n" * 50, encoding="utf-8")
+    (src / "b.txt").write_text("second file\n" * 30, encoding="utf-8")
+    meta, replaced = prepare_text(tmp_path / "ds", [src], level=level, val_fraction=0.2)
+    assert replaced == 0
+    saved = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert saved == meta
+    tok = ByteTokenizer() if level == "byte" else CharTokenizer(meta["tokenizer"]["chars"])
+    text = (src / "a.txt").read_text() + (src / "b.txt").read_text()
+    train = tok.decode(read_tokens(tmp_path / "ds" / "train.bin").tolist())
+    val = tok.decode(read_tokens(tmp_path / "ds" / "val.bin").tolist())
+    assert train + val == text
+    assert meta["splits"]["val"]["bytes"] == len(val.encode())
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == (
+        len(text.encode()) if level == "byte" else len(text))
+
+
+def test_prepare_rejects_bad_input(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="holds no text"):
+        prepare_text(tmp_path / "ds", [tmp_path / "empty.txt"])
+    (tmp_path / "bad.txt").write_bytes(b"good text \xff\xfe more")
+    with pytest.raises(DataError, match="bad.txt: invalid UTF-8 at byte offset 10"):
+        prepare_text(tmp_path / "ds", [tmp_path / "bad.txt"])
+    meta, replaced = prepare_text(tmp_path / "ds", [tmp_path / "bad.txt"], errors="replace")
+    assert replaced == 2
+    with pytest.raises(DataError, match="nope.txt not found"):
+        prepare_text(tmp_path / "ds", [tmp_path / "nope.txt"])
+
+
+def test_stream_batches_read_consecutive_windows():
+    tokens = np.arange(1000, dtype=np.uint16)
+    b = StreamBatches(tokens, batch_size=4, block_size=10)
+    x1, y1, reset1 = b.next()
+    x2, y2, reset2 = b.next()
+    assert reset1.all() and not reset2.any()
+    assert np.array_equal(x1[:, 0].numpy(), [0, 249, 498, 747])  # each row its own quarter
+    assert np.array_equal(y1.numpy(), x1.numpy() + 1)
+    assert np.array_equal(x2.numpy(), x1.numpy() + 10)  # the next window of the same stream
+    seen = [b.next() for _ in range(30)]
+    assert any(r.all() for _, _, r in seen)  # streams wrap to their start and are flagged
+    for x, _, _ in seen:
+        assert (x.numpy() >= np.array([0, 249, 498, 747])[:, None]).all()
+        assert (x.numpy() + 1 < np.array([249, 498, 747, 996])[:, None] + 1).all()
+
+
+def test_stream_batches_cursor_round_trips():
+    tokens = np.arange(500, dtype=np.uint16)
+    a = StreamBatches(tokens, 3, 7)
+    for _ in range(5):
+        a.next()
+    b = StreamBatches(tokens, 3, 7)
+    b.load_state_dict(a.state_dict())
+    assert all(np.array_equal(u.numpy(), v.numpy()) for u, v in zip(a.next(), b.next()))
+    with pytest.raises(DataError, match="keep batch_size"):
+        StreamBatches(tokens, 4, 7).load_state_dict(a.state_dict())
+
+
+def test_ranks_own_disjoint_streams():
+    tokens = np.arange(1000, dtype=np.uint16)
+    r0 = StreamBatches(tokens, 2, 5, rank=0, world_size=2).next()[0]
+    r1 = StreamBatches(tokens, 2, 5, rank=1, world_size=2).next()[0]
+    assert r0[:, 0].tolist() == [0, 249] and r1[:, 0].tolist() == [498, 747]
+
+
+def test_split_too_short_is_an_error():
+    with pytest.raises(DataError, match="lower batch_size or block_size"):
+        StreamBatches(np.arange(50, dtype=np.uint8), batch_size=8, block_size=10)
+    with pytest.raises(DataError, match="fewer than block_size"):
+        RandomBatches(np.arange(5, dtype=np.uint8), 2, 10)
+
+
+def test_random_batches_are_seeded_and_resumable():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    a, b = RandomBatches(tokens, 4, 16, seed=3), RandomBatches(tokens, 4, 16, seed=3)
+    assert np.array_equal(a.next()[0].numpy(), b.next()[0].numpy())
+    state = a.state_dict()
+    nxt = a.next()[0]
+    b.load_state_dict(state)
+    assert np.array_equal(b.next()[0].numpy(), nxt.numpy())
+
+
+def test_stream_decoder_holds_partial_utf8():
+    tok = ByteTokenizer()
+    dec = StreamDecoder(tok)
+    pieces = [dec.feed(i) for i in tok.encode("a🙂b")]
+    assert pieces == ["a", "", "", "", "🙂", "b"]
+    assert dec.flush() == ""
+
+
+def test_char_tokenizer_rejects_unknown_characters():
+    tok = CharTokenizer.from_text("abc")
+    assert tok.decode(tok.encode("cab")) == "cab"
+    with pytest.raises(ValueError, match="'z'"):
+        tok.encode("abz")

@@ -1,0 +1,118 @@
+"""SqrLLM: the three ways of running it (whole sequence, chunks with carried state, one token at a
+time) agree, and the options do what they say."""
+
+import pytest
+import torch
+
+from sqrllm.model import GatedMLP, SqrLLM, SqrllLayer
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    args = dict(vocab_size=37, n_layer=3, n_embd=32, n_mem=24, n_ffn=40, mlp_every=2)
+    args.update(kw)
+    return SqrLLM(**args).double().eval()
+
+
+def test_full_equals_chunked_equals_stepwise():
+    model = tiny()
+    idx = torch.randint(0, 37, (3, 23))
+    with torch.no_grad():
+        full, _, full_state = model(idx)
+        chunks, state = [], None
+        for lo, hi in [(0, 5), (5, 6), (6, 17), (17, 23)]:
+            logits, _, state = model(idx[:, lo:hi], state=state)
+            chunks.append(logits)
+        steps, step_state = [], None
+        for t in range(idx.shape[1]):
+            logits, _, step_state = model(idx[:, t : t + 1], state=step_state)
+            steps.append(logits)
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+    for a, b, c in zip(full_state, state, step_state):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c)
+
+
+def test_greedy_tokens_equal_in_float32():
+    model = tiny().float()
+    prompt = torch.randint(0, 37, (1, 9))
+    with torch.no_grad():
+        seq = prompt.clone()
+        for _ in range(20):  # re-reading the whole context each time
+            nxt = model(seq)[0][:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+        logits, _, state = model(prompt, last_only=True)
+        gen = []
+        for _ in range(20):  # one step per token from the carried state
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            gen.append(nxt)
+            logits, _, state = model(nxt, state=state)
+    assert torch.equal(torch.cat(gen, 1), seq[:, 9:])
+
+
+def test_state_carries_information():
+    model = tiny()
+    idx = torch.randint(0, 37, (2, 8))
+    with torch.no_grad():
+        _, _, state = model(torch.randint(0, 37, (2, 16)))
+        with_state = model(idx, state=state)[0]
+        without = model(idx)[0]
+    assert not torch.allclose(with_state, without)
+    assert all(s.shape == (2, 24) and not s.requires_grad for s in state)
+
+
+def test_layout_follows_mlp_every():
+    kinds = lambda m: "".join("s" if b.is_sqrll else "m" for b in m.blocks)  # noqa: E731
+    assert kinds(tiny(n_layer=4, mlp_every=1)) == "smsmsmsm"
+    assert kinds(tiny(n_layer=4, mlp_every=2)) == "ssmssm"
+    assert kinds(tiny(n_layer=3, mlp_every=0)) == "sss"
+    model = tiny(n_layer=4, mlp_every=3)
+    assert kinds(model) == "sssms"
+    assert len(model.sqrll_layers()) == 4 and isinstance(model.blocks[3].inner, GatedMLP)
+    assert isinstance(model.blocks[0].inner, SqrllLayer)
+
+
+def test_weight_tying_and_loss():
+    tied, untied = tiny(tie_weights=True), tiny(tie_weights=False)
+    assert tied.lm_head.weight is tied.wte.weight
+    assert untied.num_params() == tied.num_params() + 37 * 32
+    idx = torch.randint(0, 37, (2, 10))
+    logits, loss, _ = tied(idx[:, :-1], idx[:, 1:])
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 37), idx[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    # an untrained model predicts close to uniform
+    assert abs(loss.item() - torch.log(torch.tensor(37.0)).item()) < 0.5
+
+
+def test_dropout_only_in_training():
+    model = tiny(dropout=0.5)
+    idx = torch.randint(0, 37, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], model(idx)[0])
+        model.train()
+        assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_forget_gates_start_spread_over_timescales():
+    layer = tiny(forget_init="spread", max_timescale=100.0).sqrll_layers()[0]
+    r = torch.sigmoid(layer.proj.bias[:24].detach())
+    timescale = -1 / torch.log(r)
+    assert timescale.min() == pytest.approx(1.0, rel=1e-3) and timescale.max() == pytest.approx(100.0, rel=1e-3)
+    zero = tiny(forget_init="zero").sqrll_layers()[0]
+    assert torch.all(zero.proj.bias == 0)
+
+
+def test_scaled_init_shrinks_residual_outputs():
+    scaled, normal = tiny(init="scaled"), tiny(init="normal")
+    std = lambda m: m.sqrll_layers()[0].out.weight.std().item()  # noqa: E731
+    assert std(scaled) < 0.6 * std(normal)
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny().float().train()
+    idx = torch.randint(0, 37, (2, 12))
+    _, loss, _ = model(idx[:, :-1], idx[:, 1:], state=model.init_state(2))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing

@@ -1,0 +1,100 @@
+"""The scan op's CPU path held to the float64 reference."""
+
+import pytest
+import torch
+
+from sqrllm.scan import scan, scan_ref
+
+# max |fast - ref| / (max |ref| + 1), per storage dtype (accumulation is float32 throughout)
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+LENGTHS = [1, 2, 7, 64, 131]
+
+
+def inputs(B, T, C, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    r = torch.rand(B, T, C, generator=g, dtype=torch.float64) * 0.3 + 0.7  # long memory: errors compound
+    h0 = torch.randn(B, C, generator=g, dtype=torch.float64)
+    return x.to(dtype), r.to(dtype), h0.to(dtype)
+
+
+def rel_err(a, ref):
+    return ((a.double() - ref).abs().max() / (ref.abs().max() + 1)).item()
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_and_gradients_match_reference(dtype, T, reverse):
+    x, r, h0 = inputs(3, T, 5, dtype, seed=T)
+    leaves = [t.clone().requires_grad_() for t in (x, r, h0)]
+    y = scan(*leaves, reverse=reverse)
+    assert y.dtype == dtype and y.shape == x.shape
+    dy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(y, leaves, dy)
+
+    ref_leaves = [t.double().requires_grad_() for t in (x, r, h0)]
+    y_ref = scan_ref(*ref_leaves, reverse=reverse)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for name, g, g_ref in zip(("dx", "dr", "dh0"), grads, ref_grads):
+        assert g.dtype == dtype
+        assert rel_err(g, g_ref) < TOL[dtype], name
+
+
+def test_gradcheck_float64():
+    x, r, h0 = (t.requires_grad_() for t in inputs(2, 5, 3, torch.float64))
+    assert torch.autograd.gradcheck(lambda a, b, c: scan(a, b, c), (x, r, h0))
+    assert torch.autograd.gradcheck(lambda a, b, c: scan(a, b, c, reverse=True), (x, r, h0))
+    assert torch.autograd.gradcheck(lambda a, b: scan(a, b), (x, r))
+
+
+def test_r_one_is_cumulative_sum_and_r_zero_is_identity():
+    x = torch.randn(2, 33, 4, dtype=torch.float64)
+    torch.testing.assert_close(scan(x, torch.ones_like(x)), x.cumsum(1))
+    torch.testing.assert_close(scan(x, torch.ones_like(x), reverse=True), x.flip(1).cumsum(1).flip(1))
+    torch.testing.assert_close(scan(x, torch.zeros_like(x), torch.randn(2, 4, dtype=torch.float64)), x)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunks_with_carried_state_equal_one_call(reverse):
+    x, r, h0 = inputs(2, 50, 6, torch.float32)
+    whole = scan(x, r, h0, reverse=reverse)
+    cuts = [0, 1, 18, 19, 50]
+    pieces, h = [], h0
+    spans = list(zip(cuts[:-1], cuts[1:]))
+    for lo, hi in (reversed(spans) if reverse else spans):
+        y = scan(x[:, lo:hi], r[:, lo:hi], h, reverse=reverse)
+        h = y[:, 0] if reverse else y[:, -1]
+        pieces.append(y)
+    chunked = torch.cat(pieces[::-1] if reverse else pieces, dim=1)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_non_contiguous_inputs():
+    x, r, _ = inputs(4, 9, 6, torch.float32)
+    xt, rt = x.transpose(0, 2).contiguous().transpose(0, 2), r.transpose(0, 2).contiguous().transpose(0, 2)
+    assert not xt.is_contiguous()
+    torch.testing.assert_close(scan(xt, rt), scan(x, r))
+    torch.testing.assert_close(scan(x[:, ::2], r[:, ::2]), scan(x[:, ::2].contiguous(), r[:, ::2].contiguous()))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, r: (x[0], r[0], None), "must be \\(B, T, C\\)"),
+    (lambda x, r: (x, r[:, :3], None), "must have the shape of x"),
+    (lambda x, r: (x, r.double(), None), "cast both to one dtype"),
+    (lambda x, r: (x.int(), r.int(), None), "supported: float32"),
+    (lambda x, r: (x, r, torch.zeros(2, 5)), "h0 must be \\(B, C\\)"),
+    (lambda x, r: (x[:, :0], r[:, :0], None), "T must be at least 1"),
+])
+def test_bad_arguments_are_named(bad, message):
+    x, r, _ = inputs(2, 4, 3, torch.float32)
+    with pytest.raises((ValueError, TypeError), match=message):
+        scan(*bad(x, r))
+
+
+def test_torch_compile_matches_eager():
+    x, r, h0 = inputs(2, 16, 8, torch.float32)
+    f = lambda a, b, c: scan(a, b, c) * 2  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(x, r, h0), f(x, r, h0))
