@@ -1,0 +1,131 @@
+// Command-line generation with an exported SqrLLM; the same program runs natively and under Node.js.
+//
+//   ./sqrllm "def main("                        # sample 500 tokens after the prompt
+//   ./sqrllm -n 200 -t 0 "def main("            # greedy: the text sample.py --temperature 0 prints
+//   echo "def main(" | ./sqrllm -n 100          # no prompt argument: the prompt is read from stdin
+//
+// Prints the prompt, then the generated text as it is produced, then a newline, as sample.py does.
+// Speed goes to stderr at the end.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "sqrllm.h"
+
+static const char* USAGE =
+    "usage: sqrllm [options] [PROMPT]\n"
+    "  PROMPT               text to start from; without it the prompt is read from stdin\n"
+    "  -n, --tokens N       tokens to generate (default 500)\n"
+    "  -t, --temperature T  0 = greedy (default 0.8)\n"
+    "  -k, --top-k K        sample among the K most likely tokens; 0 = all (default 200)\n"
+    "  -p, --top-p P        sample from the smallest set of tokens with mass >= P (default 1 = off)\n"
+    "  -s, --seed S         random seed (default 1337)\n"
+    "  --dump-logits FILE   write to FILE, as float32 rows, the logits each generated token was\n"
+    "                       chosen from\n"
+    "  -q, --quiet          no speed report on stderr\n";
+
+static double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+static void write_text(const char* s, int n) {
+    if (n > 0) {
+        fwrite(s, 1, n, stdout);
+        fflush(stdout);
+    }
+}
+
+static bool parse_number(const char* flag, const char* text, double lo, double hi, double* out) {
+    char* end = nullptr;
+    double v = text ? strtod(text, &end) : 0.0;
+    if (!text || *text == '\0' || *end != '\0' || !(v >= lo && v <= hi)) {
+        fprintf(stderr, "sqrllm: %s needs a number in [%g, %g], got '%s'\n", flag, lo, hi, text ? text : "");
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+int main(int argc, char** argv) {
+    double n_new = 500, temperature = 0.8, top_k = 200, top_p = 1.0, seed = 1337;
+    const char* dump_path = nullptr;
+    const char* prompt_arg = nullptr;
+    bool quiet = false;
+    for (int a = 1; a < argc; a++) {
+        std::string f = argv[a];
+        const char* v = a + 1 < argc ? argv[a + 1] : nullptr;
+        bool ok = true;
+        if (f == "-h" || f == "--help") { fputs(USAGE, stdout); return 0; }
+        else if (f == "-q" || f == "--quiet") { quiet = true; continue; }
+        else if (f == "-n" || f == "--tokens") ok = parse_number("-n", v, 0, 1e9, &n_new);
+        else if (f == "-t" || f == "--temperature") ok = parse_number("-t", v, 0, 1e6, &temperature);
+        else if (f == "-k" || f == "--top-k") ok = parse_number("-k", v, 0, 1e9, &top_k);
+        else if (f == "-p" || f == "--top-p") ok = parse_number("-p", v, 0, 1, &top_p);
+        else if (f == "-s" || f == "--seed") ok = parse_number("-s", v, 0, 4294967295.0, &seed);
+        else if (f == "--dump-logits") { if (!(ok = v != nullptr)) fputs("sqrllm: --dump-logits needs a file\n", stderr); else dump_path = v; }
+        else if (f.size() > 1 && f[0] == '-') { fprintf(stderr, "sqrllm: unknown option %s\n%s", f.c_str(), USAGE); return 2; }
+        else if (prompt_arg) { fprintf(stderr, "sqrllm: one prompt only; quote it\n%s", USAGE); return 2; }
+        else { prompt_arg = argv[a]; continue; }
+        if (!ok) return 2;
+        a++;  // the option's value
+    }
+
+    std::string prompt;
+    if (prompt_arg) {
+        prompt = prompt_arg;
+    } else {
+        char buf[4096];
+        size_t got;
+        while ((got = fread(buf, 1, sizeof buf, stdin)) > 0) prompt.append(buf, got);
+    }
+    std::vector<int> ids(prompt.size());
+    int n_ids = sq_encode(prompt.data(), (int)prompt.size(), ids.data(), (int)ids.size());
+    if (n_ids < 0) {
+        fprintf(stderr, "sqrllm: the prompt has a character outside this model's vocabulary at byte %d\n", -1 - n_ids);
+        return 1;
+    }
+    if (n_ids == 0) {
+        fputs("sqrllm: the prompt is empty; give at least one character\n", stderr);
+        return 1;
+    }
+    FILE* dump = nullptr;
+    if (dump_path && !(dump = fopen(dump_path, "wb"))) {
+        fprintf(stderr, "sqrllm: cannot write %s\n", dump_path);
+        return 1;
+    }
+
+    sq_set_temperature((float)temperature);
+    sq_set_top_k((int)top_k);
+    sq_set_top_p((float)top_p);
+    sq_set_seed((uint32_t)seed);
+    sq_reset();
+    write_text(prompt.data(), (int)prompt.size());
+
+    const int V = sq_vocab_size();
+    double t0 = now();
+    const float* logits = nullptr;
+    for (int i = 0; i < n_ids; i++) logits = sq_feed(ids[i]);
+    double t1 = now();
+    const long n_gen = (long)n_new;
+    for (long i = 0; i < n_gen; i++) {
+        if (dump) fwrite(logits, sizeof(float), V, dump);
+        int token = sq_sample();
+        int n;
+        const char* text = sq_decode(token, &n);
+        write_text(text, n);
+        logits = sq_feed(token);
+    }
+    double t2 = now();
+    int n;
+    const char* tail = sq_decode(-1, &n);
+    write_text(tail, n);
+    write_text("\n", 1);
+    if (dump) fclose(dump);
+    if (!quiet)
+        fprintf(stderr, "sqrllm: prompt %d tokens in %.4f s (%.1f tokens/s), generated %ld tokens in %.4f s (%.1f tokens/s)\n",
+                n_ids, t1 - t0, n_ids / (t1 - t0), n_gen, t2 - t1, n_gen > 0 ? n_gen / (t2 - t1) : 0.0);
+    return 0;
+}
