@@ -1,0 +1,330 @@
+"""Export to C++ and WebAssembly: the native CLI, the wasm CLI under Node.js and the web page in
+headless Chromium print the same greedy text as sample.py; logits agree with PyTorch; models the
+exporter does not support are refused with a message that names the module.
+
+Which weights are compared. The exporter rounds weights to bfloat16, so the exported model is the
+checkpoint with rounded weights. Comparing it with a float32 checkpoint would mix two things: the
+rounding, which changes the model (and may change its greedy text), and the C++ runtime's fidelity,
+which is what these tests are about. So the tested checkpoint is trained, passed through
+`round_to_bf16`, and saved: sample.py and the C++ see the very same weights, and what is left to
+differ is float32 arithmetic (summation order, exp). `test_export_is_rounding_then_export` checks
+that exporting a float32 model is exactly exporting its rounded twin.
+
+Tolerance: logits agree within LOGIT_RTOL / LOGIT_ATOL (float32 accumulated in another order; about
+3e-6 is seen on logits of magnitude ~15). Greedy text is byte-identical because the trained model's
+top-1 margins (~0.05 at least, on this corpus) are far above that.
+
+Tools: the native tests need a C++ compiler and make; the wasm test em++ and node; the page test
+em++, node, Chromium and the npm package playwright-core. Each skips, saying why, without them.
+"""
+
+import ctypes
+import functools
+import http.server
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from sqrllm import checkpoint
+from sqrllm.checkpoint import load_model
+from sqrllm.config import load_config
+from sqrllm.export import ExportError, bf16_bits, export, round_to_bf16
+from sqrllm.model import SqrLLM
+from sqrllm.prepare import prepare_text
+from sqrllm.qrnn import QRNN
+from sqrllm.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "build" / "test-artifacts"
+LOGIT_RTOL, LOGIT_ATOL = 1e-4, 1e-4
+N_TOKENS = 200
+PROMPT = "12 café"  # a multi-byte character in the prompt and (greedy) in the output
+TEXT = "".join(f"{i} café №{i % 7}: the quick brown fox jumps over the lazy dog; naïve π ≈ 3.14\n" for i in range(600))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def need(tool, why):
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not found: {why}")
+
+
+def trained_checkpoint(root, level, *extra):
+    """Train a tiny model on TEXT, round its weights to bfloat16, save; -> checkpoint path."""
+    prepare_text(root / level, [root / "corpus.txt"], level=level, val_fraction=0.1)
+    out = root / f"run_{level}"
+    train(load_config([
+        f"--data_dir={root}", f"--dataset={level}", f"--out_dir={out}", "--n_layer=2", "--n_embd=48",
+        "--batch_size=8", "--block_size=64", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=5",
+        "--max_iters=200", "--log_interval=50", "--eval_interval=0", "--eval_stream=false", "--progress=false",
+        "--num_threads=1", *extra]))
+    ckpt = checkpoint.load(out / "ckpt.pt")
+    model, _, _ = load_model(out / "ckpt.pt")
+    ckpt["model"] = round_to_bf16(model).state_dict()
+    checkpoint.save(out / "ckpt.pt", ckpt)
+    return out / "ckpt.pt"
+
+
+def make(build, *targets):
+    need("make", "builds the exported C++")
+    run = subprocess.run(["make", "-s", "-C", str(build), *targets], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def export_script(argv):
+    """Run scripts/export.py's main in this process (the script is thin; this saves a torch import)."""
+    return runpy.run_path(str(ROOT / "scripts" / "export.py"))["main"](argv)
+
+
+def sample_py(ckpt_path, prompt, n):
+    """What `sample.py --temperature 0` prints (bytes)."""
+    run = subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt_path}", f"--prompt={prompt}", "--temperature=0",
+                          f"--max_new_tokens={n}", "--device=cpu"], cwd=ROOT, env=ENV, capture_output=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    (root / "corpus.txt").write_text(TEXT)
+    return root
+
+
+@pytest.fixture(scope="module")
+def byte_ckpt(corpus):
+    return trained_checkpoint(corpus, "byte")
+
+
+@pytest.fixture(scope="module")
+def byte_build(byte_ckpt, corpus):
+    need("c++", "compiles the exported model")
+    build = corpus / "build_byte"
+    export_script([f"--ckpt={byte_ckpt}", f"--out={build}"])
+    make(build, "sqrllm", "lib")
+    return build
+
+
+@pytest.fixture(scope="module")
+def sample_py_text(byte_ckpt):
+    return sample_py(byte_ckpt, PROMPT, N_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def wasm_build(byte_build):
+    need("em++", "builds the WebAssembly target (Debian package emscripten)")
+    need("node", "runs the WebAssembly build")
+    make(byte_build, "wasm")
+    return byte_build
+
+
+@pytest.fixture(scope="module")
+def lib(byte_build):
+    so = ctypes.CDLL(str(byte_build / "libsqrllm.so"))
+    so.sq_feed.restype = so.sq_logits.restype = ctypes.POINTER(ctypes.c_float)
+    so.sq_decode.restype = so.sq_model_info.restype = ctypes.c_void_p
+    so.sq_set_temperature.argtypes = so.sq_set_top_p.argtypes = [ctypes.c_float]
+    so.sq_set_seed.argtypes = [ctypes.c_uint32]
+    return so
+
+
+def test_native_greedy_text_is_byte_identical_to_sample_py(byte_build, sample_py_text):
+    run = subprocess.run([str(byte_build / "sqrllm"), "-n", str(N_TOKENS), "-t", "0", PROMPT], capture_output=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == sample_py_text
+    assert "café №" in sample_py_text[len(PROMPT.encode()):].decode()  # the model learned the corpus
+    assert b"tokens/s" in run.stderr and b"tokens/s" not in run.stdout
+
+
+def test_logits_agree_with_pytorch_step_by_step(byte_build, byte_ckpt, tmp_path):
+    dump = tmp_path / "logits.bin"
+    out = subprocess.run([str(byte_build / "sqrllm"), "-n", "32", "-t", "0", "--dump-logits", str(dump), PROMPT],
+                         capture_output=True, check=True).stdout
+    got = np.fromfile(dump, dtype=np.float32).reshape(32, 256)
+    model, tok, _ = load_model(byte_ckpt)
+    ids = tok.encode(PROMPT) + list(out[len(PROMPT.encode()):-1][:31])
+    want, state = [], None
+    with torch.no_grad():  # one token at a time, as the C++ runs; the first row is after the whole prompt
+        for i, t in enumerate(ids):
+            logits, _, state = model(torch.tensor([[t]]), state=state)
+            if i >= len(tok.encode(PROMPT)) - 1:
+                want.append(logits[0, -1].numpy())
+    np.testing.assert_allclose(got, np.stack(want), rtol=LOGIT_RTOL, atol=LOGIT_ATOL)
+
+
+def test_c_abi_state_save_restore_and_sampling(lib):
+    V = lib.sq_vocab_size()
+    assert V == 256 and json.loads(ctypes.string_at(lib.sq_model_info()))["tokenizer"] == "byte"
+    lib.sq_reset()
+    for t in PROMPT.encode():
+        lib.sq_feed(t)
+    saved = (ctypes.c_float * lib.sq_state_size())()
+    lib.sq_save_state(saved)
+    first = [lib.sq_feed(t)[:V] for t in b"abc"]
+    lib.sq_restore_state(saved)
+    assert [lib.sq_feed(t)[:V] for t in b"abc"] == first
+    assert not lib.sq_feed(V)  # an id outside the vocabulary is refused, not clamped
+
+    def draws(seed, **settings):  # 200 tokens sampled from the saved logits; hot, so that many are likely
+        lib.sq_restore_state(saved)
+        lib.sq_set_temperature(settings.get("temperature", 3.0))
+        lib.sq_set_top_k(settings.get("top_k", 0))
+        lib.sq_set_top_p(settings.get("top_p", 1.0))
+        lib.sq_set_seed(seed)
+        return [lib.sq_sample() for _ in range(200)]
+
+    assert draws(1) == draws(1) and draws(1) != draws(2) and len(set(draws(1))) > 2
+    assert len(set(draws(3, top_k=2))) <= 2 and len(set(draws(3, top_k=1))) == 1
+    logits = np.ctypeslib.as_array(lib.sq_logits(), shape=(V,))
+    p = np.exp((logits - logits.max()) / 3.0)
+    p /= p.sum()
+    nucleus = set(np.argsort(-p)[:np.searchsorted(np.cumsum(np.sort(p)[::-1]), 0.5) + 1])
+    assert set(draws(4, top_p=0.5)) <= nucleus
+    assert set(draws(5, temperature=0.0)) == {int(np.argmax(logits))}
+
+
+def test_stream_decoder_replaces_invalid_utf8_as_python_does(lib):
+    """A byte-level model can emit any bytes; the text must come out as sample.py's would."""
+    rng = np.random.default_rng(0)
+    pieces = [b"\xe2\x82\xac", b"\xf0\x9f\x98\x80", b"\xed\xa0\x80", b"\xc0\xaf", b"\xe0\x80", b"\xf4\x90", b"\xff"]
+    for trial in range(200):
+        data = b"".join(bytes(rng.integers(0, 256, rng.integers(0, 4)).tolist()) + pieces[rng.integers(len(pieces))]
+                        for _ in range(rng.integers(1, 6)))
+        n = ctypes.c_int()
+        lib.sq_reset()
+        got = b"".join(ctypes.string_at(lib.sq_decode(b, ctypes.byref(n)), n.value) for b in [*data, -1])
+        assert got == data.decode("utf-8", errors="replace").encode(), data
+
+
+def test_char_vocabulary_untied_head_no_bias(corpus):
+    need("c++", "compiles the exported model")
+    ckpt = trained_checkpoint(corpus, "char", "--tie_weights=false", "--bias=false", "--n_mem=32", "--n_ffn=80",
+                              "--mlp_every=2", "--max_iters=120")
+    model, _, saved = load_model(ckpt)
+    build = corpus / "build_char"
+    export(model, saved["tokenizer"], build, config=saved["config"])
+    make(build, "sqrllm")
+    run = subprocess.run([str(build / "sqrllm"), "-n", str(N_TOKENS), "-t", "0", PROMPT], capture_output=True)
+    assert run.stdout == sample_py(ckpt, PROMPT, N_TOKENS)
+    bad = subprocess.run([str(build / "sqrllm"), "-n", "5", "Zebra"], capture_output=True)
+    assert bad.returncode != 0 and b"outside this model's vocabulary at byte 0" in bad.stderr
+
+
+def test_wasm_under_node_prints_the_same_text(wasm_build, sample_py_text):
+    run = subprocess.run(["node", str(wasm_build / "node_cli.js"), "-n", str(N_TOKENS), "-t", "0", PROMPT],
+                         capture_output=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == sample_py_text
+
+
+@pytest.fixture
+def page_server(wasm_build):
+    handler = functools.partial(_QuietHandler, directory=str(wasm_build / "web"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/index.html"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def _node_path_with_playwright():
+    for root in [os.environ.get("NODE_PATH", ""), *_npm_global_root()]:
+        for folder in filter(None, root.split(os.pathsep)):
+            if (Path(folder) / "playwright-core" / "package.json").is_file():
+                return folder
+    return None
+
+
+def _npm_global_root():
+    if shutil.which("npm") is None:
+        return []
+    run = subprocess.run(["npm", "root", "-g"], capture_output=True, text=True)
+    return [run.stdout.strip()] if run.returncode == 0 else []
+
+
+def test_web_page_in_headless_chromium_shows_the_same_text(page_server, sample_py_text, tmp_path):
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not found: drives the web page (Debian package chromium)")
+    node_path = _node_path_with_playwright()
+    if node_path is None:
+        pytest.skip("the npm package playwright-core is not installed (npm install -g playwright-core)")
+    shot = tmp_path / "export_page.png"
+    run = subprocess.run(["node", str(ROOT / "tests" / "drive_page.js"), page_server, PROMPT, str(N_TOKENS), str(shot)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**ENV, "NODE_PATH": node_path, "CHROMIUM": chromium})
+    assert run.returncode == 0, run.stderr
+    page = json.loads(run.stdout)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, ARTIFACTS / shot.name)
+    assert page["errors"] == [] and page["status"].startswith(f"done: {N_TOKENS} tokens"), page
+    assert (page["text"] + "\n").encode() == sample_py_text
+
+
+def test_export_is_rounding_then_export(tmp_path):
+    torch.manual_seed(0)
+    model = SqrLLM(256, n_layer=2, n_embd=16, mlp_every=1)
+    export(model, {"kind": "byte"}, tmp_path / "a")
+    export(round_to_bf16(model), {"kind": "byte"}, tmp_path / "b")
+    assert (tmp_path / "a" / "model.cpp").read_text() == (tmp_path / "b" / "model.cpp").read_text()
+    # round to nearest, ties to even: 1 + 2^-8 lies halfway between 1 and 1 + 2^-7
+    x = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-16, -2.0, 0.0])
+    assert bf16_bits(x).tolist() == [0x3F80, 0x3F82, 0x3F81, 0xC000, 0x0000]
+
+
+def _with_qrnn(m):
+    m.blocks[1].inner = QRNN(16, 16)
+
+
+def _with_extra_norm(m):
+    m.blocks[0].extra = nn.LayerNorm(16)
+
+
+def _with_hook(m):
+    m.blocks[2].norm.register_forward_hook(lambda mod, args, out: out * 2)
+
+
+def _with_max_norm(m):
+    m.wte.max_norm = 1.0
+
+
+@pytest.mark.parametrize("change, message", [
+    (_with_qrnn, "blocks.1.inner is a QRNN"),
+    (_with_extra_norm, "blocks.0.extra (LayerNorm)"),
+    (_with_hook, "blocks.2.norm (RMSNorm) has forward hooks"),
+    (_with_max_norm, "wte (Embedding) has max_norm"),
+])
+def test_unsupported_model_is_refused_naming_the_module(change, message, tmp_path):
+    model = SqrLLM(256, n_layer=2, n_embd=16, mlp_every=1)
+    change(model)
+    with pytest.raises(ExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        export(model, {"kind": "byte"}, tmp_path)
+    assert not (tmp_path / "model.cpp").exists()
+
+
+def test_unsupported_config_or_tokenizer_is_refused(tmp_path):
+    model = SqrLLM(256, n_layer=1, n_embd=16)
+    with pytest.raises(ExportError, match="config key 'attention'"):
+        export(model, {"kind": "byte"}, tmp_path, config={"n_layer": 1, "attention": "full"})
+    with pytest.raises(ExportError, match="tokenizer kind 'wordpiece' is not supported"):
+        export(model, {"kind": "wordpiece"}, tmp_path)
+
+
+def test_export_script_reports_errors_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="^error: checkpoint .*nope.pt not found"):
+        export_script([f"--ckpt={tmp_path}/nope.pt", f"--out={tmp_path}/b"])
