@@ -1,0 +1,350 @@
+"""Sampling: the controls keep to their allowed sets, the fast decode step computes what the model
+does, text streams whole and stops where asked, and a saved state resumes exactly."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sqrllm import checkpoint
+from sqrllm.config import Config
+from sqrllm.decode import CudaGraphStep, FastStep, PlainStep
+from sqrllm.model import SqrLLM
+from sqrllm.sampling import (Sampler, SamplingParams, StateError, TextStream, apply_penalties, filter_logits,
+                             generate, pick)
+from sqrllm.tokenizer import ByteTokenizer, CharTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import sample  # noqa: E402
+
+TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(50))
+PROBS = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02])  # the fixed model's distribution
+
+
+class FixedModel(torch.nn.Module):
+    """Quacks like a SqrLLM. Its state counts tokens; its next-token logits are `logits[pos % len]`."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("table", torch.as_tensor(logits, dtype=torch.float32).reshape(-1, logits.shape[-1]))
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.vocab_size = self.table.shape[-1]
+
+    def init_state(self, batch_size, device=None, dtype=torch.float32):
+        return [torch.zeros(batch_size, 1, device=device, dtype=dtype)]
+
+    def forward(self, idx, targets=None, state=None, last_only=False):
+        pos = (state[0] if state is not None else self.init_state(idx.shape[0])[0]) + idx.shape[1]
+        logits = self.table[pos[:, 0].long() % self.table.shape[0]][:, None]  # (B, 1, V)
+        return logits, None, [pos]
+
+
+def scripted(text):
+    """A FixedModel that greedily writes the UTF-8 bytes of `text` after any one-token prompt."""
+    data = list(text.encode("utf-8"))
+    table = torch.full((len(data) + 1, 256), -10.0)
+    for pos, b in enumerate(data, start=1):
+        table[pos, b] = 10.0
+    return FixedModel(table)
+
+
+def tiny_model(dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw = {"n_layer": 3, "n_embd": 32, "n_mem": 24, "n_ffn": 40, "mlp_every": 2, "init_std": 0.3, **kw}
+    return SqrLLM(kw.pop("vocab_size", 40), **kw).to(dtype).eval()
+
+
+def write_ckpt(path, model_kw, tokenizer):
+    """A checkpoint of a freshly initialised model, as train.py would write one."""
+    cfg = Config(**{k: v for k, v in model_kw.items() if k != "seed"})
+    torch.manual_seed(model_kw.get("seed", 0))
+    model = SqrLLM.from_config(cfg, tokenizer.vocab_size)
+    checkpoint.save(path, {"format": checkpoint.FORMAT, "model": model.state_dict(),
+                           "config": dataclasses.asdict(cfg), "vocab_size": tokenizer.vocab_size,
+                           "tokenizer": tokenizer.to_meta()})
+    return path
+
+
+CHARS = CharTokenizer.from_text(TEXT)
+MODEL_KW = {"n_layer": 2, "n_embd": 32, "mlp_every": 1, "init_std": 0.3}
+
+
+@pytest.fixture(scope="module")
+def char_ckpt(tmp_path_factory):
+    return write_ckpt(tmp_path_factory.mktemp("ckpt") / "ckpt.pt", MODEL_KW, CHARS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models step fastest on one thread, and a busy machine does not stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_sample(*args, stdin=None):
+    """sample.py in a new process."""
+    return subprocess.run([sys.executable, "sample.py", *map(str, args), "--device=cpu"], cwd=ROOT,
+                          capture_output=True, text=True, input=stdin, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def main_stdout(capsys, *args):
+    """sample.py's main in this process -> what it printed."""
+    sample.main([*map(str, args), "--device=cpu"])
+    return capsys.readouterr().out
+
+
+# --- the decode step ---
+
+
+@pytest.mark.parametrize("step", ["plain", "fast"])
+def test_greedy_equals_argmax_of_full_forward(step):
+    model = tiny_model(torch.float64)
+    prompt = [3, 1, 4, 1, 5]
+    sampler = Sampler(model, step=step)
+    sampler.feed(prompt)
+    got = torch.cat(list(sampler.tokens(40, SamplingParams(temperature=0)))).tolist()
+    seq = list(prompt)
+    for _ in range(40):
+        logits, _, _ = model(torch.tensor([seq]))
+        seq.append(int(logits[0, -1].argmax()))
+    assert got == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("kw", [{}, {"bias": False, "tie_weights": False, "mlp_every": 1, "n_mem": 32},
+                                {"mlp_every": 0, "n_layer": 1}])
+def test_fast_step_equals_plain_step(dtype, tol, kw):
+    model = tiny_model(dtype, **kw)
+    B = 3
+    plain_state, fast_state = model.init_state(B, dtype=dtype), model.init_state(B, dtype=dtype)
+    plain, fast = PlainStep(model), FastStep(model)
+    ids = torch.randint(0, model.vocab_size, (30, B), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for t in range(30):
+            a, b = plain(ids[t], plain_state), fast(ids[t], fast_state)
+            scale = a.abs().max()
+            torch.testing.assert_close(b, a, rtol=tol, atol=tol * scale)
+            for h_a, h_b in zip(plain_state, fast_state):
+                torch.testing.assert_close(h_b, h_a, rtol=tol, atol=tol)
+
+
+def test_fast_greedy_text_equals_plain_greedy_text():
+    model = tiny_model(n_layer=4, n_embd=64, n_mem=64, n_ffn=128)
+    texts = []
+    for step in ("plain", "fast"):
+        sampler = Sampler(model, step=step)
+        sampler.feed([1, 2, 3])
+        texts.append(torch.cat(list(sampler.tokens(300, SamplingParams(temperature=0)))).tolist())
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_cuda_graph_step_equals_plain_step():
+    model = tiny_model().cuda()
+    plain_state, graph_state = model.init_state(2, device="cuda"), model.init_state(2, device="cuda")
+    plain, graph = PlainStep(model), CudaGraphStep(model, 2)
+    bound = graph.bind(graph_state)
+    with torch.inference_mode():
+        for t in range(20):
+            ids = torch.tensor([t % 7, (3 * t) % 11], device="cuda")
+            torch.testing.assert_close(graph(ids, bound), plain(ids, plain_state), rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_equals_one_forward():
+    model = tiny_model()
+    prompt = torch.randint(0, 40, (100,), generator=torch.Generator().manual_seed(2)).tolist()
+    whole, chunked = Sampler(model, prefill_chunk=1000), Sampler(model, prefill_chunk=7)
+    whole.feed(prompt)
+    chunked.feed(prompt)
+    torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(chunked.state, whole.state):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --- the controls ---
+
+
+def draws(params, n=20000):
+    logits = PROBS.log().expand(n, -1)
+    return pick(logits, params, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("params,allowed", [
+    (SamplingParams(top_k=3), {0, 1, 2}),
+    (SamplingParams(top_p=0.6), {0, 1}),  # 0.4 < 0.6, 0.4 + 0.25 >= 0.6
+    (SamplingParams(top_p=0.75), {0, 1, 2}),
+    (SamplingParams(min_p=0.3), {0, 1, 2}),  # p >= 0.12
+    (SamplingParams(min_p=0.2), {0, 1, 2, 3}),  # p >= 0.08
+    (SamplingParams(top_k=5, top_p=0.85, min_p=0.3), {0, 1, 2}),
+    (SamplingParams(top_k=5, temperature=3.0), {0, 1, 2, 3, 4}),
+    (SamplingParams(top_k=1), {0}),
+])
+def test_filters_never_sample_outside_the_allowed_set(params, allowed):
+    seen = set(draws(params).tolist())
+    assert seen == allowed  # nothing outside, and every allowed token does come up
+
+
+def test_filtered_draws_follow_the_renormalised_distribution():
+    got = torch.bincount(draws(SamplingParams(top_k=3), 40000), minlength=7).float() / 40000
+    want = torch.zeros(7)
+    want[:3] = PROBS[:3] / PROBS[:3].sum()
+    assert (got - want).abs().max() < 0.01
+
+
+def test_sampler_applies_the_controls_to_every_row():
+    sampler = Sampler(FixedModel(PROBS.log()[None]), step="plain")
+    sampler.feed([0])
+    ids = torch.stack(list(sampler.tokens(5, SamplingParams(top_p=0.6), num_samples=2000,
+                                          generator=torch.Generator().manual_seed(0))))
+    assert ids.shape == (5, 2000) and set(ids.flatten().tolist()) == {0, 1}
+
+
+def test_greedy_takes_the_argmax_and_temperature_zero_does_not_crash():
+    logits = torch.tensor([[0.1, 3.0, -1.0], [5.0, 4.9, float("-inf")]])
+    assert pick(logits, SamplingParams(temperature=0, top_p=0.1)).tolist() == [1, 0]
+
+
+def test_penalties_change_logits_as_specified():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    recent = torch.tensor([[0, 1, 0, 0]])  # token 0 three times, token 1 once, 2 and 3 never
+    rep = apply_penalties(logits, recent, SamplingParams(repetition_penalty=2.0))
+    assert rep.tolist() == [[1.0, -4.0, 1.0, 0.5]]
+    freq = apply_penalties(logits, recent, SamplingParams(frequency_penalty=0.5))
+    assert freq.tolist() == [[0.5, -2.5, 1.0, 0.5]]
+    pres = apply_penalties(logits, recent, SamplingParams(presence_penalty=0.25))
+    assert pres.tolist() == [[1.75, -2.25, 1.0, 0.5]]
+    both = apply_penalties(logits, recent, SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5,
+                                                          presence_penalty=0.25))
+    assert both.tolist() == [[-0.75, -4.75, 1.0, 0.5]]
+    assert apply_penalties(logits, recent, SamplingParams()).tolist() == logits.tolist()
+
+
+def test_penalties_look_only_at_the_window():
+    sampler = Sampler(FixedModel(torch.tensor([[5.0, 4.0, 0.0]])), step="plain")
+    sampler.feed([0, 0, 0, 2])
+    params = SamplingParams(temperature=0, presence_penalty=6.0, penalty_window=2)
+    # windows [0, 2] -> 1 wins; [2, 1] -> 0; [1, 0] -> 2; [0, 2] -> 1 (token 0's three in the prompt long gone)
+    assert torch.cat(list(sampler.tokens(4, params))).tolist() == [1, 0, 2, 1]
+
+
+def test_filter_keeps_the_top_token_even_with_tiny_top_p():
+    out = filter_logits(PROBS.log()[None], top_p=1e-6)
+    assert torch.isfinite(out).tolist() == [[True] + [False] * 6]
+
+
+def test_bad_controls_are_refused_with_their_name():
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingParams(top_p=0).check()
+
+
+def test_sample_py_refuses_bad_controls(capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt=x", "--min_p=2"])
+    assert e.value.code == 2 and "min_p must be in [0, 1]" in capsys.readouterr().err
+
+
+# --- text: streaming and stop strings ---
+
+
+def test_stream_holds_partial_characters_and_prints_exactly_the_text():
+    text = "héllo 😀 wörld ✓"
+    sampler = Sampler(scripted(text), ByteTokenizer(), step="plain")
+    sampler.feed([0])
+    pieces = [p[0] for p in sampler.stream(len(text.encode()), SamplingParams(temperature=0))]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert "" in pieces  # the bytes of a character came one by one and were held
+
+
+def test_stop_strings_end_generation_and_are_not_printed():
+    text = "abc aXbSTOPdef STOP"
+    sampler = Sampler(scripted(text), ByteTokenizer(), step="plain")
+    sampler.feed([0])
+    out = list(sampler.stream(100, SamplingParams(temperature=0), stop=["XYZ", "STOP", "bS"]))
+    assert "".join(p[0] for p in out) == "abc aX"  # "bS" comes first
+    assert sampler.stats.tokens == len("abc aXbS")  # generation ended at the stop
+
+
+def test_text_stream_releases_a_false_start_of_a_stop_string():
+    s = TextStream(CHARS, stop=["ab"])
+    out = [s.feed(CHARS.index[c]) for c in "aacab"]
+    assert out == ["", "a", "ac", "", ""] and s.stopped
+    assert s.flush() == ""
+
+
+def test_sample_py_streams_exactly_the_decoded_text(tmp_path, capsys):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", {**MODEL_KW, "init_std": 2.0}, ByteTokenizer())
+    sample.main([f"--ckpt={ckpt}", "--prompt=é", "--max_new_tokens=300", "--temperature=1.5", "--top_k=0",
+                 "--seed=5", "--device=cpu", "--quiet"])
+    out = capsys.readouterr().out
+    model, tok, _ = checkpoint.load_model(ckpt)
+    sampler = Sampler(model, tok)
+    sampler.feed("é")
+    ids = torch.cat(list(sampler.tokens(300, SamplingParams(temperature=1.5), generator=torch.Generator()
+                                        .manual_seed(5)))).tolist()
+    assert out == "é" + tok.decode(ids) + "\n"
+    assert any(i >= 0x80 for i in ids)  # multi-byte sequences (and broken ones) were in play
+
+
+def test_num_samples_are_one_batch_of_different_samples(char_ckpt):
+    model, tok, _ = checkpoint.load_model(char_ckpt)
+    texts = generate(model, tok, "line 1", 50, num_samples=4, seed=0, temperature=1.0)
+    assert len(texts) == 4 and len(set(texts)) == 4 and all(len(t) == 50 for t in texts)
+
+
+# --- the state ---
+
+
+def test_saved_state_resumes_exactly_in_a_new_process(char_ckpt, tmp_path, capsys):
+    controls = ["--max_new_tokens=80", "--seed=3", "--temperature=0.9", "--top_p=0.95", "--min_p=0.02",
+                "--repetition_penalty=1.3", "--frequency_penalty=0.2", "--quiet", f"--ckpt={char_ckpt}"]
+    prompt = TEXT[:300]
+    whole = main_stdout(capsys, f"--prompt={prompt}", *controls)
+    state = tmp_path / "prompt.state"
+    main_stdout(capsys, f"--prompt={prompt}", f"--save_state={state}", "--max_new_tokens=0", f"--ckpt={char_ckpt}")
+    resumed = run_sample(f"--load_state={state}", *controls).stdout
+    assert whole == prompt + resumed and len(resumed) > 60
+
+
+def test_state_from_another_model_shape_is_refused(char_ckpt, tmp_path, capsys):
+    model, tok, _ = checkpoint.load_model(char_ckpt)
+    sampler = Sampler(model, tok)
+    sampler.feed("line 3")
+    sampler.save_state(tmp_path / "s.state")
+    other = write_ckpt(tmp_path / "other.pt", {**MODEL_KW, "n_embd": 48}, CHARS)
+    with pytest.raises(StateError, match=r"belongs to another model .*n_embd 32 vs 48"):
+        Sampler(*checkpoint.load_model(other)[:2]).load_state(tmp_path / "s.state")
+    with pytest.raises(SystemExit, match="error: state file .* belongs to another model"):
+        sample.main([f"--ckpt={other}", f"--load_state={tmp_path / 's.state'}", "--device=cpu"])
+    torch.save({"format": "sqrllm-state-1", "x": torch.nn.Linear(1, 1)}, tmp_path / "evil.state")
+    with pytest.raises(StateError, match="refused"):
+        sampler.load_state(tmp_path / "evil.state")
+
+
+def test_interactive_keeps_state_and_retries_resets_saves(char_ckpt, tmp_path, capsys):
+    model, tok, _ = checkpoint.load_model(char_ckpt)
+    sampler = Sampler(model, tok)
+    sampler.feed("line 1\n")
+    greedy = SamplingParams(temperature=0)
+    answer = "".join(p[0] for p in sampler.stream(30, greedy))
+    more = "".join(p[0] for p in sampler.stream(30, greedy))
+    shown = [t if t.endswith("\n") else t + "\n" for t in (answer, more)]
+
+    state = tmp_path / "chat.state"
+    lines = ["line 1", "/retry", "", "/reset", "line 1", f"/save {state}", "/set temperature 0.5", "/quit", "x"]
+    run = run_sample(f"--ckpt={char_ckpt}", "--interactive", "--temperature=0", "--max_new_tokens=30",
+                     stdin="\n".join(lines) + "\n")
+    # answer, the same again (/retry), more (empty line: go on), the first answer again (/reset)
+    assert run.stdout == shown[0] + shown[0] + shown[1] + shown[0]
+    assert "temperature = 0.5" in run.stderr and "generation:" in run.stderr
+    resumed = main_stdout(capsys, f"--ckpt={char_ckpt}", f"--load_state={state}", "--temperature=0",
+                          "--max_new_tokens=30", "--quiet")
+    assert resumed == more + "\n"  # saved after "line 1" and its answer
