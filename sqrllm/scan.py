@@ -14,7 +14,8 @@ Implementations, all with the signature of `scan`:
 - the CUDA kernel (`sqrllm.cuda`), used for CUDA tensors when CuPy is installed.
 
 `scan` is registered as the custom ops `sqrllm::scan_fwd` / `sqrllm::scan_bwd`, so
-`torch.compile` sees one opaque node with a shape-only fake implementation.
+`torch.compile` sees one opaque node with a shape-only fake implementation; eager calls reach the
+same implementations through a plain autograd.Function.
 """
 
 import warnings
@@ -36,42 +37,44 @@ def scan_ref(x, r, h0=None, reverse=False):
 
 
 def _loop_fwd(x, r, h0, reverse):
-    """(B, T, C) in, (B, T, C) out; accumulates in float32 (float64 stays float64)."""
+    """(B, T, C) in, (B, T, C) out: one fused multiply-add per step, in place on (B, C) slices.
+
+    Accumulates in float32 (float64 stays float64)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xs = x.to(acc).transpose(0, 1).contiguous()  # (T, B, C)
-    rs = r.to(acc).transpose(0, 1).contiguous()
-    if reverse:
-        xs, rs = xs.flip(0), rs.flip(0)
-    ys = torch.empty_like(xs)
-    h = xs.new_zeros(xs.shape[1:]) if h0 is None else h0.to(acc)
-    for t in range(xs.shape[0]):
-        h = torch.addcmul(xs[t], rs[t], h, out=ys[t])
-    if reverse:
-        ys = ys.flip(0)
-    return ys.transpose(0, 1).to(x.dtype).contiguous()
+    xa, ra = x.to(acc), r.to(acc)
+    y = torch.empty_like(xa)
+    h = xa.new_zeros(x.shape[0], x.shape[2]) if h0 is None else h0.to(acc)
+    T = x.shape[1]
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        h = torch.addcmul(xa[:, t], ra[:, t], h, out=y[:, t])
+    return y.to(x.dtype)
 
 
 def _loop_bwd(dy, r, y, h0, reverse):
-    """Returns (dx, dr, dh0) for the loop path, dh0 = zeros when there was no h0."""
+    """Returns (dx, dr, dh0) for the loop path; dh0 is zeros when there was no h0."""
     acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    gs = torch.empty(dy.shape[1], dy.shape[0], dy.shape[2], dtype=acc, device=dy.device)
-    gs.copy_(dy.transpose(0, 1))  # (T, B, C), becomes g in place
-    rs = r.to(acc).transpose(0, 1)
-    ys = y.to(acc).transpose(0, 1)
+    g = dy.to(acc, copy=True)  # becomes g in place: g[t] = dy[t] + r[t+1] * g[t+1]
+    ra, ya = r.to(acc), y.to(acc)
+    T = g.shape[1]
+    first = T - 1 if reverse else 0  # the step that read h0
     if reverse:
-        gs, rs, ys = gs.flip(0), rs.flip(0), ys.flip(0)
-    rs = rs.contiguous()
-    T = gs.shape[0]
-    for t in range(T - 2, -1, -1):
-        gs[t].addcmul_(rs[t + 1], gs[t + 1])
-    h_init = gs.new_zeros(gs.shape[1:]) if h0 is None else h0.to(acc)
-    y_prev = torch.cat([h_init[None], ys[:-1]], dim=0)  # (T, B, C)
-    dr = gs * y_prev
-    dh0 = rs[0] * gs[0]
-    if reverse:
-        gs, dr = gs.flip(0), dr.flip(0)
-    dx = gs.transpose(0, 1).to(dy.dtype).contiguous()
-    return dx, dr.transpose(0, 1).to(r.dtype).contiguous(), dh0.to(dy.dtype)
+        for t in range(1, T):
+            g[:, t].addcmul_(ra[:, t - 1], g[:, t - 1])
+    else:
+        for t in range(T - 2, -1, -1):
+            g[:, t].addcmul_(ra[:, t + 1], g[:, t + 1])
+    dr = torch.empty_like(g)
+    if T > 1:
+        if reverse:
+            torch.mul(g[:, :-1], ya[:, 1:], out=dr[:, :-1])
+        else:
+            torch.mul(g[:, 1:], ya[:, :-1], out=dr[:, 1:])
+    if h0 is None:
+        dr[:, first] = 0
+    else:
+        torch.mul(g[:, first], h0.to(acc), out=dr[:, first])
+    dh0 = ra[:, first] * g[:, first]
+    return g.to(dy.dtype), dr.to(r.dtype), dh0.to(dy.dtype)
 
 
 _cuda_backend = None  # the sqrllm.cuda module, False once known to be unavailable
@@ -96,11 +99,21 @@ def _cuda():
     return _cuda_backend or None
 
 
-@torch.library.custom_op("sqrllm::scan_fwd", mutates_args=())
-def _scan_fwd(x: torch.Tensor, r: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+def _forward(x, r, h0, reverse):
     if x.is_cuda and x.dtype != torch.float64 and (k := _cuda()) is not None:
         return k.scan_fwd(x, r, h0, reverse)
     return _loop_fwd(x, r, h0, reverse)
+
+
+def _grads(dy, r, y, h0, reverse):
+    if dy.is_cuda and dy.dtype != torch.float64 and (k := _cuda()) is not None:
+        return k.scan_bwd(dy, r, y, h0, reverse)
+    return _loop_bwd(dy, r, y, h0, reverse)
+
+
+@torch.library.custom_op("sqrllm::scan_fwd", mutates_args=())
+def _scan_fwd(x: torch.Tensor, r: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+    return _forward(x, r, h0, reverse)
 
 
 @_scan_fwd.register_fake
@@ -112,9 +125,7 @@ def _(x, r, h0, reverse):
 def _scan_bwd(
     dy: torch.Tensor, r: torch.Tensor, y: torch.Tensor, h0: torch.Tensor | None, reverse: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if dy.is_cuda and dy.dtype != torch.float64 and (k := _cuda()) is not None:
-        return k.scan_bwd(dy, r, y, h0, reverse)
-    return _loop_bwd(dy, r, y, h0, reverse)
+    return _grads(dy, r, y, h0, reverse)
 
 
 @_scan_bwd.register_fake
@@ -137,6 +148,24 @@ def _backward(ctx, dy):
 
 
 torch.library.register_autograd("sqrllm::scan_fwd", _backward, setup_context=_setup_context)
+
+
+class _Scan(torch.autograd.Function):
+    """Eager calls: the same implementations without the custom ops' dispatch, which costs about
+    as much host time as the CUDA kernels' own launches."""
+
+    @staticmethod
+    def forward(ctx, x, r, h0, reverse):
+        y = _forward(x, r, h0, reverse)
+        ctx.save_for_backward(r, y, h0)
+        ctx.reverse = reverse
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        r, y, h0 = ctx.saved_tensors
+        dx, dr, dh0 = _grads(dy.contiguous(), r, y, h0, ctx.reverse)
+        return dx, dr, (dh0 if h0 is not None else None), None
 
 
 def _check(x, r, h0):
@@ -169,4 +198,7 @@ def scan(x, r, h0=None, reverse=False):
     _check(x, r, h0)
     if h0 is not None:
         h0 = h0.to(x.dtype).contiguous()
-    return _scan_fwd(x.contiguous(), r.contiguous(), h0, bool(reverse))
+    x, r, reverse = x.contiguous(), r.contiguous(), bool(reverse)
+    if torch.compiler.is_compiling():
+        return _scan_fwd(x, r, h0, reverse)  # one opaque node in the graph
+    return _Scan.apply(x, r, h0, reverse)
