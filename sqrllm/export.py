@@ -26,13 +26,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from sqrllm import spm_model
 from sqrllm.checkpoint import load_model
 from sqrllm.model import Block, GatedMLP, SqrLLM, SqrllLayer
 
 RUNTIME = Path(__file__).resolve().parent / "export_runtime"
-RUNTIME_FILES = ("sqrllm.h", "sqrllm_runtime.h", "cli.cpp", "Makefile", "node_cli.js", "web/index.html",
+RUNTIME_FILES = ("sqrllm.h", "sqrllm_runtime.h", "sqrllm_sentencepiece.h", "cli.cpp", "Makefile", "node_cli.js", "web/index.html",
                  "web/worker.js")
-TOKENIZERS = ("byte", "char")
+TOKENIZERS = ("byte", "char", "sentencepiece")
 KNOWN = "SqrLLM, Block, SqrllLayer, GatedMLP, nn.Embedding, nn.Linear, nn.RMSNorm, nn.Dropout, nn.ModuleList"
 
 # Every config key must be here, so that a new key that changes the model is not exported as if it
@@ -79,21 +80,69 @@ def check_config(config):
                               "C++ runtime what it does if it changes the forward pass")
 
 
-def token_bytes(tokenizer_meta, vocab_size):
-    """The bytes of every token id, from the tokenizer description a checkpoint holds."""
+def read_tokenizer(tokenizer_meta, vocab_size, base_dir=None):
+    """-> (the bytes of every token id, a SentencePieceModel or None), from a tokenizer description.
+
+    SentencePiece: {"kind": "sentencepiece", "model_file": path of the .model, relative to base_dir}
+    or {"kind": "sentencepiece", "model": the .model file's bytes}.
+    """
     kind = tokenizer_meta.get("kind")
+    sp = None
     if kind == "byte":
         tokens = [bytes([i]) for i in range(256)]
     elif kind == "char":
         tokens = [c.encode("utf-8") for c in tokenizer_meta["chars"]]
         if len(set(tokens)) != len(tokens):
             raise ExportError("tokenizer: the char vocabulary lists a character twice")
+    elif kind == "sentencepiece":
+        sp = _sentencepiece(tokenizer_meta, base_dir)
+        tokens = [_piece_text(text, t, sp) for text, _, t in sp.pieces]
     else:
         raise ExportError(f"tokenizer kind {kind!r} is not supported by the exporter; it supports "
                           f"{', '.join(map(repr, TOKENIZERS))}")
     if len(tokens) != vocab_size:
         raise ExportError(f"tokenizer: {len(tokens)} tokens but the model's embedding has {vocab_size} rows")
-    return tokens
+    return tokens, sp
+
+
+def _sentencepiece(meta, base_dir):
+    if "model" in meta:
+        data, name = bytes(meta["model"]), "the SentencePiece model"
+    else:
+        path = Path(base_dir or ".") / meta["model_file"]
+        if not path.is_file():
+            raise ExportError(f"tokenizer: SentencePiece model {path} not found")
+        data, name = path.read_bytes(), str(path)
+    try:
+        sp = spm_model.read_model(data)
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise ExportError(f"tokenizer: {name} is not a SentencePiece model ({e})") from None
+    types = [kind for _, _, kind in sp.pieces]
+    refuse = [
+        (sp.model_type not in (spm_model.UNIGRAM, spm_model.BPE),
+         f"model type {sp.model_type} (the runtime has unigram and BPE)"),
+        (sp.treat_whitespace_as_suffix, "treat_whitespace_as_suffix"),
+        (spm_model.USER_DEFINED in types, "user-defined symbols"),
+        (sp.model_type == spm_model.BPE and spm_model.UNUSED in types, "unused pieces in a BPE model"),
+        (bool(sp.denormalizer_charsmap), "a denormalization rule"),
+        (types.count(spm_model.UNKNOWN) != 1, "not exactly one <unk> piece"),
+        (sp.byte_fallback and types.count(spm_model.BYTE) != 256, "byte fallback without 256 byte pieces"),
+    ]
+    for bad, what in refuse:
+        if bad:
+            raise ExportError(f"tokenizer: {name} uses {what}, which the exporter does not support")
+    return sp
+
+
+def _piece_text(text, kind, sp):
+    """The bytes a SentencePiece token stands for in decoded text."""
+    if kind == spm_model.BYTE:
+        return bytes([int(text[3:5], 16)])  # <0xAB>
+    if kind == spm_model.CONTROL:
+        return b""
+    if kind == spm_model.UNKNOWN:
+        return sp.unk_surface.encode("utf-8")
+    return text.replace("\u2581", " ").encode("utf-8")
 
 
 class _Walk:
@@ -204,7 +253,8 @@ def _c_string(data):
 
 
 def _c_float(x):
-    return f"{float(np.float32(x)):.9g}f"
+    text = f"{float(np.float32(x)):.9g}"  # 9 digits: the same float32 back
+    return text + ("f" if any(c in text for c in ".e") else ".0f")
 
 
 class _Arrays:
@@ -233,7 +283,34 @@ def _linear_c(arrays, lin, name):
             f"{lin['n_out']}, {lin['n_in']}}}")
 
 
-def model_cpp(walk, tokens, info, source):
+def _sentencepiece_c(sp):
+    """C++ lines defining SP_SPEC, the SentencePieceSpec of sqrllm_sentencepiece.h."""
+    pieces = [text.encode("utf-8") for text, _, _ in sp.pieces]
+    offsets = np.cumsum([0] + [len(p) for p in pieces])
+    scores = ",".join(_c_float(score) for _, score, _ in sp.pieces)
+    types = ",".join(str(t) for _, _, t in sp.pieces)
+    unk = next(i for i, (_, _, t) in enumerate(sp.pieces) if t == spm_model.UNKNOWN)
+    lines = ["const char SP_PIECES[] =",
+             *(f"    {_c_string(b''.join(pieces[i:i + 16]))}" for i in range(0, len(pieces), 16)),
+             "    ;",
+             f"const int SP_PIECE_OFFSETS[{len(offsets)}] = {{{','.join(map(str, offsets))}}};",
+             f"const float SP_SCORES[{len(pieces)}] = {{{scores}}};",
+             f"const unsigned char SP_TYPES[{len(pieces)}] = {{{types}}};"]
+    charsmap = "nullptr, 0"
+    if sp.precompiled_charsmap:
+        data = np.frombuffer(sp.precompiled_charsmap, dtype=np.uint8)
+        rows = [",".join(map(str, data[i:i + 32].tolist())) for i in range(0, data.size, 32)]
+        lines += [f"// character normalization '{sp.normalizer_name}': sentencepiece's precompiled_charsmap",
+                  f"const unsigned char SP_CHARSMAP[{data.size}] = {{", ",\n".join(rows), "};"]
+        charsmap = f"SP_CHARSMAP, {data.size}"
+    flag = lambda b: "true" if b else "false"  # noqa: E731
+    lines.append(f"const sq::SentencePieceSpec SP_SPEC = {{{sp.model_type}, SP_PIECES, SP_PIECE_OFFSETS, "
+                 f"SP_SCORES, SP_TYPES, {unk}, {flag(sp.byte_fallback)}, {flag(sp.add_dummy_prefix)}, "
+                 f"{flag(sp.remove_extra_whitespaces)}, {flag(sp.escape_whitespaces)}, {charsmap}}};")
+    return lines
+
+
+def model_cpp(walk, tokens, sp, info, source):
     """The text of model.cpp; returns (text, bytes of weight constants)."""
     arrays = _Arrays()
     wte = arrays.ref(walk.wte, "wte.weight")
@@ -246,7 +323,7 @@ def model_cpp(walk, tokens, info, source):
     norm_f = arrays.ref(walk.norm_f["weight"], "norm_f.weight")
     head = arrays.ref(walk.lm_head, "lm_head.weight")
     offsets = np.cumsum([0] + [len(t) for t in tokens])
-    kind = {"byte": "BYTE", "char": "CHAR"}[info["tokenizer"]]
+    kind = info["tokenizer"].upper()
     n_sqrll = sum(b["kind"] == "SQRLL" for b in walk.blocks)
     text = "\n".join([
         f"// Generated by sqrllm.export from {source}; re-export rather than edit.",
@@ -262,10 +339,12 @@ def model_cpp(walk, tokens, info, source):
         *blocks,
         "};",
         "",
+        "// What each token stands for in decoded text",
         "const char TOKEN_BYTES[] =",
         *(f"    {_c_string(b''.join(tokens[i:i + 32]))}" for i in range(0, len(tokens), 32)),
         "    ;",
         f"const int TOKEN_OFFSETS[{len(offsets)}] = {{{','.join(map(str, offsets))}}};",
+        *(_sentencepiece_c(sp) if sp else []),
         "",
         "}  // namespace",
         "",
@@ -274,7 +353,7 @@ def model_cpp(walk, tokens, info, source):
         f"    BLOCKS, {len(walk.blocks)},",
         f"    {norm_f}, {_c_float(walk.norm_f['eps'])},",
         f"    {{{head}, nullptr, {walk.vocab_size}, {walk.C}}},",
-        f"    {{sq::{kind}, TOKEN_BYTES, TOKEN_OFFSETS}},",
+        f"    {{sq::{kind}, TOKEN_BYTES, TOKEN_OFFSETS, {'&SP_SPEC' if sp else 'nullptr'}}},",
         f"    {_c_string(json.dumps(info).encode())},",
         "};",
         "",
@@ -282,15 +361,18 @@ def model_cpp(walk, tokens, info, source):
     return text, arrays.n_bytes
 
 
-def export(model, tokenizer_meta, out_dir, config=None, source="a SqrLLM"):
-    """Write model.cpp and the runtime into out_dir; returns a summary dict (paths, weight bytes)."""
+def export(model, tokenizer_meta, out_dir, config=None, source="a SqrLLM", base_dir=None):
+    """Write model.cpp and the runtime into out_dir; returns a summary dict (paths, weight bytes).
+
+    base_dir: where a tokenizer's files (a SentencePiece model_file) are, usually the checkpoint's folder.
+    """
     check_config(config)
     walk = _Walk(model)
-    tokens = token_bytes(tokenizer_meta, walk.vocab_size)
+    tokens, sp = read_tokenizer(tokenizer_meta, walk.vocab_size, base_dir)
     info = {"vocab_size": walk.vocab_size, "n_embd": walk.C, "tokenizer": tokenizer_meta["kind"],
             "blocks": [b["kind"].lower() for b in walk.blocks], "params": sum(p.numel() for p in model.parameters()),
             "source": str(source)}
-    text, weight_bytes = model_cpp(walk, tokens, info, source)
+    text, weight_bytes = model_cpp(walk, tokens, sp, info, str(source).replace("\n", " "))
     out_dir = Path(out_dir)
     (out_dir / "web").mkdir(parents=True, exist_ok=True)
     (out_dir / "model.cpp").write_text(text)
@@ -302,4 +384,5 @@ def export(model, tokenizer_meta, out_dir, config=None, source="a SqrLLM"):
 def export_checkpoint(ckpt_path, out_dir):
     """Export the model a train.py checkpoint holds (see `export`)."""
     model, _, ckpt = load_model(ckpt_path, "cpu")
-    return export(model, ckpt["tokenizer"], out_dir, config=ckpt["config"], source=Path(ckpt_path).as_posix())
+    return export(model, ckpt["tokenizer"], out_dir, config=ckpt["config"], source=Path(ckpt_path).as_posix(),
+                  base_dir=Path(ckpt_path).parent)

@@ -81,8 +81,12 @@ int main(int argc, char** argv) {
         size_t got;
         while ((got = fread(buf, 1, sizeof buf, stdin)) > 0) prompt.append(buf, got);
     }
-    std::vector<int> ids(prompt.size());
+    std::vector<int> ids(prompt.size() + 1);
     int n_ids = sq_encode(prompt.data(), (int)prompt.size(), ids.data(), (int)ids.size());
+    if (n_ids > (int)ids.size()) {
+        ids.resize(n_ids);
+        sq_encode(prompt.data(), (int)prompt.size(), ids.data(), n_ids);
+    }
     if (n_ids < 0) {
         fprintf(stderr, "sqrllm: the prompt has a character outside this model's vocabulary at byte %d\n", -1 - n_ids);
         return 1;

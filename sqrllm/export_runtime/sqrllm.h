@@ -41,8 +41,9 @@ int sq_state_size(void);
 void sq_save_state(float* dst);
 void sq_restore_state(const float* src);
 
-/* Tokenizer. sq_encode: UTF-8 text -> ids; returns the number of ids (at most max_ids are written),
-   or -1 - offset of the first byte that the vocabulary cannot encode. */
+/* Tokenizer (byte, char or SentencePiece). sq_encode: UTF-8 text -> ids; returns the number of ids,
+   of which the first max_ids are written (call again with room for all), or -1 - offset of the
+   first byte that a char vocabulary cannot encode (SentencePiece encodes anything). */
 int sq_encode(const char* text, int n_bytes, int* ids, int max_ids);
 /* The raw bytes of one token (not NUL-terminated). */
 const char* sq_token_bytes(int token, int* n_bytes);

@@ -25,11 +25,12 @@
 #include <vector>
 
 #include "sqrllm.h"
+#include "sqrllm_sentencepiece.h"
 
 namespace sq {
 
 enum BlockKind { SQRLL = 0, MLP = 1 };
-enum TokenizerKind { BYTE = 0, CHAR = 1 };
+enum TokenizerKind { BYTE = 0, CHAR = 1, SENTENCEPIECE = 2 };
 
 struct Linear {
     const uint16_t* w;  // (n_out, n_in) row-major, as torch.nn.Linear.weight
@@ -47,8 +48,9 @@ struct Block {
 
 struct Tokenizer {
     TokenizerKind kind;
-    const char* bytes;   // every token's bytes, concatenated
+    const char* bytes;   // every token's bytes (its text when decoded), concatenated
     const int* offsets;  // token i is bytes[offsets[i] .. offsets[i + 1])
+    const SentencePieceSpec* sentencepiece;  // for kind SENTENCEPIECE, else nullptr
 };
 
 struct Model {
@@ -159,6 +161,8 @@ struct Runtime {
     std::vector<int> order;                // sampling scratch
     std::vector<float> probs;
     std::unordered_map<std::string, int> by_text;  // char vocabulary: character -> id
+    SentencePiece sentencepiece;
+    std::vector<int> encoded;  // encode's scratch
     Utf8Stream utf8;
     std::string text;  // sq_decode's output
 
@@ -177,6 +181,7 @@ struct Runtime {
         logits = state.data() + n_state;
         if (M.tokenizer.kind == CHAR)
             for (int i = 0; i < M.vocab_size; i++) by_text[token(i)] = i;
+        if (M.tokenizer.kind == SENTENCEPIECE) sentencepiece.init(M.tokenizer.sentencepiece, M.vocab_size);
         seed(1337);
         ready = true;
     }
@@ -268,6 +273,12 @@ struct Runtime {
 
     int encode(const char* s, int len, int* ids, int max_ids) {
         const Model& M = MODEL;
+        if (M.tokenizer.kind == SENTENCEPIECE) {
+            encoded.clear();
+            sentencepiece.encode(s, len, encoded);
+            std::copy(encoded.begin(), encoded.begin() + std::min((int)encoded.size(), std::max(max_ids, 0)), ids);
+            return (int)encoded.size();
+        }
         int n = 0;
         for (int p = 0; p < len;) {
             int id, step = 1;

@@ -15,13 +15,20 @@ createSqrllm({ noInitialRun: true }).then((module) => {
 function encode(text) {
   const bytes = new TextEncoder().encode(text);
   const buf = M._malloc(bytes.length + 1);
-  const ids = M._malloc(4 * bytes.length + 4);
   M.HEAPU8.set(bytes, buf);
-  const n = M._sq_encode(buf, bytes.length, ids, bytes.length);
-  const out = n >= 0 ? Array.from(M.HEAP32.subarray(ids >> 2, (ids >> 2) + n)) : n;
-  M._free(buf);
-  M._free(ids);
-  return out;
+  let room = bytes.length + 1;
+  for (;;) {  // a tokenizer may need more ids than bytes: then ask again with room for all
+    const ids = M._malloc(4 * room);
+    const n = M._sq_encode(buf, bytes.length, ids, room);
+    if (n <= room) {
+      const out = n >= 0 ? Array.from(M.HEAP32.subarray(ids >> 2, (ids >> 2) + n)) : n;
+      M._free(ids);
+      M._free(buf);
+      return out;
+    }
+    M._free(ids);
+    room = n;
+  }
 }
 
 function decode(token, nPtr, decoder) {
