@@ -14,6 +14,9 @@ Tolerance: logits agree within LOGIT_RTOL / LOGIT_ATOL (float32 accumulated in a
 3e-6 is seen on logits of magnitude ~15). Greedy text is byte-identical because the trained model's
 top-1 margins (~0.05 at least, on this corpus) are far above that.
 
+SentencePiece: the C++ tokenizer's ids and text match the sentencepiece package's, for unigram and
+BPE models, NFKC and identity normalization, byte fallback and <unk>.
+
 Tools: the native tests need a C++ compiler and make; the wasm test em++ and node; the page test
 em++, node, Chromium and the npm package playwright-core. Each skips, saying why, without them.
 """
@@ -285,6 +288,49 @@ def test_export_is_rounding_then_export(tmp_path):
     # round to nearest, ties to even: 1 + 2^-8 lies halfway between 1 and 1 + 2^-7
     x = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-16, -2.0, 0.0])
     assert bf16_bits(x).tolist() == [0x3F80, 0x3F82, 0x3F81, 0xC000, 0x0000]
+
+
+SP_ALPHABET = list("abcdefghij klmnop  XYZ0123456789.,;:!?\n\t-_()[]") + list("éüπ≈—中文😀👍🏽ﬁＡ①㍿\u00a0\u3000\x00")
+
+
+@pytest.mark.parametrize("options", [
+    {"model_type": "unigram", "vocab_size": 320, "byte_fallback": True},  # NFKC normalization (the default)
+    {"model_type": "bpe", "vocab_size": 120, "normalization_rule_name": "identity", "add_dummy_prefix": False,
+     "remove_extra_whitespaces": False, "character_coverage": 0.99},  # runs of unknown characters are one <unk>
+], ids=["unigram-nfkc-byte-fallback", "bpe-identity-unk"])
+def test_sentencepiece_ids_and_text_match_the_sentencepiece_package(options, corpus, tmp_path):
+    """The C++ tokenizer, on an exported model with a SentencePiece vocabulary (untrained weights)."""
+    spm = pytest.importorskip("sentencepiece")
+    need("c++", "compiles the exported model")
+    spm.SentencePieceTrainer.train(input=str(corpus / "corpus.txt"), model_prefix=str(tmp_path / "tok"),
+                                   minloglevel=2, **options)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    export(SqrLLM(sp.vocab_size(), n_layer=1, n_embd=8), {"kind": "sentencepiece", "model_file": "tok.model"},
+           tmp_path / "build", base_dir=tmp_path)
+    make(tmp_path / "build", "lib", "CXXFLAGS=-O1")  # speed is not the point here
+    lib = ctypes.CDLL(str(tmp_path / "build" / "libsqrllm.so"))
+    lib.sq_decode.restype = ctypes.c_void_p
+    rng = np.random.default_rng(0)
+    texts = [b"", b"   ", b"  two  spaces  ", b"<s> </s> <unk> <0x41>", b"bad \xff utf-8 \xe2\x82", TEXT[:300].encode()]
+    texts += ["".join(rng.choice(SP_ALPHABET, rng.integers(1, 40))).encode() for _ in range(200)]
+    for text in texts:
+        ids = (ctypes.c_int * (4 * len(text) + 8))()
+        n = lib.sq_encode(text, len(text), ids, len(ids))
+        assert list(ids[:n]) == sp.encode(text), text
+        lib.sq_reset()
+        size = ctypes.c_int()
+        decoded = b"".join(ctypes.string_at(lib.sq_decode(i, ctypes.byref(size)), size.value) for i in [*ids[:n], -1])
+        # token by token, the dummy prefix's space stays: it separates a continuation from the prompt
+        assert decoded.decode() in (sp.decode(list(ids[:n])), " " + sp.decode(list(ids[:n]))), text
+
+
+def test_sentencepiece_features_the_runtime_lacks_are_refused(corpus, tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    spm.SentencePieceTrainer.train(input=str(corpus / "corpus.txt"), model_prefix=str(tmp_path / "tok"),
+                                   vocab_size=100, user_defined_symbols=["<sep>"], minloglevel=2)
+    with pytest.raises(ExportError, match="tok.model uses user-defined symbols"):
+        export(SqrLLM(100, n_layer=1, n_embd=8), {"kind": "sentencepiece", "model_file": "tok.model"}, tmp_path / "b",
+               base_dir=tmp_path)
 
 
 def _with_qrnn(m):
