@@ -1,0 +1,378 @@
+// The sqrll recurrence on CUDA, forward and backward, over contiguous (B, T, C) tensors:
+//
+//     y[t] = r[t] * y[t-1] + x[t]        (y[-1] = h0, or 0)
+//
+// Storage is float, half or bfloat16 (`float`, `f16_t`, `bf16_t`); arithmetic is float32.
+// Compiled at run time by NVRTC through CuPy (sqrllm/cuda.py); needs no CUDA header.
+//
+// Work split. A block of NT threads owns a tile: Tc = TT * L consecutive scan positions by
+// CW = CT * V features of one sequence. Its threads form a CT x TT grid: CT across features, each
+// thread moving V features with one vector copy per row (16 bytes where C allows), and TT across
+// time, each thread owning L consecutive positions. Inputs are copied straight into shared memory
+// (cp.async), so all of a tile's loads are in flight at once without holding registers.
+// A span of positions acts on the state as an affine map h -> A * h + b (A the product of r, b the
+// scan started from 0); maps compose associatively, which is what lets time be split:
+// - within a tile, one thread per feature folds the threads' maps through shared memory;
+// - loop mode (n_chunks == 1): one block walks all of T tile by tile, carrying the state in a
+//   register. Used when the (sequence, feature tile) columns alone fill the GPU.
+// - chunk mode (n_chunks > 1): one block per tile, so long sequences with few features still fill
+//   the GPU. Tiles publish maps in global memory as the nodes of a tree of radix R over time: tile k
+//   writes its own map, and the map of every node that ends at it (built from the R children
+//   before), then folds h0 through the nodes that cover [0, k), longest first. Which nodes, and in
+//   what order, depends on k alone, so results are bitwise reproducible (a first-come look-back is
+//   not); a tile reads at most (R - 1) log_R(k) nodes, all published by blocks with lower indices,
+//   and a node of level j is ready j hops after its last tile is. Every input is read once and
+//   every output written once.
+//
+// Backward (see sqrllm/scan.py): g[t] = dy[t] + r[t+1] * g[t+1], dx = g, dr[t] = g[t] * y[t-1],
+// dh0 = r[0] * g[0]. It is the same scan run the other way, at position p reading the multiplier
+// from position p - 1, so the kernel is shared; `flip` maps scan positions to rows (t = T - 1 - p).
+
+#define NT 256  // threads per block; sqrllm/cuda.py's NT
+
+struct bf16_t { unsigned short u; };
+struct f16_t { unsigned short u; };
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(bf16_t v) { return __uint_as_float((unsigned)v.u << 16); }
+__device__ __forceinline__ float to_f32(f16_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.u));
+    return f;
+}
+
+template <typename S> __device__ __forceinline__ S from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float v) {
+    bf16_t o;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(o.u) : "f"(v));
+    return o;
+}
+template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float v) {
+    f16_t o;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(o.u) : "f"(v));
+    return o;
+}
+
+// V storage elements as one load/store of 2, 4, 8 or 16 bytes
+template <int BYTES> struct RawOf;
+template <> struct RawOf<2> { typedef unsigned short T; };
+template <> struct RawOf<4> { typedef unsigned int T; };
+template <> struct RawOf<8> { typedef uint2 T; };
+template <> struct RawOf<16> { typedef uint4 T; };
+
+template <typename S, int V> union Pack {
+    typename RawOf<sizeof(S) * V>::T raw;
+    S e[V];
+};
+
+template <typename R> __device__ __forceinline__ R raw_zero() { return R(0); }
+template <> __device__ __forceinline__ uint2 raw_zero<uint2>() { return make_uint2(0, 0); }
+template <> __device__ __forceinline__ uint4 raw_zero<uint4>() { return make_uint4(0, 0, 0, 0); }
+
+// Global -> shared copy of one V-vector that skips registers (cp.async); 2-byte vectors, which
+// cp.async cannot move, go through a register.
+template <int BYTES> __device__ __forceinline__ void copy_async(void* dst, const void* src) {
+    if constexpr (BYTES == 2) {
+        *(unsigned short*)dst = *(const unsigned short*)src;
+    } else {
+        unsigned d;
+        asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(d) : "l"(dst));
+        if constexpr (BYTES == 16)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+        else
+            asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(d), "l"(src), "n"(BYTES) : "memory");
+    }
+}
+__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// The tree over a column's n tiles has radix R = 2^lg: node i of level j covers tiles
+// [i R^j, (i + 1) R^j). Levels are stored one after another, level j holding floor(n / R^j) nodes.
+__device__ __forceinline__ unsigned node_slot(unsigned n, int lg, int j, unsigned i) {
+    unsigned base = 0;
+    for (int l = 0; l < j; ++l) base += n >> (lg * l);
+    return base + i;
+}
+
+// A node's map is two 64-bit words (value bits, tag 1 in the high half), each written and read
+// whole, so a reader that sees both tags has both values; zeroed scratch reads as not written.
+// No flag, fence or barrier is involved: each feature's thread publishes and polls its own words.
+__device__ __forceinline__ void put_map(ulonglong2* p, float A, float b) {
+    const unsigned long long tag = 1ull << 32;
+    asm volatile("st.relaxed.gpu.global.v2.b64 [%0], {%1, %2};" ::"l"(p), "l"(tag | __float_as_uint(A)),
+                 "l"(tag | __float_as_uint(b))
+                 : "memory");
+}
+__device__ __forceinline__ unsigned get_map(const ulonglong2* p, float2& m) {
+    unsigned long long w0, w1;
+    asm volatile("ld.relaxed.gpu.global.v2.b64 {%0, %1}, [%2];" : "=l"(w0), "=l"(w1) : "l"(p) : "memory");
+    m = make_float2(__uint_as_float((unsigned)w0), __uint_as_float((unsigned)w1));
+    return (unsigned)((w0 & w1) >> 32);
+}
+
+// Hand the maps of `count` nodes to use(map), in order: next() names each node's slot. Nodes are
+// waited for four at a time, polled together.
+template <class Next, class Use>
+__device__ __forceinline__ void for_nodes(const ulonglong2* nodes, long long stride, int count, Next next,
+                                          Use use) {
+    for (int i0 = 0; i0 < count; i0 += 4) {
+        const int cnt = min(4, count - i0);
+        unsigned sl[4];
+        float2 m[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sl[i] = i < cnt ? next() : 0;
+        unsigned pending = (1u << cnt) - 1;
+        while (pending) {
+            const unsigned want = pending;  // the loads depend on this snapshot only: all in flight at once
+            unsigned got = 0;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                if ((want >> i) & 1) got |= get_map(nodes + (long long)sl[i] * stride, m[i]) << i;
+            pending = want & ~got;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (i < cnt) use(m[i]);
+    }
+}
+
+// Chunk mode, for one feature: publish tile k's nodes and return the state entering the tile.
+// (A, b) is the tile's map for this feature, h the state entering the sequence, and `nodes` points
+// at this column and feature: node slot s is nodes[s * stride].
+__device__ float chunk_carry_in(float A, float b, float h, unsigned k, unsigned n, int lg,
+                                long long stride, ulonglong2* nodes) {
+    const unsigned R = 1u << lg;
+    put_map(nodes + (long long)node_slot(n, lg, 0, k) * stride, A, b);
+    // a node of level j >= 1 ends at tile k when R^j divides k + 1: its R - 1 level-(j-1)
+    // children before ours, then ours (A, b)
+    for (int j = 1; lg * j < 32 && (k + 1) % (1u << (lg * j)) == 0; ++j) {
+        unsigned child = node_slot(n, lg, j - 1, ((k + 1) >> (lg * (j - 1))) - R);
+        float cA = 1.f, cb = 0.f;
+        for_nodes(nodes, stride, R - 1, [&] { return child++; }, [&](float2 m) {
+            cb = fmaf(m.x, cb, m.y);
+            cA *= m.x;
+        });
+        b = fmaf(A, cb, b);
+        A *= cA;
+        put_map(nodes + (long long)node_slot(n, lg, j, ((k + 1) >> (lg * j)) - 1) * stride, A, b);
+    }
+    // h through the nodes that cover [0, k), longest first: k's digits in base R, high to low
+    int count = 0;
+    for (unsigned x = k; x; x >>= lg) count += x & (R - 1);
+    unsigned s = 0;
+    for_nodes(nodes, stride, count, [&] {
+        const int j = (31 - __clz(k - s)) / lg;
+        const unsigned slot = node_slot(n, lg, j, s >> (lg * j));
+        s += 1u << (lg * j);
+        return slot;
+    }, [&](float2 m) { h = fmaf(m.x, h, m.y); });
+    return h;
+}
+
+extern __shared__ __align__(16) unsigned char dyn_smem[];
+
+// Forward (BWD = false): a = x, out = y; y, dr, dh0 unused.
+// Backward (BWD = true): a = dy, y = the forward's output, out = dx; writes dr and dh0.
+// nodes: chunk-mode scratch, zeroed, 16 bytes per (tree node, column, feature); lg: the tree's log2 radix.
+#define SCAN_PARAMS(S)                                                                          \
+    const S *__restrict__ a, const S *__restrict__ r, const S *__restrict__ y,                  \
+        const S *__restrict__ h0, S *__restrict__ out, S *__restrict__ dr, S *__restrict__ dh0, \
+        ulonglong2 *nodes, long long T, long long C, int CT, int n_ct, int ncol, int n_chunks,  \
+        int lg, int flip
+#define SCAN_ARGS a, r, y, h0, out, dr, dh0, nodes, T, C, CT, n_ct, ncol, n_chunks, lg, flip
+
+template <typename S, int V, int L, bool BWD>
+__device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
+    typedef typename RawOf<sizeof(S) * V>::T Raw;
+    // per thread and feature, [ty][v][cx]: the thread's map (sA, sB), then the state entering it (sA)
+    __shared__ float sA[NT * V], sB[NT * V];
+    Raw* const tile_in = (Raw*)dyn_smem;  // (BWD ? 3 : 2) * L * NT vectors, filled by cp.async
+
+    const int tid = threadIdx.x;
+    const int TT = NT / CT, cx = tid % CT, ty = tid / CT, CW = CT * V;
+    const long long Tc = (long long)TT * L;
+
+    // Chunk mode numbers tiles time-major, so that every tile a block waits on has a lower block
+    // index: blocks start in index order, so those are running or done.
+    const unsigned k = n_chunks > 1 ? blockIdx.x / ncol : 0;  // tile index along time
+    const int col = blockIdx.x - (int)k * ncol;
+    const long long bi = col / n_ct;                          // sequence
+    const long long c0 = (long long)(col - bi * n_ct) * CW;  // first feature of the tile
+    const long long cv = c0 + (long long)cx * V;  // this thread's first feature; V divides C
+    const bool v_ok = cv < C;
+    const long long seq = bi * T * C;
+    // Per-feature steps run on thread f < CW for feature c0 + (f % CT) * V + f / CT, so that
+    // consecutive threads touch consecutive shared-memory words.
+    const bool f_ok = tid < CW && c0 + (long long)(tid % CT) * V < C;
+
+    float carry = 0.f;  // per-feature thread: the state entering the next tile
+    if (!BWD && h0 != nullptr && f_ok) carry = to_f32(h0[bi * C + c0 + (tid % CT) * V + tid / CT]);
+
+    const long long n_tiles = n_chunks > 1 ? 1 : (T + Tc - 1) / Tc;
+    for (long long tile = 0; tile < n_tiles; ++tile) {
+        const long long p0 = (n_chunks > 1 ? (long long)k : tile) * Tc + (long long)ty * L;
+        const long long n_here = T - p0;        // positions p0 + l exist for l < n_here
+        const long long step = flip ? -C : C;  // one scan position on, in elements
+        const long long at0 = seq + (flip ? T - 1 - p0 : p0) * C + cv;
+        // this thread's rows of a, r (and y) go to its own slots of `tile_in`: [array][l][tid]
+        Raw* ra = tile_in + tid;
+        Raw* rm = ra + L * NT;
+        Raw* ry = rm + L * NT;
+#pragma unroll
+        for (int l = 0; l < L; ++l) {
+            if (v_ok && l < n_here) {
+                const long long at = at0 + l * step;
+                copy_async<sizeof(Raw)>(ra + l * NT, a + at);
+                if (!BWD) {
+                    copy_async<sizeof(Raw)>(rm + l * NT, r + at);
+                } else {  // multiplier from position p - 1, previous output from position p + 1
+                    if (p0 + l > 0) copy_async<sizeof(Raw)>(rm + l * NT, r + at - step);
+                    else rm[l * NT] = raw_zero<Raw>();
+                    if (l + 1 < n_here) copy_async<sizeof(Raw)>(ry + l * NT, y + at + step);
+                    else if (h0 != nullptr) copy_async<sizeof(Raw)>(ry + l * NT, h0 + bi * C + cv);
+                    else ry[l * NT] = raw_zero<Raw>();
+                }
+            }
+        }
+        copy_async_wait();  // each thread reads back only what it copied
+
+        // this thread's map over its L positions
+        {
+            float A[V], B[V];
+#pragma unroll
+            for (int v = 0; v < V; ++v) A[v] = 1.f, B[v] = 0.f;
+#pragma unroll
+            for (int l = 0; l < L; ++l) {
+                if (v_ok && l < n_here) {
+                    Pack<S, V> pa, pm;
+                    pa.raw = ra[l * NT];
+                    pm.raw = rm[l * NT];
+#pragma unroll
+                    for (int v = 0; v < V; ++v) {
+                        const float m = to_f32(pm.e[v]);
+                        B[v] = fmaf(m, B[v], to_f32(pa.e[v]));
+                        A[v] *= m;
+                    }
+                }
+            }
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+                sA[(ty * V + v) * CT + cx] = A[v];
+                sB[(ty * V + v) * CT + cx] = B[v];
+            }
+        }
+        __syncthreads();
+
+        // per feature: the tile's map, the state entering the tile, then the state entering each thread
+        float tA = 1.f, tB = 0.f;
+        if (f_ok) {
+            for (int i = tid; i < NT * V; i += CW) {  // i = (ty * V + v) * CT + cx over ty
+                tB = fmaf(sA[i], tB, sB[i]);
+                tA *= sA[i];
+            }
+        }
+        float h = carry;
+        if (n_chunks > 1 && f_ok)
+            h = chunk_carry_in(tA, tB, h, k, n_chunks, lg, (long long)ncol * CW, nodes + (long long)col * CW + tid);
+        if (f_ok) {
+            for (int i = tid; i < NT * V; i += CW) {
+                const float m = sA[i];
+                sA[i] = h;
+                h = fmaf(m, h, sB[i]);
+            }
+        }
+        carry = h;
+        __syncthreads();
+
+        // replay this thread's positions from its entering state and write the outputs
+        float g[V];
+#pragma unroll
+        for (int v = 0; v < V; ++v) g[v] = sA[(ty * V + v) * CT + cx];
+#pragma unroll
+        for (int l = 0; l < L; ++l) {
+            if (v_ok && l < n_here) {
+                const long long at = at0 + l * step;
+                Pack<S, V> pa, pm, po;
+                pa.raw = ra[l * NT];
+                pm.raw = rm[l * NT];
+#pragma unroll
+                for (int v = 0; v < V; ++v) {
+                    g[v] = fmaf(to_f32(pm.e[v]), g[v], to_f32(pa.e[v]));
+                    po.e[v] = from_f32<S>(g[v]);
+                }
+                *(Raw*)(out + at) = po.raw;
+                if (BWD) {
+                    Pack<S, V> py, pd;
+                    py.raw = ry[l * NT];
+#pragma unroll
+                    for (int v = 0; v < V; ++v) pd.e[v] = from_f32<S>(g[v] * to_f32(py.e[v]));
+                    *(Raw*)(dr + at) = pd.raw;
+                    if (l + 1 == n_here) {  // dh0 = r[first row] * g[first row]
+                        Pack<S, V> pr, pz;
+                        pr.raw = *(const Raw*)(r + at);
+#pragma unroll
+                        for (int v = 0; v < V; ++v) pz.e[v] = from_f32<S>(to_f32(pr.e[v]) * g[v]);
+                        *(Raw*)(dh0 + bi * C + cv) = pz.raw;
+                    }
+                }
+            }
+        }
+        __syncthreads();  // the next tile reuses the shared buffers
+    }
+}
+
+// Entry points are made on demand: sqrllm/cuda.py appends one SQRLL_SCAN line per variant it
+// launches (storage type, V, L, direction, blocks per multiprocessor the launch bounds promise),
+// so that each variant compiles alone and lands in CuPy's on-disk cache.
+#define SQRLL_SCAN(NAME, S, V, L, BWD, MIN_BLOCKS)                                          \
+    extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) NAME(SCAN_PARAMS(S)) { \
+        scan_tiles<S, V, L, BWD>(SCAN_ARGS);                                            \
+    }
+
+// The textbook design, kept as the benchmark's baseline: one thread per (sequence, feature),
+// a serial loop over time.
+template <typename S>
+__device__ __forceinline__ void fwd_baseline(const S* x, const S* r, const S* h0, S* y, long long B,
+                                   long long T, long long C, int reverse) {
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;  // b * C + c
+    if (i >= B * C) return;
+    const long long base = (i / C) * T * C + i % C;
+    float h = h0 != nullptr ? to_f32(h0[i]) : 0.f;
+    for (long long s = 0; s < T; ++s) {
+        const long long at = base + (reverse ? T - 1 - s : s) * C;
+        h = fmaf(to_f32(r[at]), h, to_f32(x[at]));
+        y[at] = from_f32<S>(h);
+    }
+}
+
+template <typename S>
+__device__ __forceinline__ void bwd_baseline(const S* dy, const S* r, const S* y, const S* h0, S* dx, S* dr,
+                                   S* dh0, long long B, long long T, long long C, int reverse) {
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= B * C) return;
+    const long long base = (i / C) * T * C + i % C;
+    const long long step = reverse ? -C : C;  // one row later in the forward's direction
+    float g = 0.f;
+    for (long long s = 0; s < T; ++s) {
+        const long long at = base + (reverse ? s : T - 1 - s) * C;
+        const float m = s > 0 ? to_f32(r[at + step]) : 0.f;
+        g = fmaf(m, g, to_f32(dy[at]));
+        const float y_prev = s + 1 < T ? to_f32(y[at - step]) : h0 != nullptr ? to_f32(h0[i]) : 0.f;
+        dx[at] = from_f32<S>(g);
+        dr[at] = from_f32<S>(g * y_prev);
+        if (s + 1 == T) dh0[i] = from_f32<S>(to_f32(r[at]) * g);
+    }
+}
+
+#define SQRLL_BASELINE(S)                                                                        \
+    extern "C" __global__ void sqrll_fwd_baseline_##S(const S* x, const S* r, const S* h0, S* y,  \
+                                                      long long B, long long T, long long C,    \
+                                                      int reverse) {                            \
+        fwd_baseline<S>(x, r, h0, y, B, T, C, reverse);                                         \
+    }                                                                                           \
+    extern "C" __global__ void sqrll_bwd_baseline_##S(const S* dy, const S* r, const S* y,       \
+                                                      const S* h0, S* dx, S* dr, S* dh0,         \
+                                                      long long B, long long T, long long C,    \
+                                                      int reverse) {                            \
+        bwd_baseline<S>(dy, r, y, h0, dx, dr, dh0, B, T, C, reverse);                           \
+    }

@@ -1,0 +1,212 @@
+"""Times the sqrll CUDA scan against a one-thread-per-feature baseline and accelerated-scan.
+
+    python scripts/bench_kernel.py [--dtypes bf16 fp32] [--shapes 16,2048,1024 ...] [--out table.md]
+
+Per shape (B, T, C) and dtype: forward ms; forward+backward ms (the backward through
+torch.autograd.grad); effective GB/s, counting 3 elements moved forward (x, r in, y out) and 8
+forward+backward (dy, r, y in, dx, dr out as well); that as a % of the device-to-device copy
+bandwidth measured in the same run (bytes read + written); and `call us`, the wall time per call of
+forward+backward in a loop, which shows host overhead where launches cannot keep the GPU busy.
+GPU times are medians of CUDA-graph replays, so host overhead is left out; each graph runs the call
+on enough copies of the inputs to overflow L2, so inputs never sit in cache.
+
+Rows: `sqrllm` (the kernel, through `sqrllm.scan`); `baseline` (one thread per feature, serial over
+T, wrapped in an autograd.Function); `accel-triton` / `accel-cuda` (accelerated-scan's
+`scalar` and `warp` modules on their own (B, C, T) layout, through autograd) when that package is
+importable; the CUDA one needs a power-of-two T, is compiled at import (slow) and only runs with
+--accel-cuda.
+"""
+
+import argparse
+import time
+
+import torch
+from triton.testing import do_bench
+
+from sqrllm import cuda
+from sqrllm.scan import scan
+
+SHAPES = [(16, 2048, 1024), (8, 2048, 4096), (256, 128, 1024), (1, 32768, 1024), (1, 131072, 256), (64, 256, 384)]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def copy_bandwidth():
+    """Device-to-device copy, bytes read + written per second."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() / ms / 1e6  # GB/s
+
+
+def gpu_ms(make, args, nbytes):
+    """Median GPU ms of one call of make(*args)(), replayed from a CUDA graph over rotated input copies."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    copies = [args] + [tuple(t.clone() for t in args) for _ in range(min(7, -(-3 * l2 // nbytes) - 1))]
+    fns = [make(*c) for c in copies]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(fns))
+    return sorted(times)[len(times) // 2]
+
+
+def call_us(fn, ms):
+    n = max(3, min(200, int(200 / ms)))  # about 0.2 s of calls
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+class Baseline(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, r):
+        y = cuda.scan_fwd_baseline(x, r)
+        ctx.save_for_backward(r, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        r, y = ctx.saved_tensors
+        dx, dr, _ = cuda.scan_bwd_baseline(dy.contiguous(), r, y)
+        return dx, dr
+
+
+def autograd_pair(op):
+    """make(x, r, dy) -> (forward, forward_backward) for op(x, r) with its own backward."""
+
+    def make(x, r, dy):
+        xg, rg = x.detach().requires_grad_(), r.detach().requires_grad_()
+
+        def fwd():
+            with torch.no_grad():
+                op(x, r)
+
+        def fwd_bwd():
+            torch.autograd.grad(op(xg, rg), (xg, rg), dy)
+
+        return fwd, fwd_bwd
+
+    return make
+
+
+def implementations(accel_cuda):
+    """name -> make(x, r, dy) -> (forward, forward_backward); x, r, dy are (B, T, C)."""
+    impls = {"sqrllm": autograd_pair(scan), "baseline": autograd_pair(Baseline.apply)}
+    modules = {"accel-triton": "accelerated_scan.scalar"}
+    if accel_cuda:
+        modules["accel-cuda"] = "accelerated_scan.warp"
+    for name, module in modules.items():
+        try:
+            accel_scan = __import__(module, fromlist=["scan"]).scan
+        except Exception as e:  # not installed, or its extension failed to build
+            print(f"# {name} ({module}) unavailable: {type(e).__name__}: {e}")
+            continue
+
+        def accel(x, r, dy, accel_scan=accel_scan):
+            # its own layout: (B, C, T), gates first; the transposes happen once, untimed
+            gates, tokens, g = (t.transpose(1, 2).contiguous() for t in (r, x, dy))
+            return autograd_pair(lambda a, b: accel_scan(b, a))(tokens, gates, g)
+
+        impls[name] = accel
+    return impls
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    ap.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in SHAPES], help="B,T,C")
+    ap.add_argument("--impls", nargs="+", default=None, help="only these rows, e.g. sqrllm baseline")
+    ap.add_argument("--accel-cuda", action="store_true", help="also accelerated-scan's CUDA variant")
+    ap.add_argument("--tiles", help="sqrllm forward and backward tiles as L,blocks,L,blocks (default: sqrllm.cuda's)")
+    ap.add_argument("--loop-waves", type=float, help="sqrllm.cuda.LOOP_WAVES (default: sqrllm.cuda's)")
+    ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
+    ap.add_argument("--out", help="also write the table to this markdown file, row by row")
+    ap.add_argument("--append", action="store_true", help="add rows to --out without a new header")
+    args = ap.parse_args()
+    if args.tiles:
+        f_l, f_b, b_l, b_b = map(int, args.tiles.split(","))
+        cuda.FWD_TILE, cuda.BWD_TILE = (f_l, f_b), (b_l, b_b)
+    if args.loop_waves is not None:
+        cuda.LOOP_WAVES = args.loop_waves
+    if args.tree_log2 is not None:
+        cuda.TREE_LOG2 = args.tree_log2
+
+    device = torch.cuda.get_device_name()
+    copy = copy_bandwidth()
+    tiny = torch.randn(1, 16, 64, device="cuda", requires_grad=True)
+    floor = call_us(lambda: torch.autograd.grad((tiny * tiny).sum(), tiny), 0.001)
+    lines = [
+        f"Device: {device}; device-to-device copy: {copy:.0f} GB/s (read + write). "
+        f"sqrllm tiles: forward (L, blocks/SM) = {cuda.FWD_TILE}, backward = {cuda.BWD_TILE}; "
+        f"loop mode from {cuda.LOOP_WAVES} waves of columns; tree radix {2 ** cuda.TREE_LOG2}. "
+        f"Host floor here: {floor:.0f} us for the autograd forward+backward of a tiny x * x.",
+        "",
+        "| shape (B, T, C) | dtype | impl | fwd ms | fwd GB/s | fwd % copy | fwd+bwd ms | fwd+bwd GB/s "
+        "| fwd+bwd % copy | call us |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    out = open(args.out, "a" if args.append else "w") if args.out else None
+
+    def emit(text):
+        print(text, flush=True)
+        if out:
+            out.write(text + "\n")
+            out.flush()
+
+    if args.append:  # rows only: the header is in the file already
+        print("\n".join(lines), flush=True)
+    else:
+        emit("\n".join(lines))
+    impls = implementations(args.accel_cuda)
+    for shape in args.shapes:
+        B, T, C = map(int, shape.split(","))
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            x = torch.randn(B, T, C, device="cuda").to(dtype)
+            r = torch.rand(B, T, C, device="cuda").mul_(0.3).add_(0.7).to(dtype)
+            dy = torch.randn(B, T, C, device="cuda").to(dtype)
+            nbytes = B * T * C * x.element_size()
+            for name, make in impls.items():
+                if args.impls and name not in args.impls:
+                    continue
+                if name == "accel-cuda" and T & (T - 1):
+                    continue  # power-of-two T only
+                try:
+                    ms_f = gpu_ms(lambda *a: make(*a)[0], (x, r, dy), 3 * nbytes)
+                    ms_fb = gpu_ms(lambda *a: make(*a)[1], (x, r, dy), 8 * nbytes)
+                except RuntimeError as e:  # a call that cannot be captured: time it eagerly instead
+                    print(f"# {name}: no CUDA graph ({e}); eager do_bench instead")
+                    fwd, fwd_bwd = make(x, r, dy)
+                    ms_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
+                    ms_fb = do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")
+                fwd_bwd = make(x, r, dy)[1]
+                gbs_f, gbs_fb = 3 * nbytes / ms_f / 1e6, 8 * nbytes / ms_fb / 1e6
+                line = (
+                    f"| ({B}, {T}, {C}) | {dname} | {name} | {ms_f:.3f} | {gbs_f:.0f} | {100 * gbs_f / copy:.1f} "
+                    f"| {ms_fb:.3f} | {gbs_fb:.0f} | {100 * gbs_fb / copy:.1f} | {call_us(fwd_bwd, ms_fb):.0f} |"
+                )
+                emit(line)
+            del x, r, dy
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

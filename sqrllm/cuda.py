@@ -1,0 +1,206 @@
+"""The sqrll scan on CUDA: `kernels/sqrll.cu`, compiled on first use by NVRTC through CuPy and
+launched on PyTorch's current stream, reading and writing the tensors' own memory.
+
+`scan_fwd` and `scan_bwd` are what `sqrllm.scan.scan` hands CUDA tensors to. They trust their
+arguments (contiguous (B, T, C), one dtype among float32, float16, bfloat16, one device), which
+`scan` has validated. How the kernel splits the work is described at the top of the .cu file.
+`scan_fwd_baseline` / `scan_bwd_baseline` run the one-thread-per-feature design, for the benchmark.
+"""
+
+import contextlib
+import functools
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from sqrllm.kernels import SOURCE_DIR
+
+NT = 256  # threads per block, as in the .cu
+STORAGE = {torch.float32: "float", torch.float16: "f16_t", torch.bfloat16: "bf16_t"}
+# (positions per thread L, blocks per multiprocessor): a tile's inputs sit in shared memory,
+# 2 (forward) or 3 (backward) * L * NT * 16 bytes, sized to fill an H100's or H200's 227 KB twice
+FWD_TILE = (12, 2)
+BWD_TILE = (8, 2)
+# one block walks all of T (no carry-in scratch) once the columns alone fill the GPU this many times
+LOOP_WAVES = 2
+# chunk mode: log2 of the radix of the tree of tile maps (wider: fewer hops to wait, more nodes to read)
+TREE_LOG2 = 3
+
+
+def ensure_available():
+    """Raise ImportError unless CuPy imports and sees a CUDA device."""
+    try:
+        import cupy
+    except ImportError as e:
+        raise ImportError(f"CuPy is not installed ({e})") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CuPy built for another CUDA, no driver, ...
+        raise ImportError(f"CuPy cannot use the GPU ({type(e).__name__}: {e})") from None
+    if count == 0:
+        raise ImportError("CuPy sees no CUDA device")
+
+
+class Plan(NamedTuple):
+    CT: int  # threads across features; NT // CT across time
+    n_ct: int  # feature tiles per sequence
+    ncol: int  # (sequence, feature tile) columns
+    n_chunks: int  # blocks along time: 1 = one block walks all of T
+    grid: int
+    slots: int  # chunk mode: nodes of the tree per column
+
+
+def plan(B, T, C, V, L, resident, loop_waves=None, tree_log2=None):
+    """How to cut a (B, T, C) scan moving V features per thread; `resident` blocks fit on the GPU."""
+    loop_waves = LOOP_WAVES if loop_waves is None else loop_waves
+    lg = TREE_LOG2 if tree_log2 is None else tree_log2
+    nvec = C // V
+    CT = min(32, 1 << (nvec - 1).bit_length())
+    while CT > 8 and (-nvec % CT) * 8 > nvec:  # don't leave most of a last feature tile idle
+        CT //= 2
+    n_ct = -(-nvec // CT)
+    ncol = B * n_ct
+    n_tiles = -(-T // (NT // CT * L))
+    if n_tiles == 1 or ncol >= loop_waves * resident:
+        return Plan(CT, n_ct, ncol, 1, ncol, 0)
+    if ncol * n_tiles >= 2**31:
+        raise ValueError(f"scan: (B, T, C) = {(B, T, C)} needs more than 2^31 blocks")
+    slots = sum(n_tiles >> (lg * j) for j in range(32 // lg))  # level j holds floor(n / R^j) nodes
+    return Plan(CT, n_ct, ncol, n_tiles, ncol * n_tiles, slots)
+
+
+def vector_width(C, element_size, ptrs):
+    """Features per thread: 16 bytes' worth where C and every pointer's alignment allow."""
+    V = 16 // element_size
+    while V > 1 and (C % V or any(p % (V * element_size) for p in ptrs)):
+        V //= 2
+    return V
+
+
+@functools.cache
+def _source():
+    return (SOURCE_DIR / "sqrll.cu").read_text()
+
+
+@functools.cache
+def _function(name, entry, device, dyn_smem):
+    """The compiled kernel `name` (a cupy.RawKernel) for `device`, which must be CuPy's current one."""
+    import cupy
+
+    # CuPy adds -arch=sm_XY of the current device, so the binary is native code for it
+    kernel = cupy.RawModule(code=_source() + entry, options=("-std=c++17",)).get_function(name)
+    if dyn_smem:  # allow past 48 KB in all, and favour shared memory over L1 (cp.async skips L1)
+        kernel.max_dynamic_shared_size_bytes = dyn_smem
+        kernel.preferred_shared_memory_carveout = 100
+    return kernel
+
+
+def _scan_kernel(dtype, V, L, bwd, min_blocks, device):
+    S = STORAGE[dtype]
+    name = f"sqrll_{'bwd' if bwd else 'fwd'}_{S}_v{V}_l{L}_b{min_blocks}"
+    entry = f"\nSQRLL_SCAN({name}, {S}, {V}, {L}, {'true' if bwd else 'false'}, {min_blocks})\n"
+    dyn_smem = (3 if bwd else 2) * L * NT * V * torch.finfo(dtype).bits // 8
+    return _function(name, entry, device, dyn_smem), dyn_smem
+
+
+@functools.cache
+def _resident(device, min_blocks):
+    return torch.cuda.get_device_properties(device).multi_processor_count * min_blocks
+
+
+_streams = {}
+
+
+def _stream(device):
+    """PyTorch's current stream on `device`, as a CuPy stream object."""
+    import cupy
+
+    ptr = torch.cuda.current_stream(device).cuda_stream
+    s = _streams.get(ptr)
+    if s is None:
+        s = _streams[ptr] = cupy.cuda.ExternalStream(ptr)
+    return s
+
+
+def _ptr(t):
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _on(device):
+    """Make `device` CuPy's current device for a launch, if it is not already."""
+    import cupy
+
+    return contextlib.nullcontext() if cupy.cuda.runtime.getDevice() == device else cupy.cuda.Device(device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _recipe(bwd, dtype, B, T, C, V, device, tile, loop_waves, tree_log2):
+    """What a launch needs besides the pointers: kernel, grid, shared memory, scratch bytes, last args."""
+    L, min_blocks = tile
+    fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, min_blocks, device)
+    p = plan(B, T, C, V, L, _resident(device, min_blocks), loop_waves, tree_log2)
+    scratch_bytes = p.slots * p.ncol * p.CT * V * 16 if p.n_chunks > 1 else 0  # a tagged map per node and feature
+    tail = tuple(np.int64(v) for v in (T, C)) + tuple(np.int32(v) for v in (p.CT, p.n_ct, p.ncol, p.n_chunks, tree_log2))
+    return fn, (p.grid,), dyn_smem, scratch_bytes, tail
+
+
+def _launch(bwd, a, r, y, h0, out, dr, dh0, flip):
+    B, T, C = a.shape
+    if a.numel() == 0:
+        return
+    device = a.device.index
+    tensors = (a, r, y, h0, out, dr, dh0)
+    V = vector_width(C, a.element_size(), [t.data_ptr() for t in tensors if t is not None])
+    with _on(device):
+        fn, grid, dyn_smem, scratch_bytes, tail = _recipe(
+            bwd, a.dtype, B, T, C, V, device, BWD_TILE if bwd else FWD_TILE, LOOP_WAVES, TREE_LOG2
+        )
+        nodes = torch.zeros(scratch_bytes, dtype=torch.uint8, device=a.device) if scratch_bytes else None
+        args = (*map(_ptr, tensors), _ptr(nodes), *tail, np.int32(flip))
+        fn(grid, (NT,), args, shared_mem=dyn_smem, stream=_stream(device))
+
+
+def scan_fwd(x, r, h0=None, reverse=False, out=None):
+    """y = scan(x, r, h0, reverse) for contiguous CUDA (B, T, C) tensors; written into `out` if given."""
+    y = torch.empty_like(x) if out is None else out
+    _launch(False, x, r, None, h0, y, None, None, bool(reverse))
+    return y
+
+
+def scan_bwd(dy, r, y, h0=None, reverse=False, out=None):
+    """(dx, dr, dh0) of the scan that gave y; dh0 is (B, C) even without h0. `out`: the three buffers."""
+    B, T, C = dy.shape
+    dx, dr, dh0 = (torch.empty_like(dy), torch.empty_like(dy), dy.new_empty(B, C)) if out is None else out
+    _launch(True, dy, r, y, h0, dx, dr, dh0, not reverse)
+    return dx, dr, dh0
+
+
+def _baseline(direction, dtype, device):
+    S = STORAGE[dtype]
+    return _function(f"sqrll_{direction}_baseline_{S}", f"\nSQRLL_BASELINE({S})\n", device, 0)
+
+
+def scan_fwd_baseline(x, r, h0=None, reverse=False):
+    """The forward with one thread per (sequence, feature) walking T."""
+    B, T, C = x.shape
+    y = torch.empty_like(x)
+    device = x.device.index
+    with _on(device):
+        args = (_ptr(x), _ptr(r), _ptr(h0), _ptr(y), np.int64(B), np.int64(T), np.int64(C), np.int32(reverse))
+        _baseline("fwd", x.dtype, device)((-(-B * C // NT),), (NT,), args, stream=_stream(device))
+    return y
+
+
+def scan_bwd_baseline(dy, r, y, h0=None, reverse=False):
+    """The backward with one thread per (sequence, feature) walking T; returns (dx, dr, dh0)."""
+    B, T, C = dy.shape
+    dx, dr, dh0 = torch.empty_like(dy), torch.empty_like(dy), dy.new_empty(B, C)
+    device = dy.device.index
+    with _on(device):
+        args = (
+            _ptr(dy), _ptr(r), _ptr(y), _ptr(h0), _ptr(dx), _ptr(dr), _ptr(dh0),
+            np.int64(B), np.int64(T), np.int64(C), np.int32(reverse),
+        )  # fmt: skip
+        _baseline("bwd", dy.dtype, device)((-(-B * C // NT),), (NT,), args, stream=_stream(device))
+    return dx, dr, dh0

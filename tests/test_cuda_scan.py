@@ -1,0 +1,196 @@
+"""The CUDA kernel held to the float64 reference. Needs a CUDA device and CuPy; skipped otherwise."""
+
+import pytest
+import torch
+
+from sqrllm import cuda
+from sqrllm.scan import scan, scan_ref
+
+
+def _unavailable():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        cuda.ensure_available()
+    except ImportError as e:
+        return f"CuPy unavailable: {e}"
+    return None
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_unavailable() is not None, reason=str(_unavailable()))]
+
+# max |kernel - ref| / (max |ref| + 1), per storage dtype; arithmetic is float32 throughout
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+LENGTHS = [1, 2, 63, 64, 1000, 4097]
+SHAPES = [(1, 1), (2, 5), (3, 72), (1, 1024), (2, 4096)]  # (B, C)
+
+
+def inputs(B, T, C, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(B, T, C, generator=g, device="cuda", dtype=torch.float64)
+    r = torch.rand(B, T, C, generator=g, device="cuda", dtype=torch.float64) * 0.3 + 0.7  # long memory
+    h0 = torch.randn(B, C, generator=g, device="cuda", dtype=torch.float64)
+    dy = torch.randn(B, T, C, generator=g, device="cuda", dtype=torch.float64)
+    return tuple(t.to(dtype) for t in (x, r, h0, dy))
+
+
+def reference(x, r, h0, dy, reverse=False):
+    """y, dx, dr, dh0 in float64 from the (rounded) inputs."""
+    leaves = [t.double().requires_grad_() for t in (x, r, h0)]
+    y = scan_ref(*leaves, reverse=reverse)
+    return (y.detach(), *torch.autograd.grad(y, leaves, dy.double()))
+
+
+def rel_err(a, ref):
+    return ((a.double() - ref).abs().max() / (ref.abs().max() + 1)).item()
+
+
+def kernel_nan_filled(x, r, h0, dy, reverse=False):
+    """y, dx, dr, dh0 from the raw entries, every output buffer filled with NaN first."""
+    B, T, C = x.shape
+    y = cuda.scan_fwd(x, r, h0, reverse, out=torch.full_like(x, float("nan")))
+    outs = (torch.full_like(x, float("nan")), torch.full_like(x, float("nan")), x.new_full((B, C), float("nan")))
+    return (y, *cuda.scan_bwd(dy, r, y, h0, reverse, out=outs))
+
+
+def assert_matches_reference(got, ref, dtype):
+    for name, a, b in zip(("y", "dx", "dr", "dh0"), got, ref):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), f"{name}: element left unwritten (NaN)"
+        assert rel_err(a, b) < TOL[dtype], f"{name}: error {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("B, C", SHAPES)
+def test_forward_and_gradients_match_reference(dtype, T, B, C):
+    x, r, h0, dy = inputs(B, T, C, dtype, seed=T + C)
+    assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("T", [1, 63, 4097])
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_reverse_and_no_initial_state_match_reference(dtype, T, with_h0):
+    x, r, h0, dy = inputs(2, T, 40, dtype, seed=T)
+    h0 = h0 if with_h0 else torch.zeros_like(h0)
+    got = kernel_nan_filled(x, r, h0 if with_h0 else None, dy, reverse=True)
+    assert_matches_reference(got, reference(x, r, h0, dy, reverse=True), dtype)
+
+
+@pytest.mark.parametrize("time_split", ["chunks", "loop"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_ways_of_splitting_time_match_reference(monkeypatch, time_split, reverse, dtype):
+    # chunk mode (blocks along time, carry-in through the range tree) or loop mode (one block walks T)
+    monkeypatch.setattr(cuda, "LOOP_WAVES", 10**9 if time_split == "chunks" else 0)
+    x, r, h0, dy = inputs(3, 1000, 72, dtype, seed=1)
+    assert_matches_reference(kernel_nan_filled(x, r, h0, dy, reverse), reference(x, r, h0, dy, reverse), dtype)
+
+
+@pytest.mark.parametrize("tree_log2", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_tree_radix_matches_reference(monkeypatch, tree_log2, dtype):
+    # (1, 5000, 32): tens of tiles along time, so nodes of several levels carry the state
+    monkeypatch.setattr(cuda, "TREE_LOG2", tree_log2)
+    x, r, h0, dy = inputs(1, 5000, 32, dtype, seed=2)
+    assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_misaligned_tensors_take_the_narrow_path(dtype):
+    # views one element into their storage cannot use 16-byte vectors
+    x, r, h0, dy = inputs(2, 100, 64, dtype, seed=3)
+
+    def shifted(t):
+        return torch.empty(t.numel() + 1, dtype=dtype, device="cuda")[1:].view(t.shape).copy_(t)
+
+    assert cuda.vector_width(64, x.element_size(), [shifted(x).data_ptr()]) == 1
+    got = kernel_nan_filled(*(shifted(t) for t in (x, r, h0, dy)))
+    assert_matches_reference(got, reference(x, r, h0, dy), dtype)
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_op_runs_the_kernel_forward_and_backward(dtype, reverse):
+    x, r, h0, dy = inputs(2, 300, 24, dtype, seed=4)
+    leaves = [t.clone().requires_grad_() for t in (x, r, h0)]
+    y = scan(*leaves, reverse=reverse)
+    got = (y, *torch.autograd.grad(y, leaves, dy))
+    for a, b in zip(got, kernel_nan_filled(x, r, h0, dy, reverse)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunks_with_carried_state_equal_one_call(dtype, reverse):
+    x, r, h0, _ = inputs(2, 3000, 48, dtype, seed=5)
+    whole = scan(x, r, h0, reverse=reverse)
+    spans = list(zip([0, 1, 700, 701, 2048], [1, 700, 701, 2048, 3000]))
+    pieces, h = [], h0
+    for lo, hi in reversed(spans) if reverse else spans:
+        y = scan(x[:, lo:hi], r[:, lo:hi], h, reverse=reverse)
+        h = y[:, 0] if reverse else y[:, -1]  # the carried state, rounded to the storage dtype
+        pieces.append(y)
+    chunked = torch.cat(pieces[::-1] if reverse else pieces, dim=1)
+    assert rel_err(chunked, whole.double()) < TOL[dtype]
+
+
+def test_non_contiguous_inputs():
+    x, r, h0, _ = inputs(4, 129, 40, torch.float32, seed=6)
+    xt, rt = (t.transpose(0, 2).contiguous().transpose(0, 2) for t in (x, r))
+    assert not xt.is_contiguous()
+    assert torch.equal(scan(xt, rt, h0), scan(x, r, h0))
+    assert torch.equal(scan(x[:, ::2], r[:, ::2]), scan(x[:, ::2].contiguous(), r[:, ::2].contiguous()))
+    assert torch.equal(scan(x, r, h0[:, None, :].expand(4, 3, 40)[:, 1]), scan(x, r, h0))
+
+
+def test_runs_on_the_current_stream():
+    x, r, h0, dy = inputs(2, 5000, 256, torch.bfloat16, seed=7)
+    expected = kernel_nan_filled(x, r, h0, dy)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # a busy side stream: inputs copied on it only exist once the spin ends, so a kernel
+        # launched on any other stream would read them too early
+        torch.cuda._sleep(50_000_000)
+        xs, rs, hs, dys = (t.clone() for t in (x, r, h0, dy))
+        got = kernel_nan_filled(xs, rs, hs, dys)
+    torch.cuda.synchronize()
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_five_runs_are_bitwise_identical(dtype):
+    # (1, 8192, 256): hundreds of blocks along time, whose carry-ins meet in the range tree
+    x, r, h0, dy = inputs(1, 8192, 256, dtype, seed=8)
+    first = kernel_nan_filled(x, r, h0, dy)
+    for _ in range(4):
+        for a, b in zip(kernel_nan_filled(x, r, h0, dy), first):
+            assert torch.equal(a, b)
+
+
+def test_compiled_matches_eager():
+    x, r, h0, dy = inputs(2, 257, 64, torch.float32, seed=9)
+
+    def f(x, r, h0):
+        return scan(torch.tanh(x), torch.sigmoid(r), h0, reverse=False) * 2 + scan(x, torch.sigmoid(r), reverse=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)  # fullgraph: a graph break at the scan is an error
+    results = []
+    for fn in (f, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x, r, h0)]
+        y = fn(*leaves)
+        results.append((y, *torch.autograd.grad(y, leaves, dy)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_binary_is_native_code_for_the_device():
+    x, r, *_ = inputs(1, 10, 8, torch.float32)
+    cuda.scan_fwd(x, r)
+    major, minor = torch.cuda.get_device_capability()
+    kernel, _ = cuda._scan_kernel(torch.float32, 4, cuda.FWD_TILE[0], False, cuda.FWD_TILE[1], x.device.index)
+    assert kernel.binary_version == 10 * major + minor

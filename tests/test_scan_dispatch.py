@@ -1,0 +1,121 @@
+"""The scan op's host side, on the CPU: dispatch, argument checks, the CuPy fallback, launch planning."""
+
+import importlib.util
+import warnings
+
+import pytest
+import torch
+
+import sqrllm.scan
+from sqrllm import cuda
+from sqrllm.scan import scan
+
+
+def test_cpu_tensors_never_reach_the_cuda_backend(monkeypatch):
+    def fail():
+        raise AssertionError("the CUDA backend was asked for with CPU tensors")
+
+    monkeypatch.setattr(cuda, "ensure_available", fail)
+    monkeypatch.setattr(sqrllm.scan, "_cuda_backend", None)
+    x = torch.randn(2, 9, 3, requires_grad=True)
+    r = torch.rand(2, 9, 3, requires_grad=True)
+    y = scan(x, r)
+    y.sum().backward()
+    assert x.grad is not None and r.grad is not None
+
+
+@pytest.mark.parametrize(
+    "x, r, h0, error, match",
+    [
+        (torch.zeros(4, 5), torch.zeros(4, 5), None, ValueError, r"x must be \(B, T, C\)"),
+        (torch.zeros(2, 5, 3), torch.zeros(2, 5, 4), None, ValueError, "r must have the shape of x"),
+        (torch.zeros(2, 0, 3), torch.zeros(2, 0, 3), None, ValueError, "T must be at least 1"),
+        (torch.zeros(2, 5, 3), torch.zeros(2, 5, 3), torch.zeros(3, 2), ValueError, r"h0 must be \(B, C\)"),
+        (torch.zeros(2, 5, 3, dtype=torch.int32), torch.zeros(2, 5, 3, dtype=torch.int32), None, TypeError,
+         "supported: float32, float16, bfloat16, float64"),
+        (torch.zeros(2, 5, 3), torch.zeros(2, 5, 3, dtype=torch.float16), None, TypeError, "cast both to one dtype"),
+        (torch.zeros(2, 5, 3), torch.zeros(2, 5, 3, device="meta"), None, ValueError, "move both to one device"),
+        (torch.zeros(2, 5, 3), torch.zeros(2, 5, 3), torch.zeros(2, 3, device="meta"), ValueError, "h0 is on meta"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_are_refused_with_what_is_supported(x, r, h0, error, match):
+    with pytest.raises(error, match=match):
+        scan(x, r, h0)
+
+
+def test_missing_cupy_warns_once_naming_the_extra_and_falls_back(monkeypatch):
+    def missing():
+        raise ImportError("CuPy is not installed")
+
+    monkeypatch.setattr(cuda, "ensure_available", missing)
+    monkeypatch.setattr(sqrllm.scan, "_cuda_backend", None)
+    with pytest.warns(UserWarning, match=r'pip install -e "\.\[cuda12\]"'):
+        assert sqrllm.scan._cuda() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sqrllm.scan._cuda() is None  # decided once, no second warning
+
+
+def test_available_cupy_is_used(monkeypatch):
+    monkeypatch.setattr(cuda, "ensure_available", lambda: None)
+    monkeypatch.setattr(sqrllm.scan, "_cuda_backend", None)
+    assert sqrllm.scan._cuda() is cuda
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
+def test_ensure_available_says_cupy_is_missing():
+    with pytest.raises(ImportError, match="CuPy is not installed"):
+        cuda.ensure_available()
+
+
+def test_kernel_source_ships_with_the_package():
+    source = cuda._source()
+    assert "SQRLL_SCAN(" in source and "SQRLL_BASELINE(" in source
+
+
+@pytest.mark.parametrize("C, ptr_offset, V", [(1024, 0, 8), (1024, 2, 1), (1024, 8, 4), (5, 0, 1), (6, 0, 2), (12, 0, 4)])
+def test_vector_width_follows_features_and_alignment(C, ptr_offset, V):
+    assert cuda.vector_width(C, 2, [4096, 4096 + ptr_offset]) == V
+
+
+@pytest.mark.parametrize("B, T, C, V", [(16, 2048, 1024, 8), (1, 131072, 256, 8), (1, 32768, 1024, 4), (64, 256, 384, 8),
+                                        (3, 4097, 1, 1), (2, 63, 5, 1), (256, 128, 1024, 4)])  # fmt: skip
+def test_plan_covers_every_feature_and_fills_the_gpu(B, T, C, V):
+    resident = 132 * 4
+    p = cuda.plan(B, T, C, V, L=4, resident=resident)
+    assert (p.n_ct - 1) * p.CT * V < C <= p.n_ct * p.CT * V
+    assert p.ncol == B * p.n_ct
+    Tc = cuda.NT // p.CT * 4
+    if p.n_chunks == 1:  # one block walks each column
+        assert p.grid == p.ncol and (T <= Tc or p.ncol >= cuda.LOOP_WAVES * resident)
+    else:  # one block per tile
+        assert p.n_chunks == -(-T // Tc) and p.grid == p.ncol * p.n_chunks
+    if B * T * C >= 2**24:  # a benchmark-sized scan gets blocks for every multiprocessor, whatever its shape
+        assert p.grid >= 132
+
+
+@pytest.mark.parametrize("lg", [1, 2, 3])
+def test_tree_nodes_fit_the_scratch_and_cover_each_prefix(lg):
+    # the kernel's node indexing (kernels/sqrll.cu: node_slot, chunk_carry_in), run on integers
+    R = 1 << lg
+    for n in [2, 3, 7, 8, 9, 63, 64, 65, 1000]:
+        slots = cuda.plan(1, n * 64, 256, 8, L=8, resident=10**6, tree_log2=lg).slots
+
+        def slot(j, i):
+            return sum(n >> (lg * level) for level in range(j)) + i
+
+        written = {}
+        for k in range(n):
+            written[slot(0, k)] = (k, k + 1)
+            j = 1
+            while (k + 1) % R**j == 0:
+                written[slot(j, (k + 1) // R**j - 1)] = (k + 1 - R**j, k + 1)
+                j += 1
+        assert len(written) == slots and max(written) == slots - 1  # every slot used once, none past the end
+        for k in range(n):
+            s = 0
+            while s < k:  # the carry-in's nodes, longest first, tile s onwards
+                j = (k - s).bit_length() - 1
+                j = j // lg
+                assert written[slot(j, s // R**j)] == (s, s + R**j)
+                s += R**j
