@@ -23,6 +23,9 @@
 #include <string>
 #include <unordered_map>
 #include <vector>
+#if defined(__wasm_simd128__)
+#include <wasm_simd128.h>
+#endif
 
 #include "sqrllm.h"
 #include "sqrllm_sentencepiece.h"
@@ -76,18 +79,36 @@ static inline float bf16(uint16_t h) {
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
-// y = W x + b. The hot loop: 8 partial sums per row in a fixed order, which compilers turn into
-// SIMD without reassociating anything.
+// w . x over n elements: the hot loop. Eight partial sums, lane l taking elements l, l + 8, ...,
+// added up in a fixed order; no reassociation, so every build gets the same bits.
+static inline float dot(const uint16_t* w, const float* x, int n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+#if defined(__wasm_simd128__)
+    // The same eight lanes as two f32x4 (this clang does not find that form by itself).
+    v128_t lo = wasm_f32x4_splat(0.0f), hi = lo;
+    for (; i + 8 <= n; i += 8) {
+        const v128_t w8 = wasm_v128_load(w + i);  // 8 bfloat16 -> float32: the bits, shifted up
+        lo = wasm_f32x4_add(lo, wasm_f32x4_mul(wasm_i32x4_shl(wasm_u32x4_extend_low_u16x8(w8), 16),
+                                               wasm_v128_load(x + i)));
+        hi = wasm_f32x4_add(hi, wasm_f32x4_mul(wasm_i32x4_shl(wasm_u32x4_extend_high_u16x8(w8), 16),
+                                               wasm_v128_load(x + i + 4)));
+    }
+    wasm_v128_store(acc, lo);
+    wasm_v128_store(acc + 4, hi);
+#else
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] += bf16(w[i + l]) * x[i + l];
+#endif
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) s += bf16(w[i]) * x[i];
+    return s;
+}
+
+// y = W x + b
 static void linear(float* y, const Linear& L, const float* x) {
-    const int n = L.n_in;
     for (int o = 0; o < L.n_out; o++) {
-        const uint16_t* w = L.w + (size_t)o * n;
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int i = 0;
-        for (; i + 8 <= n; i += 8)
-            for (int l = 0; l < 8; l++) acc[l] += bf16(w[i + l]) * x[i + l];
-        float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        for (; i < n; i++) s += bf16(w[i]) * x[i];
+        const float s = dot(L.w + (size_t)o * L.n_in, x, L.n_in);
         y[o] = L.b ? s + bf16(L.b[o]) : s;
     }
 }
@@ -216,9 +237,10 @@ struct Runtime {
                 const int n = B.out.n_in;  // n_mem
                 const float *f = z.data(), *in = f + n, *ig = in + n, *og = ig + n;
                 float* y = state.data() + mem_offset[b];
-                for (int c = 0; c < n; c++) {
-                    y[c] = sigmoid(f[c]) * y[c] + in[c] * sigmoid(ig[c]);
-                    g[c] = (y[c] / (1.0f + std::fabs(y[c]))) * sigmoid(og[c]);
+                for (int c = 0; c < n; c++) {  // the scan's y[t] = r[t] * y[t-1] + x[t], one step
+                    const float r = sigmoid(f[c]);
+                    y[c] = r * y[c] + in[c] * sigmoid(ig[c]);
+                    g[c] = (y[c] / (1.0f + std::fabs(y[c]))) * sigmoid(og[c]);  // softsign(y) * sigmoid(og)
                 }
             } else {
                 const int n = B.out.n_in;  // n_ffn
