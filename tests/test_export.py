@@ -229,6 +229,28 @@ def test_wasm_under_node_prints_the_same_text(wasm_build, sample_py_text):
     assert run.stdout == sample_py_text
 
 
+WASM_LOGITS_JS = """
+const fs = require("fs"), path = require("path"), [dir, ids] = process.argv.slice(1);
+require(path.join(dir, "web", "sqrllm.js"))({noInitialRun: true,
+    wasmBinary: fs.readFileSync(path.join(dir, "web", "sqrllm.wasm"))}).then((M) => {
+  let p = 0;
+  for (const t of JSON.parse(ids)) p = M._sq_feed(t);
+  console.log(JSON.stringify(Array.from(M.HEAPF32.subarray(p >> 2, (p >> 2) + M._sq_vocab_size()))));
+});
+"""
+
+
+def test_wasm_logits_are_bit_identical_to_native(wasm_build, lib):
+    """Same float32 operations in the same order (SIMD lanes included): the same bits."""
+    ids = list(PROMPT.encode() + b" the quick brown fox")
+    run = subprocess.run(["node", "-e", WASM_LOGITS_JS, str(wasm_build), json.dumps(ids)], capture_output=True,
+                         text=True, check=True)
+    lib.sq_reset()
+    for t in ids:
+        native = lib.sq_feed(t)
+    assert np.array_equal(np.array(json.loads(run.stdout), dtype=np.float32), np.array(native[:256], dtype=np.float32))
+
+
 @pytest.fixture
 def page_server(wasm_build):
     handler = functools.partial(_QuietHandler, directory=str(wasm_build / "web"))
