@@ -5,16 +5,17 @@
 // Storage is float, half or bfloat16 (`float`, `f16_t`, `bf16_t`); arithmetic is float32.
 // Compiled at run time by NVRTC through CuPy (sqrllm/cuda.py); needs no CUDA header.
 //
-// Work split. A block of NT threads owns a tile: Tc = TT * L consecutive scan positions by
+// Work split. A block of NT threads owns a tile: Tc = TT * lr consecutive scan positions by
 // CW = CT * V features of one sequence. Its threads form a CT x TT grid: CT across features, each
 // thread moving V features with one vector copy per row (16 bytes where C allows), and TT across
-// time, each thread owning L consecutive positions. Inputs are copied straight into shared memory
-// (cp.async), so all of a tile's loads are in flight at once without holding registers.
+// time, each thread owning lr <= L consecutive positions. Inputs are copied straight into shared
+// memory (cp.async), so all of a tile's loads are in flight at once without holding registers.
 // A span of positions acts on the state as an affine map h -> A * h + b (A the product of r, b the
 // scan started from 0); maps compose associatively, which is what lets time be split:
 // - within a tile, one thread per feature folds the threads' maps through shared memory;
 // - loop mode (n_chunks == 1): one block walks all of T tile by tile, carrying the state in a
-//   register. Used when the (sequence, feature tile) columns alone fill the GPU.
+//   register, with two half-size tile buffers so that the next tile's copies are in flight while
+//   this one is worked on. Used when the (sequence, feature tile) columns alone fill the GPU.
 // - chunk mode (n_chunks > 1): one block per tile, so long sequences with few features still fill
 //   the GPU. Tiles publish maps in global memory as the nodes of a tree of radix R over time: tile k
 //   writes its own map, and the map of every node that ends at it (built from the R children
@@ -84,7 +85,10 @@ template <int BYTES> __device__ __forceinline__ void copy_async(void* dst, const
             asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(d), "l"(src), "n"(BYTES) : "memory");
     }
 }
-__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int PENDING> __device__ __forceinline__ void copy_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+}
 
 // The tree over a column's n tiles has radix R = 2^lg: node i of level j covers tiles
 // [i R^j, (i + 1) R^j). Levels are stored one after another, level j holding floor(n / R^j) nodes.
@@ -178,8 +182,8 @@ extern __shared__ __align__(16) unsigned char dyn_smem[];
     const S *__restrict__ a, const S *__restrict__ r, const S *__restrict__ y,                  \
         const S *__restrict__ h0, S *__restrict__ out, S *__restrict__ dr, S *__restrict__ dh0, \
         ulonglong2 *nodes, long long T, long long C, int CT, int n_ct, int ncol, int n_chunks,  \
-        int lg, int flip
-#define SCAN_ARGS a, r, y, h0, out, dr, dh0, nodes, T, C, CT, n_ct, ncol, n_chunks, lg, flip
+        int lr, int pipe, int lg, int flip
+#define SCAN_ARGS a, r, y, h0, out, dr, dh0, nodes, T, C, CT, n_ct, ncol, n_chunks, lr, pipe, lg, flip
 
 template <typename S, int V, int L, bool BWD>
 __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
@@ -190,7 +194,6 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 
     const int tid = threadIdx.x;
     const int TT = NT / CT, cx = tid % CT, ty = tid / CT, CW = CT * V;
-    const long long Tc = (long long)TT * L;
 
     // Chunk mode numbers tiles time-major, so that every tile a block waits on has a lower block
     // index: blocks start in index order, so those are running or done.
@@ -208,19 +211,26 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
     float carry = 0.f;  // per-feature thread: the state entering the next tile
     if (!BWD && h0 != nullptr && f_ok) carry = to_f32(h0[bi * C + c0 + (tid % CT) * V + tid / CT]);
 
+    // Each thread owns lr <= L positions of a tile. In loop mode with pipe set, lr = L / 2 and two
+    // buffers alternate: the next tile's copies are in flight while this one is worked on.
+    const long long Tc = (long long)TT * lr;
     const long long n_tiles = n_chunks > 1 ? 1 : (T + Tc - 1) / Tc;
-    for (long long tile = 0; tile < n_tiles; ++tile) {
-        const long long p0 = (n_chunks > 1 ? (long long)k : tile) * Tc + (long long)ty * L;
-        const long long n_here = T - p0;        // positions p0 + l exist for l < n_here
-        const long long step = flip ? -C : C;  // one scan position on, in elements
+    const long long step = flip ? -C : C;  // one scan position on, in elements
+    constexpr int ARRAYS = BWD ? 3 : 2;
+    auto first_position = [&](long long tile) {  // this thread's first position in the tile
+        return (n_chunks > 1 ? (long long)k : tile) * Tc + (long long)ty * lr;
+    };
+    auto buffer = [&](int b) { return tile_in + (long long)b * ARRAYS * lr * NT + tid; };  // [array][l][tid]
+    auto issue = [&](long long tile, int b) {  // copy this thread's rows of a, r (and y) into buffer b
+        const long long p0 = first_position(tile);
+        const long long rows = min((long long)lr, T - p0);
         const long long at0 = seq + (flip ? T - 1 - p0 : p0) * C + cv;
-        // this thread's rows of a, r (and y) go to its own slots of `tile_in`: [array][l][tid]
-        Raw* ra = tile_in + tid;
-        Raw* rm = ra + L * NT;
-        Raw* ry = rm + L * NT;
+        Raw* ra = buffer(b);
+        Raw* rm = ra + lr * NT;
+        Raw* ry = rm + lr * NT;
 #pragma unroll
         for (int l = 0; l < L; ++l) {
-            if (v_ok && l < n_here) {
+            if (v_ok && l < rows) {
                 const long long at = at0 + l * step;
                 copy_async<sizeof(Raw)>(ra + l * NT, a + at);
                 if (!BWD) {
@@ -228,22 +238,39 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
                 } else {  // multiplier from position p - 1, previous output from position p + 1
                     if (p0 + l > 0) copy_async<sizeof(Raw)>(rm + l * NT, r + at - step);
                     else rm[l * NT] = raw_zero<Raw>();
-                    if (l + 1 < n_here) copy_async<sizeof(Raw)>(ry + l * NT, y + at + step);
+                    if (p0 + l + 1 < T) copy_async<sizeof(Raw)>(ry + l * NT, y + at + step);
                     else if (h0 != nullptr) copy_async<sizeof(Raw)>(ry + l * NT, h0 + bi * C + cv);
                     else ry[l * NT] = raw_zero<Raw>();
                 }
             }
         }
-        copy_async_wait();  // each thread reads back only what it copied
+        copy_async_commit();
+    };
 
-        // this thread's map over its L positions
+    issue(0, 0);
+    for (long long tile = 0; tile < n_tiles; ++tile) {
+        const int b = pipe ? (int)(tile & 1) : 0;
+        if (pipe && tile + 1 < n_tiles) {
+            issue(tile + 1, b ^ 1);
+            copy_async_wait<1>();  // all but the copies just issued; each thread reads back only its own
+        } else {
+            copy_async_wait<0>();
+        }
+        const long long p0 = first_position(tile);
+        const long long rows = min((long long)lr, T - p0);  // positions p0 + l exist for l < rows
+        const long long at0 = seq + (flip ? T - 1 - p0 : p0) * C + cv;
+        const Raw* ra = buffer(b);
+        const Raw* rm = ra + lr * NT;
+        const Raw* ry = rm + lr * NT;
+
+        // this thread's map over its positions
         {
             float A[V], B[V];
 #pragma unroll
             for (int v = 0; v < V; ++v) A[v] = 1.f, B[v] = 0.f;
 #pragma unroll
             for (int l = 0; l < L; ++l) {
-                if (v_ok && l < n_here) {
+                if (v_ok && l < rows) {
                     Pack<S, V> pa, pm;
                     pa.raw = ra[l * NT];
                     pm.raw = rm[l * NT];
@@ -290,7 +317,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         for (int v = 0; v < V; ++v) g[v] = sA[(ty * V + v) * CT + cx];
 #pragma unroll
         for (int l = 0; l < L; ++l) {
-            if (v_ok && l < n_here) {
+            if (v_ok && l < rows) {
                 const long long at = at0 + l * step;
                 Pack<S, V> pa, pm, po;
                 pa.raw = ra[l * NT];
@@ -307,7 +334,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 #pragma unroll
                     for (int v = 0; v < V; ++v) pd.e[v] = from_f32<S>(g[v] * to_f32(py.e[v]));
                     *(Raw*)(dr + at) = pd.raw;
-                    if (l + 1 == n_here) {  // dh0 = r[first row] * g[first row]
+                    if (p0 + l + 1 == T) {  // dh0 = r[first row] * g[first row]
                         Pack<S, V> pr, pz;
                         pr.raw = *(const Raw*)(r + at);
 #pragma unroll
@@ -318,6 +345,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
             }
         }
         __syncthreads();  // the next tile reuses the shared buffers
+        if (!pipe && tile + 1 < n_tiles) issue(tile + 1, 0);
     }
 }
 

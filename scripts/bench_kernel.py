@@ -136,7 +136,7 @@ def main():
     ap.add_argument("--impls", nargs="+", default=None, help="only these rows, e.g. sqrllm baseline")
     ap.add_argument("--accel-cuda", action="store_true", help="also accelerated-scan's CUDA variant")
     ap.add_argument("--tiles", help="sqrllm forward and backward tiles as L,blocks,L,blocks (default: sqrllm.cuda's)")
-    ap.add_argument("--loop-waves", type=float, help="sqrllm.cuda.LOOP_WAVES (default: sqrllm.cuda's)")
+    ap.add_argument("--loop-min-fill", type=float, help="sqrllm.cuda.LOOP_MIN_FILL (default: sqrllm.cuda's)")
     ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
     ap.add_argument("--out", help="also write the table to this markdown file, row by row")
     ap.add_argument("--append", action="store_true", help="add rows to --out without a new header")
@@ -144,8 +144,8 @@ def main():
     if args.tiles:
         f_l, f_b, b_l, b_b = map(int, args.tiles.split(","))
         cuda.FWD_TILE, cuda.BWD_TILE = (f_l, f_b), (b_l, b_b)
-    if args.loop_waves is not None:
-        cuda.LOOP_WAVES = args.loop_waves
+    if args.loop_min_fill is not None:
+        cuda.LOOP_MIN_FILL = args.loop_min_fill
     if args.tree_log2 is not None:
         cuda.TREE_LOG2 = args.tree_log2
 
@@ -156,7 +156,7 @@ def main():
     lines = [
         f"Device: {device}; device-to-device copy: {copy:.0f} GB/s (read + write). "
         f"sqrllm tiles: forward (L, blocks/SM) = {cuda.FWD_TILE}, backward = {cuda.BWD_TILE}; "
-        f"loop mode from {cuda.LOOP_WAVES} waves of columns; tree radix {2 ** cuda.TREE_LOG2}. "
+        f"loop mode from a fill of {cuda.LOOP_MIN_FILL}; tree radix {2 ** cuda.TREE_LOG2}. "
         f"Host floor here: {floor:.0f} us for the autograd forward+backward of a tiny x * x.",
         "",
         "| shape (B, T, C) | dtype | impl | fwd ms | fwd GB/s | fwd % copy | fwd+bwd ms | fwd+bwd GB/s "

@@ -22,8 +22,9 @@ STORAGE = {torch.float32: "float", torch.float16: "f16_t", torch.bfloat16: "bf16
 # 2 (forward) or 3 (backward) * L * NT * 16 bytes, sized to fill an H100's or H200's 227 KB twice
 FWD_TILE = (12, 2)
 BWD_TILE = (8, 2)
-# one block walks all of T (no carry-in scratch) once the columns alone fill the GPU this many times
-LOOP_WAVES = 2
+# loop mode (one block walks all of T, the next tile's copies in flight) once the (sequence, feature
+# tile) columns fill the GPU's block slots, wave after wave, at least this well; else chunk mode
+LOOP_MIN_FILL = 0.8
 # chunk mode: log2 of the radix of the tree of tile maps (wider: fewer hops to wait, more nodes to read)
 TREE_LOG2 = 3
 
@@ -49,25 +50,32 @@ class Plan(NamedTuple):
     n_chunks: int  # blocks along time: 1 = one block walks all of T
     grid: int
     slots: int  # chunk mode: nodes of the tree per column
+    rows: int  # positions per thread and tile
+    pipe: int  # loop mode: two half-size buffers, the next tile loading while this one is worked on
 
 
-def plan(B, T, C, V, L, resident, loop_waves=None, tree_log2=None):
+def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None):
     """How to cut a (B, T, C) scan moving V features per thread; `resident` blocks fit on the GPU."""
-    loop_waves = LOOP_WAVES if loop_waves is None else loop_waves
+    min_fill = LOOP_MIN_FILL if min_fill is None else min_fill
     lg = TREE_LOG2 if tree_log2 is None else tree_log2
     nvec = C // V
     CT = min(32, 1 << (nvec - 1).bit_length())
     while CT > 8 and (-nvec % CT) * 8 > nvec:  # don't leave most of a last feature tile idle
         CT //= 2
+    for ct in [CT] + [c for c in (16, 8) if c < CT]:  # narrower feature tiles: more columns
+        n_ct = -(-nvec // ct)
+        ncol = B * n_ct
+        if T <= NT // ct * L:
+            return Plan(ct, n_ct, ncol, 1, ncol, 0, L, 0)
+        if ncol / (-(-ncol // resident) * resident) >= min_fill:
+            return Plan(ct, n_ct, ncol, 1, ncol, 0, L // 2, 1)
     n_ct = -(-nvec // CT)
     ncol = B * n_ct
     n_tiles = -(-T // (NT // CT * L))
-    if n_tiles == 1 or ncol >= loop_waves * resident:
-        return Plan(CT, n_ct, ncol, 1, ncol, 0)
     if ncol * n_tiles >= 2**31:
         raise ValueError(f"scan: (B, T, C) = {(B, T, C)} needs more than 2^31 blocks")
     slots = sum(n_tiles >> (lg * j) for j in range(32 // lg))  # level j holds floor(n / R^j) nodes
-    return Plan(CT, n_ct, ncol, n_tiles, ncol * n_tiles, slots)
+    return Plan(CT, n_ct, ncol, n_tiles, ncol * n_tiles, slots, L, 0)
 
 
 def vector_width(C, element_size, ptrs):
@@ -135,13 +143,14 @@ def _on(device):
 
 
 @functools.lru_cache(maxsize=1024)
-def _recipe(bwd, dtype, B, T, C, V, device, tile, loop_waves, tree_log2):
+def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2):
     """What a launch needs besides the pointers: kernel, grid, shared memory, scratch bytes, last args."""
     L, min_blocks = tile
     fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, min_blocks, device)
-    p = plan(B, T, C, V, L, _resident(device, min_blocks), loop_waves, tree_log2)
+    p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2)
     scratch_bytes = p.slots * p.ncol * p.CT * V * 16 if p.n_chunks > 1 else 0  # a tagged map per node and feature
-    tail = tuple(np.int64(v) for v in (T, C)) + tuple(np.int32(v) for v in (p.CT, p.n_ct, p.ncol, p.n_chunks, tree_log2))
+    ints = (p.CT, p.n_ct, p.ncol, p.n_chunks, p.rows, p.pipe, tree_log2)
+    tail = (np.int64(T), np.int64(C), *map(np.int32, ints))
     return fn, (p.grid,), dyn_smem, scratch_bytes, tail
 
 
@@ -154,7 +163,7 @@ def _launch(bwd, a, r, y, h0, out, dr, dh0, flip):
     V = vector_width(C, a.element_size(), [t.data_ptr() for t in tensors if t is not None])
     with _on(device):
         fn, grid, dyn_smem, scratch_bytes, tail = _recipe(
-            bwd, a.dtype, B, T, C, V, device, BWD_TILE if bwd else FWD_TILE, LOOP_WAVES, TREE_LOG2
+            bwd, a.dtype, B, T, C, V, device, BWD_TILE if bwd else FWD_TILE, LOOP_MIN_FILL, TREE_LOG2
         )
         nodes = torch.zeros(scratch_bytes, dtype=torch.uint8, device=a.device) if scratch_bytes else None
         args = (*map(_ptr, tensors), _ptr(nodes), *tail, np.int32(flip))

@@ -83,7 +83,7 @@ def test_reverse_and_no_initial_state_match_reference(dtype, T, with_h0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_both_ways_of_splitting_time_match_reference(monkeypatch, time_split, reverse, dtype):
     # chunk mode (blocks along time, carry-in through the range tree) or loop mode (one block walks T)
-    monkeypatch.setattr(cuda, "LOOP_WAVES", 10**9 if time_split == "chunks" else 0)
+    monkeypatch.setattr(cuda, "LOOP_MIN_FILL", 2 if time_split == "chunks" else 0)
     x, r, h0, dy = inputs(3, 1000, 72, dtype, seed=1)
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy, reverse), reference(x, r, h0, dy, reverse), dtype)
 

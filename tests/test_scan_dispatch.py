@@ -1,14 +1,16 @@
 """The scan op's host side, on the CPU: dispatch, argument checks, the CuPy fallback, launch planning."""
 
+import importlib
 import importlib.util
 import warnings
 
 import pytest
 import torch
 
-import sqrllm.scan
 from sqrllm import cuda
 from sqrllm.scan import scan
+
+scan_module = importlib.import_module("sqrllm.scan")  # the package's `scan` attribute is the function
 
 
 def test_cpu_tensors_never_reach_the_cuda_backend(monkeypatch):
@@ -16,7 +18,7 @@ def test_cpu_tensors_never_reach_the_cuda_backend(monkeypatch):
         raise AssertionError("the CUDA backend was asked for with CPU tensors")
 
     monkeypatch.setattr(cuda, "ensure_available", fail)
-    monkeypatch.setattr(sqrllm.scan, "_cuda_backend", None)
+    monkeypatch.setattr(scan_module, "_cuda_backend", None)
     x = torch.randn(2, 9, 3, requires_grad=True)
     r = torch.rand(2, 9, 3, requires_grad=True)
     y = scan(x, r)
@@ -48,18 +50,18 @@ def test_missing_cupy_warns_once_naming_the_extra_and_falls_back(monkeypatch):
         raise ImportError("CuPy is not installed")
 
     monkeypatch.setattr(cuda, "ensure_available", missing)
-    monkeypatch.setattr(sqrllm.scan, "_cuda_backend", None)
+    monkeypatch.setattr(scan_module, "_cuda_backend", None)
     with pytest.warns(UserWarning, match=r'pip install -e "\.\[cuda12\]"'):
-        assert sqrllm.scan._cuda() is None
+        assert scan_module._cuda() is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert sqrllm.scan._cuda() is None  # decided once, no second warning
+        assert scan_module._cuda() is None  # decided once, no second warning
 
 
 def test_available_cupy_is_used(monkeypatch):
     monkeypatch.setattr(cuda, "ensure_available", lambda: None)
-    monkeypatch.setattr(sqrllm.scan, "_cuda_backend", None)
-    assert sqrllm.scan._cuda() is cuda
+    monkeypatch.setattr(scan_module, "_cuda_backend", None)
+    assert scan_module._cuda() is cuda
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed here")
@@ -73,7 +75,9 @@ def test_kernel_source_ships_with_the_package():
     assert "SQRLL_SCAN(" in source and "SQRLL_BASELINE(" in source
 
 
-@pytest.mark.parametrize("C, ptr_offset, V", [(1024, 0, 8), (1024, 2, 1), (1024, 8, 4), (5, 0, 1), (6, 0, 2), (12, 0, 4)])
+@pytest.mark.parametrize(
+    "C, ptr_offset, V", [(1024, 0, 8), (1024, 2, 1), (1024, 8, 4), (5, 0, 1), (6, 0, 2), (12, 0, 4)]
+)
 def test_vector_width_follows_features_and_alignment(C, ptr_offset, V):
     assert cuda.vector_width(C, 2, [4096, 4096 + ptr_offset]) == V
 
@@ -81,15 +85,16 @@ def test_vector_width_follows_features_and_alignment(C, ptr_offset, V):
 @pytest.mark.parametrize("B, T, C, V", [(16, 2048, 1024, 8), (1, 131072, 256, 8), (1, 32768, 1024, 4), (64, 256, 384, 8),
                                         (3, 4097, 1, 1), (2, 63, 5, 1), (256, 128, 1024, 4)])  # fmt: skip
 def test_plan_covers_every_feature_and_fills_the_gpu(B, T, C, V):
-    resident = 132 * 4
-    p = cuda.plan(B, T, C, V, L=4, resident=resident)
+    resident = 132 * 2
+    p = cuda.plan(B, T, C, V, L=8, resident=resident)
     assert (p.n_ct - 1) * p.CT * V < C <= p.n_ct * p.CT * V
     assert p.ncol == B * p.n_ct
-    Tc = cuda.NT // p.CT * 4
-    if p.n_chunks == 1:  # one block walks each column
-        assert p.grid == p.ncol and (T <= Tc or p.ncol >= cuda.LOOP_WAVES * resident)
+    Tc = cuda.NT // p.CT * p.rows
+    if p.n_chunks == 1:  # one block walks each column, pipelined when there is more than one tile
+        assert p.grid == p.ncol and p.pipe == (T > Tc * 2) and p.rows == (4 if p.pipe else 8)
+        assert T <= Tc or p.ncol / (-(-p.ncol // resident) * resident) >= cuda.LOOP_MIN_FILL
     else:  # one block per tile
-        assert p.n_chunks == -(-T // Tc) and p.grid == p.ncol * p.n_chunks
+        assert p.n_chunks == -(-T // Tc) and p.grid == p.ncol * p.n_chunks and not p.pipe
     if B * T * C >= 2**24:  # a benchmark-sized scan gets blocks for every multiprocessor, whatever its shape
         assert p.grid >= 132
 
@@ -98,8 +103,9 @@ def test_plan_covers_every_feature_and_fills_the_gpu(B, T, C, V):
 def test_tree_nodes_fit_the_scratch_and_cover_each_prefix(lg):
     # the kernel's node indexing (kernels/sqrll.cu: node_slot, chunk_carry_in), run on integers
     R = 1 << lg
-    for n in [2, 3, 7, 8, 9, 63, 64, 65, 1000]:
-        slots = cuda.plan(1, n * 64, 256, 8, L=8, resident=10**6, tree_log2=lg).slots
+    for T in [5 * 64, 9 * 64, 63 * 64, 64 * 64, 65 * 64, 512 * 64 + 1, 1000 * 64]:  # 5 .. 1000 tiles
+        p = cuda.plan(1, T, 256, 8, L=8, resident=10**6, min_fill=2, tree_log2=lg)
+        n, slots = p.n_chunks, p.slots
 
         def slot(j, i):
             return sum(n >> (lg * level) for level in range(j)) + i
