@@ -38,7 +38,9 @@ class Config:
     batching: str = "stream"  # "stream": rows read consecutive windows, memory carried; "random": nanoGPT windows
     reset_every: int = 0  # with stream batching, zero the carried memory every N steps; 0 = never
     # --- model ---
-    n_layer: int = 4  # sqrll layers
+    model: str = "sqrll"  # "sqrll" (SqrLLM) or "gpt" (the Transformer baseline of sqrllm/gpt.py)
+    n_layer: int = 4  # sqrll layers (attention layers for model="gpt"), each followed by MLPs per mlp_every
+    n_head: int = 6  # attention heads, for model="gpt"
     n_embd: int = 256  # model width
     n_mem: int = 0  # memory width of each sqrll layer; 0 = n_embd
     n_ffn: int = 0  # hidden width of the gated MLP; 0 = 2 * n_embd
@@ -67,7 +69,8 @@ class Config:
     # --- system ---
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"  # "auto" (bfloat16 on capable CUDA, float32 elsewhere), "float32", "bfloat16", "float16"
-    compile: bool = False  # torch.compile the model
+    compile: bool = True  # torch.compile each block of the model on CUDA (CPU runs stay eager)
+    peak_flops: float = 0.0  # peak FLOP/s of one device for MFU; 0 = from the device's name (sqrllm/flops.py)
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
     seed: int = 1337  # seeds torch, numpy and python RNGs
 
@@ -82,6 +85,7 @@ class Config:
     def validate(self):
         choices = {
             "init_from": ("scratch", "resume"),
+            "model": ("sqrll", "gpt"),
             "batching": ("stream", "random"),
             "init": ("scaled", "normal"),
             "forget_init": ("spread", "zero"),
@@ -97,6 +101,8 @@ class Config:
         for key in ("n_mem", "n_ffn", "mlp_every", "max_iters", "reset_every", "eval_interval", "warmup_iters"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.model == "gpt" and (self.n_head < 1 or self.n_embd % self.n_head):
+            raise ConfigError(f"model='gpt' needs n_embd ({self.n_embd}) to be a multiple of n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
