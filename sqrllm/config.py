@@ -32,11 +32,15 @@ class Config:
     eval_batch_size: int = 64  # windows (or streams) per evaluation forward
     always_save_checkpoint: bool = True  # save at every eval, not only when val improves
     progress: bool = True  # tqdm progress bar
+    wandb_log: bool = False  # also log to Weights & Biases: config, metrics, tokens/s, eval samples (pip install wandb)
+    wandb_project: str = "sqrllm"  # wandb project
+    wandb_run_name: str = ""  # wandb run name; "" = wandb picks one
     # --- data ---
     dataset: str = "builtin"  # folder under data_dir holding train.bin, val.bin, meta.json
     data_dir: str = "data"  # where datasets live, relative to the working directory
     batching: str = "stream"  # "stream": rows read consecutive windows, memory carried; "random": nanoGPT windows
     reset_every: int = 0  # with stream batching, zero the carried memory every N steps; 0 = never
+    reset_at_eot: bool = False  # zero the memory at each end-of-text token (datasets of documents, e.g. data/hf)
     # --- model ---
     model: str = "sqrll"  # "sqrll" (SqrLLM) or "gpt" (the Transformer baseline of sqrllm/gpt.py)
     n_layer: int = 4  # sqrll layers (attention layers for model="gpt"), each followed by MLPs per mlp_every
