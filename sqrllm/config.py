@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 class Config:
     # --- I/O ---
     out_dir: str = "out/run"  # folder for config.json, metrics.jsonl and checkpoints
-    init_from: str = "scratch"  # "scratch" or "resume" (continue from out_dir/ckpt.pt)
+    init_from: str = "scratch"  # "scratch" or "resume" (continue from out_dir's newest intact checkpoint)
     log_interval: int = 10  # steps between console/metrics log lines
     eval_interval: int = 250  # steps between evaluations (and checkpoints); 0 = only at the end
     eval_only: bool = False  # evaluate the checkpoint (with init_from="resume") and exit
@@ -31,6 +31,7 @@ class Config:
     eval_max_tokens: int = 0  # cap on val tokens per evaluation; 0 = the whole split
     eval_batch_size: int = 64  # windows (or streams) per evaluation forward
     always_save_checkpoint: bool = True  # save at every eval, not only when val improves
+    keep_checkpoints: int = 3  # newest checkpoints kept in out_dir as ckpt-<step>.pt (latest.json lists them)
     progress: bool = True  # tqdm progress bar
     wandb_log: bool = False  # also log to Weights & Biases: config, metrics, tokens/s, eval samples (pip install wandb)
     wandb_project: str = "sqrllm"  # wandb project
@@ -70,6 +71,8 @@ class Config:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.99  # AdamW second-moment decay
     grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
+    max_bad_steps: int = 10  # stop after this many consecutive non-finite (skipped) steps; 0 = no guard
+    allow_batch_change: bool = False  # resume with another batch_size/batching/world size: streams restart
     # --- system ---
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"  # "auto" (bfloat16 on capable CUDA, float32 elsewhere), "float32", "bfloat16", "float16"
@@ -77,6 +80,7 @@ class Config:
     peak_flops: float = 0.0  # peak FLOP/s of one device for MFU; 0 = from the device's name (sqrllm/flops.py)
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
     seed: int = 1337  # seeds torch, numpy and python RNGs
+    deterministic: bool = False  # torch.use_deterministic_algorithms: runs and resumes repeat bitwise
 
     @property
     def mem_width(self):
@@ -98,11 +102,13 @@ class Config:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(map(repr, allowed))}")
-        positive = ("n_layer", "n_embd", "batch_size", "block_size", "gradient_accumulation_steps", "eval_batch_size")
+        positive = ("n_layer", "n_embd", "batch_size", "block_size", "gradient_accumulation_steps", "eval_batch_size",
+                    "keep_checkpoints", "log_interval")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("n_mem", "n_ffn", "mlp_every", "max_iters", "reset_every", "eval_interval", "warmup_iters"):
+        for key in ("n_mem", "n_ffn", "mlp_every", "max_iters", "reset_every", "eval_interval", "warmup_iters",
+                    "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.model == "gpt" and (self.n_head < 1 or self.n_embd % self.n_head):
