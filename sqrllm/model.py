@@ -34,9 +34,11 @@ class SqrllLayer(nn.Module):
         self.proj = nn.Linear(n_in, 4 * n_mem, bias=True)
         self.out = nn.Linear(n_mem, n_out or n_in, bias=bias)
 
-    def forward(self, x, mem=None):
+    def forward(self, x, mem=None, reset=None):
         f, i, ig, og = self.proj(x).chunk(4, dim=-1)  # each (B, T, n_mem)
         r = torch.sigmoid(f)
+        if reset is not None:  # (B, T) bool: y[t] = x[t] there, nothing before t is remembered
+            r = r.masked_fill(reset[..., None], 0.0)
         i = i * torch.sigmoid(ig)
         y = scan(i, r, mem)  # (B, T, n_mem)
         out = self.out(F.softsign(y) * torch.sigmoid(og))
@@ -69,9 +71,9 @@ class Block(nn.Module):
     def is_sqrll(self):
         return isinstance(self.inner, SqrllLayer)
 
-    def forward(self, x, mem=None):
+    def forward(self, x, mem=None, reset=None):
         if self.is_sqrll:
-            out, mem = self.inner(self.norm(x), mem)
+            out, mem = self.inner(self.norm(x), mem, reset)
             return x + self.drop(out), mem
         return x + self.drop(self.inner(self.norm(x))), None
 
@@ -98,6 +100,7 @@ class SqrLLM(nn.Module):
         if tie_weights:
             self.lm_head.weight = self.wte.weight
         self._init(init, init_std, forget_init, max_timescale)
+        self.reset_token = None  # a token id (documents' end-of-text) at which every layer's memory restarts
 
     @classmethod
     def from_config(cls, cfg, vocab_size):
@@ -136,14 +139,16 @@ class SqrLLM(nn.Module):
 
         state: None (zero memory) or a list with one (B, n_mem) tensor per sqrll layer.
         logits: (B, T, vocab), or (B, 1, vocab) with last_only=True. loss: mean cross-entropy
-        over all targets (None without targets). The new state is detached.
+        over all targets (None without targets). The new state is detached. With reset_token set,
+        memory restarts at each position holding that token (documents separated by end-of-text).
         """
         x = self.drop(self.wte(idx))  # (B, T, n_embd)
+        reset = None if self.reset_token is None else idx == self.reset_token  # (B, T)
         new_state = []
         layer = 0
         for block in self.blocks:
             if block.is_sqrll:
-                x, mem = block(x, None if state is None else state[layer])
+                x, mem = block(x, None if state is None else state[layer], reset)
                 new_state.append(mem)
                 layer += 1
             else:
