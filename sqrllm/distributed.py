@@ -1,0 +1,98 @@
+"""Data-parallel training across the processes that `torchrun` starts.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE in each process; `setup` joins the group (NCCL for
+CUDA devices, gloo for the CPU) and gives each process its GPU. Without those variables, or with
+WORLD_SIZE=1, everything here is a no-op and training runs in one process as before.
+
+Each rank reads its own contiguous streams (`StreamBatches(rank=, world_size=)`), so the memory
+it carries belongs to its rows alone; DistributedDataParallel averages the gradients, and rank 0
+writes the logs and checkpoints.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0  # this process's index among all processes
+    local_rank: int = 0  # its index on this machine: its GPU
+    world_size: int = 1  # processes in all
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def from_env():
+    """The process's place in the group, read from torchrun's environment variables."""
+    return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def setup(device):
+    """Join the process group when started by torchrun; -> (Dist, the device this rank uses).
+
+    device: "cuda" or "cpu" as resolved from the config; "cuda" becomes cuda:LOCAL_RANK.
+    """
+    d = from_env()
+    if not d.enabled:
+        return d, device
+    if device.startswith("cuda"):
+        if device != "cuda":
+            raise ValueError(f"device={device!r} names one GPU, but torchrun started {d.world_size} processes; "
+                             "use --device=cuda (each process takes the GPU of its LOCAL_RANK)")
+        device = f"cuda:{d.local_rank}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    return d, device
+
+
+def teardown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean(tensor):
+    """The mean of `tensor` over all ranks (a new tensor; `tensor` itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out)  # SUM: gloo has no AVG
+    return out / dist.get_world_size()
+
+
+def gather_rows(tensor):
+    """Concatenate every rank's `tensor` along dim 0, in rank order (all ranks get the result)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def gather_objects(obj):
+    """A list with every rank's `obj` (picklable), in rank order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag, device):
+    """True on every rank when `flag` is true on any (for decisions all ranks must take together)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
