@@ -1,12 +1,30 @@
-"""Checkpoints: tensors and plain types only, written atomically, loaded with weights_only=True.
+"""Checkpoints: tensors and plain types only, written atomically, verified, loaded with weights_only=True.
 
-A checkpoint is a dict: model and optimizer state, the resolved config, the tokenizer description,
-step, best val loss, tokens seen, RNG states, the data cursor and the carried recurrent state.
+A checkpoint is a dict: model, optimizer and grad-scaler state, the resolved config, the tokenizer
+description, step, best val loss, tokens seen, every RNG state, the data cursor, the carried recurrent
+state and the running loss sums: all a resumed run needs to go on bitwise as if it had not stopped.
+
+A training run's out_dir holds its last `keep_checkpoints` checkpoints and a pointer to the newest:
+
+    ckpt-000250.pt, ckpt-000500.pt   each written to a temp file, fsynced, then renamed
+    latest.json                      {"latest": "ckpt-000500.pt", "checkpoints": [{"file", "step", "bytes",
+                                     "sha256"}, ...]}, newest first; replaced (atomically) only once the
+                                     checkpoint it names is complete
+    ckpt.pt                          a hard link to the newest (a copy where links are not supported)
+
+Loading a file that latest.json lists (ckpt.pt included, through its link) checks its size and
+sha256, so a truncated or corrupted file is an error naming it; `load_latest` falls back to the
+newest intact checkpoint with a warning.
 """
 
+import hashlib
+import json
 import os
 import pickle
 import random
+import re
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,44 +35,223 @@ from sqrllm.model import SqrLLM
 from sqrllm.tokenizer import from_meta
 
 FORMAT = 1
+POINTER = "latest.json"
+NEWEST = "ckpt.pt"
+_NAME = re.compile(r"ckpt-(\d+)\.pt")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
-def save(path, ckpt):
-    """Write `ckpt` to a temp file in the same folder, fsync, then rename over `path`."""
+class _Hashing:
+    """A write-only file that hashes what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data):
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _fsync_dir(folder):
+    """Make a rename in `folder` durable (not every file system can open a folder; then skip)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(path, obj):
+    """Write `obj` to a temp file in the same folder, fsync, then rename over `path`; -> its sha256 (hex).
+
+    If anything fails (a full disk included) the temp file is removed and `path` is as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
+            out = _Hashing(f)
+            torch.save(obj, out)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return out.sha256.hexdigest()
 
 
-def load(path, map_location="cpu"):
-    """Load a checkpoint safely (no code runs); clear errors for missing, corrupt or foreign files."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; pass the ckpt.pt that train.py wrote "
-                              "(out_dir/ckpt.pt)")
+def _write_json(path, data):
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _link_newest(path, link):
+    """Point `link` at the file `path` (hard link; a copy where links fail), replacing it atomically."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, link)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_rotating(out_dir, ckpt, step, keep, entries):
+    """Save `ckpt` as out_dir/ckpt-{step}.pt, then list it first in latest.json among the newest `keep`
+    of `entries` (this run's earlier saves, newest first), then point ckpt.pt at it; checkpoint files
+    no longer listed are deleted. -> the new entries. On an error the previous checkpoints are intact."""
+    out_dir = Path(out_dir)
+    name = f"ckpt-{step:06d}.pt"
+    path = out_dir / name
+    digest = save(path, ckpt)
+    entry = {"file": name, "step": step, "bytes": path.stat().st_size, "sha256": digest}
+    entries = ([entry] + [e for e in entries if e["file"] != name])[: max(1, keep)]
+    _write_json(out_dir / POINTER, {"format": FORMAT, "latest": name, "checkpoints": entries})
+    _link_newest(path, out_dir / NEWEST)
+    listed = {e["file"] for e in entries}
+    for f in out_dir.glob("ckpt-*.pt"):
+        if _NAME.fullmatch(f.name) and f.name not in listed:
+            f.unlink(missing_ok=True)
+    return entries
+
+
+def read_pointer(folder):
+    """-> the checkpoints folder/latest.json lists, newest first; None without a readable one."""
+    try:
+        data = json.loads((Path(folder) / POINTER).read_text())
+        entries = data["checkpoints"]
+        if all(_NAME.fullmatch(e["file"]) and isinstance(e["sha256"], str) for e in entries):
+            return entries
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _listed_entry(path):
+    """The latest.json entry recorded for `path` (by name, or the file ckpt.pt links to), or None."""
+    entries = read_pointer(path.parent) or []
+    for e in entries:
+        listed = path.parent / e["file"]
+        if e["file"] == path.name or (path.name == NEWEST and listed.is_file() and os.path.samefile(listed, path)):
+            return e
+    return None
+
+
+def _verify(path, entry):
+    size = path.stat().st_size
+    if size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        what = f"{size} bytes, {entry['bytes']} when written" if size != entry["bytes"] else "its sha256 differs"
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({what}, per {path.parent / POINTER}); "
+                              f"resume falls back to an earlier checkpoint, or pass the folder {path.parent} "
+                              "to load the newest intact one")
+
+
+def _load_file(path, map_location):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain types and was "
                               f"refused (nothing in it was run): {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0]}); "
                               "use an earlier checkpoint or retrain") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a sqrllm checkpoint (format {FORMAT})")
     return ckpt
+
+
+def load(path, map_location="cpu"):
+    """Load a checkpoint safely (no code runs); clear errors for missing, corrupt or foreign files.
+
+    `path` is a checkpoint file, or a run's out_dir (its newest intact checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_latest(path, map_location, warn=lambda text: print(text, file=sys.stderr))[0]
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; pass the ckpt.pt that train.py wrote "
+                              "(out_dir/ckpt.pt), or the out_dir")
+    entry = _listed_entry(path)
+    if entry is not None:
+        _verify(path, entry)
+    return _load_file(path, map_location)
+
+
+def _candidates(folder):
+    """-> [(path, latest.json entry or None)], newest first: what latest.json lists, else the
+    ckpt-*.pt files by step, else ckpt.pt."""
+    entries = read_pointer(folder)
+    if entries:
+        return [(folder / e["file"], e) for e in entries]
+    files = sorted((f for f in folder.glob("ckpt-*.pt") if _NAME.fullmatch(f.name)),
+                   key=lambda f: int(_NAME.fullmatch(f.name)[1]), reverse=True)
+    if not files and (folder / NEWEST).is_file():
+        files = [folder / NEWEST]
+    return [(f, None) for f in files]
+
+
+def load_latest(folder, map_location="cpu", warn=None):
+    """The newest intact checkpoint of a run -> (ckpt, path, entries).
+
+    A newer checkpoint that is missing, truncated, corrupt or refused is skipped with a warning (through
+    `warn`). `entries`: latest.json's entries from the loaded one on, newest first, for `save_rotating`."""
+    folder = Path(folder)
+    found = _candidates(folder)
+    if not found:
+        raise CheckpointError(f"no checkpoint in {folder} (no {POINTER}, ckpt-*.pt or {NEWEST}); train once "
+                              "without --init_from=resume, or point out_dir at the run to continue")
+    skipped = []
+    for i, (path, entry) in enumerate(found):
+        try:
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint {path} listed in {folder / POINTER} is missing")
+            if entry is not None:
+                _verify(path, entry)
+            ckpt = _load_file(path, map_location)
+        except CheckpointError as e:
+            skipped.append(str(e))
+            continue
+        if skipped and warn:
+            for text in skipped:
+                warn(f"warning: {text}")
+            warn(f"warning: using {path} (step {ckpt.get('step')}), the newest intact checkpoint, instead")
+        if entry is None:
+            kept = [{"file": p.name, "step": int(_NAME.fullmatch(p.name)[1]), "bytes": p.stat().st_size,
+                     "sha256": _sha256(p)} for p, _ in found[i:] if _NAME.fullmatch(p.name)]
+        else:
+            kept = [e for _, e in found[i:]]
+        return ckpt, path, kept
+    raise CheckpointError(f"no intact checkpoint in {folder}: " + "; ".join(skipped))
 
 
 def rng_state():
@@ -78,7 +275,7 @@ def set_rng_state(state):
 
 
 def load_model(path, device="cpu"):
-    """-> (model in eval mode, tokenizer, checkpoint dict) from a checkpoint file."""
+    """-> (model in eval mode, tokenizer, checkpoint dict) from a checkpoint file or a run's out_dir."""
     ckpt = load(path)
     cfg = Config(**ckpt["config"])
     model = SqrLLM.from_config(cfg, ckpt["vocab_size"])

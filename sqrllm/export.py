@@ -47,7 +47,8 @@ CONFIG_KEYS = {
         "eval_batch_size", "always_save_checkpoint", "progress", "dataset", "data_dir", "batching", "reset_every",
         "batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "max_time", "learning_rate",
         "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip", "device",
-        "dtype", "compile", "num_threads", "seed"),
+        "dtype", "compile", "num_threads", "seed", "keep_checkpoints", "max_bad_steps", "allow_batch_change",
+        "deterministic"),
 }
 
 

@@ -1,6 +1,14 @@
 """The training loop: config -> data -> model -> steps -> evaluations -> checkpoints.
 
-train.py is a thin wrapper around `train(cfg)`.
+train.py is a thin wrapper around `train(cfg)`. What a run promises (docs/guarantees.md):
+- Inputs are all checked (config, data, checkpoint, model shape, tokenizer) before out_dir is written.
+- A resumed run goes on bitwise as if it had not stopped: the LR is a pure function of the step, and
+  the checkpoint holds the data cursor, the carried memory, every RNG state and the running loss sums.
+- SIGTERM or SIGINT: the step finishes, a checkpoint is written, RunStopped(EXIT_PREEMPTED).
+- A step with a non-finite loss or gradient norm is skipped; max_bad_steps of them in a row stop the
+  run with a checkpoint of the last good state, RunStopped(EXIT_DIVERGED).
+- A checkpoint that cannot be written (a full disk) stops the run, RunStopped(EXIT_NO_WRITE); the
+  previous checkpoint is intact.
 """
 
 import contextlib
@@ -8,6 +16,9 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +37,10 @@ from sqrllm.prepare import prepare_builtin
 from sqrllm.tokenizer import from_meta
 
 MODEL_KEYS = ("n_layer", "n_embd", "n_mem", "n_ffn", "mlp_every", "tie_weights", "bias")
+
+EXIT_DIVERGED = 65  # max_bad_steps non-finite steps in a row; the last good state was checkpointed
+EXIT_NO_WRITE = 74  # a checkpoint could not be written (disk full, permissions); the previous one is intact
+EXIT_PREEMPTED = 75  # SIGTERM or SIGINT: the step finished and a checkpoint was written; resume to go on
 
 
 def process_start_time():
@@ -83,6 +98,9 @@ def load_dataset(cfg):
     train, val = read_tokens(folder / "train.bin"), read_tokens(folder / "val.bin")
     for name, tokens in (("train.bin", train), ("val.bin", val)):
         check_ids(tokens, meta["vocab_size"], folder / name)
+    if len(val) < 2:
+        raise DataError(f"{folder / 'val.bin'} holds {len(val)} token; evaluation needs at least 2 (one input, "
+                        "one target): re-run the dataset's prepare.py with more text or a larger val share")
     return meta, train, val
 
 
@@ -146,8 +164,31 @@ class Metrics:
     def log(self, **row):
         if not self.path:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise RunStopped(f"could not append to {self.path}: {e}; free space (or fix permissions) and continue "
+                             "with --init_from=resume (the checkpoints are intact)", EXIT_NO_WRITE) from None
+
+    def drop_after(self, step):
+        """Remove the rows past `step`, written by a run that went on beyond the checkpoint now resumed
+        (and a last line cut short); -> how many."""
+        if not self.path.is_file():
+            return 0
+        keep = []
+        lines = self.path.read_text().splitlines()
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+        if len(keep) < len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
+        return len(lines) - len(keep)
 
 
 def perf_text(row):
@@ -161,42 +202,145 @@ def perf_text(row):
     return ", ".join(parts)
 
 
-def check_resume(cfg, ckpt, path):
-    saved = ckpt["config"]
-    diff = [f"{k}: {saved.get(k)} -> {getattr(cfg, k)}" for k in MODEL_KEYS if saved.get(k) != getattr(cfg, k)]
+class RunStopped(Exception):
+    """The run stopped before max_iters; `code` is the exit status train.py returns (one of EXIT_*)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only note that they came: the loop finishes its step, saves and
+    stops. A second signal is counted and otherwise ignored, so a checkpoint being written completes."""
+
+    def __init__(self):
+        self.received, self.count, self._previous = None, 0, {}
+
+    def _handle(self, signum, frame):
+        # no printing here: the loop may be inside a write to the same stream
+        self.received = self.received or signal.Signals(signum).name
+        self.count += 1
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def nonfinite(loss, grad_norm=None):
+    """A 0-dim tensor, 1 if the step's loss or gradient norm is not finite, else 0.
+
+    One flag per step, read with one device sync. Under data parallelism, an all-reduce of it with
+    op=MAX makes every rank skip the same steps."""
+    flag = (~torch.isfinite(loss)).float()
+    if grad_norm is not None:
+        flag = torch.maximum(flag, (~torch.isfinite(grad_norm)).float())
+    return flag
+
+
+def _saved(ckpt, key):
+    """A config value as the checkpoint saved it (the default, for keys older checkpoints lack)."""
+    return ckpt["config"].get(key, Config.__dataclass_fields__[key].default)
+
+
+def _world_size(ckpt):
+    """How many data-parallel processes wrote `ckpt`."""
+    return ckpt.get("world_size", len(ckpt.get("ranks", [None])))
+
+
+def check_resume(cfg, ckpt, path, meta, world_size=1):
+    """Refuse a checkpoint this run cannot continue; -> the data layout changes the user allowed."""
+    keys = MODEL_KEYS + ("model",) + (("n_head",) if cfg.model == "gpt" else ())
+    diff = [f"{k}: {_saved(ckpt, k)} -> {getattr(cfg, k)}" for k in keys if _saved(ckpt, k) != getattr(cfg, k)]
     if diff:
         raise ConfigError(f"cannot resume {path}: the model shape differs from the checkpoint's ({'; '.join(diff)}); "
                           "keep these keys as they were, or start a new out_dir")
-    if saved["batch_size"] != cfg.batch_size and cfg.batching == "stream":
-        raise ConfigError(f"cannot resume {path}: batch_size was {saved['batch_size']}, now {cfg.batch_size}; "
-                          "the data streams depend on it, so keep it")
+    tok, saved_tok = meta["tokenizer"], ckpt["tokenizer"]
+    if ckpt["vocab_size"] != meta["vocab_size"] or tok.get("kind") != saved_tok.get("kind") or (
+            tok.get("kind") == "char" and tok.get("chars") != saved_tok.get("chars")):
+        raise DataError(f"{path} was trained with a {saved_tok.get('kind')} tokenizer of vocab_size "
+                        f"{ckpt['vocab_size']}, but dataset '{cfg.dataset}' has a {tok.get('kind')} tokenizer of "
+                        f"{meta['vocab_size']}; resume on the dataset the checkpoint was trained on")
+    changed = [f"{k} {_saved(ckpt, k)} -> {getattr(cfg, k)}" for k in ("batch_size", "batching")
+               if _saved(ckpt, k) != getattr(cfg, k)]
+    if _world_size(ckpt) != world_size:
+        changed.append(f"world size (processes) {_world_size(ckpt)} -> {world_size}")
+    if changed and not cfg.allow_batch_change:
+        raise ConfigError(f"cannot resume {path}: {'; '.join(changed)}; the data streams and the carried memory "
+                          "depend on these, so keep them, or pass --allow_batch_change=true to restart the streams "
+                          "at the saved progress with zero memory")
+    return changed
+
+
+def check_model_keys(model, saved, path):
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in saved.items()}
+    diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {theirs.get(k, 'absent')} -> {ours.get(k, 'absent')}" for k in diff[:10])
+        raise ConfigError(f"cannot resume {path}: {len(diff)} parameters differ from the checkpoint's ({shown}); "
+                          "keep the model config as it was, or start a new out_dir")
+
+
+def restart_data(batches, ckpt, n_tokens, cfg):
+    """After an allowed batch change: with stream batching before and after, every row starts at the
+    saved mean progress through its stretch; otherwise the data starts over. -> what was done."""
+    if _saved(ckpt, "batching") == "stream" and cfg.batching == "stream":
+        old_length = (n_tokens - 1) // (_saved(ckpt, "batch_size") * _world_size(ckpt))
+        cursors = [r["data"]["cursor"] for r in ckpt.get("ranks", [ckpt])]
+        progress = float(torch.cat(cursors).double().mean()) / max(1, old_length)
+        cursor = batches.state_dict()["cursor"]
+        batches.load_state_dict({"cursor": torch.full_like(cursor, int(progress * batches.length))})
+        return f"the {cursor.numel()} data streams start {progress:.0%} of the way through their stretches"
+    return "the data starts over (random batching draws from the seed again)"
 
 
 def train(cfg: Config, launched=None):
-    """Train as `cfg` says; returns a dict with the final step, losses and the checkpoint path."""
-    launched = launched or process_start_time()
+    """Train as `cfg` says; returns a dict with the final step, losses and the checkpoint path.
+
+    Raises ConfigError, DataError or CheckpointError before anything is written when an input is
+    unusable, and RunStopped when the run stops early (see EXIT_*)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _train(cfg, launched or process_start_time())
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        distributed.teardown()
+
+
+def _train(cfg, launched):
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS when CUDA first uses it
+        torch.use_deterministic_algorithms(True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device, dtype = resolve_device(cfg)
     dd, device = distributed.setup(device)  # one process per GPU under torchrun; a no-op otherwise
     meta, train_tokens, val_tokens = load_dataset(cfg)
     out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out_dir {out_dir} is a file; pass a folder for the run's outputs")
 
-    ckpt = None
+    def warn(text):
+        if dd.is_main:
+            tqdm.write(text, file=sys.stderr)
+
+    ckpt, entries, changed = None, [], []
     if cfg.init_from == "resume":
-        ckpt = checkpoint.load(ckpt_path)
-        check_resume(cfg, ckpt, ckpt_path)
-        if ckpt["vocab_size"] != meta["vocab_size"]:
-            raise DataError(f"{ckpt_path} has vocab_size {ckpt['vocab_size']} but dataset '{cfg.dataset}' has "
-                            f"{meta['vocab_size']}; resume on the dataset the checkpoint was trained on")
-        if len(ckpt.get("ranks", [None])) != dd.world_size:
-            raise ConfigError(f"cannot resume {ckpt_path}: {len(ckpt.get('ranks', [None]))} processes wrote it, this "
-                              f"run has {dd.world_size}; each process owns its data streams and memory, so start "
-                              "as many as wrote it")
+        ckpt, ckpt_path, entries = checkpoint.load_latest(out_dir, warn=warn)
+        changed = check_resume(cfg, ckpt, ckpt_path, meta, dd.world_size)
+    elif any((out_dir / name).exists() for name in (checkpoint.POINTER, checkpoint.NEWEST)):
+        warn(f"warning: {out_dir} holds another run's checkpoints; this run replaces them at its first "
+             "checkpoint (to continue that run instead, pass --init_from=resume)")
 
     model = (GPT if cfg.model == "gpt" else SqrLLM).from_config(cfg, meta["vocab_size"]).to(device)
     if dd.enabled:  # one init on every rank (seeded above), then each rank's own dropout masks
@@ -211,21 +355,37 @@ def train(cfg: Config, launched=None):
         batches = RandomBatches(train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed + dd.rank,
                                 path=Path(cfg.dataset) / "train.bin")
     step, best_val, tokens_seen, state = 0, float("inf"), 0, None
+    loss_sum, loss_n = 0.0, 0  # this rank's train loss summed over micro-batches since the last log line
+    notes = []
     if ckpt is not None:
+        check_model_keys(model, ckpt["model"], ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        own = ckpt["ranks"][dd.rank] if dd.enabled else ckpt  # this rank's data cursor and RNG states
-        batches.load_state_dict(own["data"])
         step, best_val, tokens_seen = ckpt["step"], ckpt["best_val"], ckpt["tokens_seen"]
-        rows = slice(dd.rank * cfg.batch_size, (dd.rank + 1) * cfg.batch_size)  # this rank's streams' memory
-        state = [s[rows].to(device) for s in ckpt["state"]] or None
+        own = ckpt["ranks"][dd.rank] if "ranks" in ckpt and not changed else ckpt  # this rank's cursor, RNG, sums
+        if changed:
+            how = restart_data(batches, ckpt, len(train_tokens), cfg)
+            notes.append(f"resuming with {'; '.join(changed)}: {how}, memory at zero")
+        else:
+            batches.load_state_dict(own["data"])
+            rows = slice(dd.rank * cfg.batch_size, (dd.rank + 1) * cfg.batch_size)  # this rank's streams' memory
+            state = [s[rows].to(device) for s in ckpt["state"]] or None
+        if own.get("loss_n"):
+            loss_sum, loss_n = own["loss_sum"].to(device), own["loss_n"]
         checkpoint.set_rng_state(own["rng"])
+        if changed and dd.enabled:
+            torch.manual_seed(cfg.seed + dd.rank + step)  # the saved ranks no longer match: fresh dropout per rank
+        notes.append(f"resuming {ckpt_path} at step {step}")
 
+    # Everything is checked: from here on, out_dir is written.
     if dd.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(out_dir / "config.json")
     metrics = Metrics(out_dir / "metrics.jsonl" if dd.is_main else None)
+    if ckpt is not None and dd.is_main and (dropped := metrics.drop_after(step)):
+        notes.append(f"dropped {dropped} metrics.jsonl rows past step {step} (a run that went on beyond it)")
+    if dd.is_main:
+        cfg.save(out_dir / "config.json")
     cuda = device.startswith("cuda")
     if cfg.compile and cuda:
         # block by block: blocks of one kind share one compiled graph (seconds, not minutes, to
@@ -242,22 +402,51 @@ def train(cfg: Config, launched=None):
         tqdm.write(f"sqrllm: {cfg.model} model, {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOP per "
                    f"training token, {cfg.dataset} ({meta['vocab_size']} tokens vocab), device {device}"
                    f"{f' x {dd.world_size} processes' if dd.enabled else ''}, {dtype_name}, out_dir {out_dir}")
+        for text in notes:
+            tqdm.write(text)
 
-    def save_checkpoint():
+    saved_step = step if ckpt is not None else None
+
+    def run_state(rng=True):
+        """What a resumed run needs besides the model, optimizer and scaler, as of now, on this rank.
+        rng=False: torch's generators only (numpy's and Python's are not drawn from inside the loop)."""
+        gens = checkpoint.rng_state() if rng else {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        return {"step": step, "tokens_seen": tokens_seen, "best_val": best_val, "rng": gens,
+                "data": batches.state_dict(), "state": state, "loss_sum": loss_sum, "loss_n": loss_n}
+
+    def save_checkpoint(run):
+        """Checkpoint `run` (a run_state) -> its path; RunStopped on every rank if it cannot be written."""
+        nonlocal entries, saved_step
         # every rank takes part: the carried memory of all streams is gathered, in rank order
+        own = {"data": run["data"], "rng": {**checkpoint.rng_state(), **run["rng"]},
+               "loss_sum": torch.as_tensor(run["loss_sum"]).detach().cpu(), "loss_n": run["loss_n"]}
         ckpt = {
             "format": checkpoint.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "config": cfg.to_dict(), "vocab_size": meta["vocab_size"],
-            "tokenizer": meta["tokenizer"], "step": step, "best_val": best_val, "tokens_seen": tokens_seen,
-            "rng": checkpoint.rng_state(), "data": batches.state_dict(),
-            "state": [distributed.gather_rows(s.detach()).cpu() for s in state] if state else [],
+            "tokenizer": meta["tokenizer"], "world_size": dd.world_size, "step": run["step"],
+            "best_val": run["best_val"], "tokens_seen": run["tokens_seen"], **own,
+            "state": [distributed.gather_rows(s.detach()).cpu() for s in run["state"] or []],
         }
-        if dd.enabled:  # each rank's data cursor and RNG states, in rank order
-            ckpt["ranks"] = distributed.gather_objects({"data": batches.state_dict(), "rng": checkpoint.rng_state()})
+        if dd.enabled:  # each rank's data cursor, RNG states and loss sums, in rank order
+            ckpt["ranks"] = distributed.gather_objects(own)
+        error = None
         if dd.is_main:
-            checkpoint.save(ckpt_path, ckpt)
+            try:
+                entries = checkpoint.save_rotating(out_dir, ckpt, run["step"], cfg.keep_checkpoints, entries)
+            except OSError as e:
+                error = e
+        if distributed.any_rank(error is not None, device):
+            kept = (f"the previous checkpoint, {out_dir / entries[0]['file']}, is intact" if entries
+                    else "no earlier checkpoint exists")
+            raise RunStopped(f"could not write the checkpoint of step {run['step']} in {out_dir}: "
+                             f"{error or 'failed on rank 0'}; {kept}; free space (or fix permissions), then "
+                             "continue with --init_from=resume", EXIT_NO_WRITE)
+        saved_step = run["step"]
+        return out_dir / f"ckpt-{run['step']:06d}.pt"
 
-    def run_eval():
+    def run_eval(save=True):
         nonlocal best_val
         row = {"step": step, "tokens": tokens_seen}
         # eager: the compiled blocks are for the training shapes, and new shapes would recompile
@@ -279,71 +468,119 @@ def train(cfg: Config, launched=None):
             tqdm.write(f"step {step}: {text} ({row['elapsed']:.1f}s)")
         improved = row["val_loss"] < best_val
         best_val = min(best_val, row["val_loss"])
-        if improved or cfg.always_save_checkpoint:
-            save_checkpoint()
+        if save and (improved or cfg.always_save_checkpoint):
+            save_checkpoint(run_state())
         return row
 
     if cfg.eval_only:
-        return run_eval()
+        return run_eval(save=False)
 
     model.train()
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * dd.world_size
+    guard = cfg.max_bad_steps > 0
+    bad_in_a_row, good = 0, None  # good: the run_state after the last good step
+    last_log, last_tokens = time.time(), tokens_seen
+    last_eval_row = None
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not (cfg.progress and dd.is_main), dynamic_ncols=True,
                unit="step")
-    last_log, last_tokens, loss_sum, loss_n = time.time(), tokens_seen, 0.0, 0
-    last_eval_row = None
-    while step < cfg.max_iters:
-        lr = lr_at(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.gradient_accumulation_steps):
-            x, y, reset = batches.next()
-            if cfg.batching == "random" or (cfg.reset_every and step % cfg.reset_every == 0):
-                state = None
-            elif state is not None and reset.any():
-                keep = (~reset).to(device)[:, None]
-                state = [s * keep for s in state]
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # DDP all-reduces the gradients in the backward of the last micro-step only
-            last = micro == cfg.gradient_accumulation_steps - 1
-            with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
-                with autocast(device, dtype):
-                    _, loss, state = fwd(x, y, state)
-                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-            loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
-        scaler.unscale_(optimizer)  # a no-op unless float16; the norm is of the true gradients
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        bar.update(1)
-        out_of_time = cfg.max_time > 0 and time.time() - launched >= cfg.max_time
-        if cfg.max_time > 0 and dd.enabled:  # clocks differ: all ranks stop at the same step
-            out_of_time = distributed.any_rank(out_of_time, device)
-        if step % cfg.log_interval == 0 or step == cfg.max_iters or out_of_time:
-            train_loss = distributed.mean(loss_sum / loss_n).item()  # waits for the device
-            now = time.time()
-            tok_s = (tokens_seen - last_tokens) / max(now - last_log, 1e-9)
-            perf = {"tok_per_s": tok_s, "mfu": mfu(flops_tok, tok_s, peak, dd.world_size),
-                    "mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-                    "grad_norm": grad_norm.item()}
-            metrics.log(step=step, elapsed=now - launched, tokens=tokens_seen, loss=train_loss, lr=lr, **perf)
-            bar.set_postfix_str(f"loss {train_loss:.4f}, {perf_text(perf)}")
-            if dd.is_main and not cfg.progress:
-                tqdm.write(f"step {step}: loss {train_loss:.4f}, lr {lr:.2e}, {perf_text(perf)} "
-                           f"({now - launched:.1f}s)")
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training loss became {train_loss} at step {step}; "
-                                         "lower learning_rate or raise warmup_iters")
-            last_log, last_tokens, loss_sum, loss_n = now, tokens_seen, 0.0, 0
-        if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_iters or out_of_time:
-            last_eval_row = run_eval()
-        if out_of_time:
-            if dd.is_main:
-                tqdm.write(f"stopping at step {step}: max_time {cfg.max_time}s reached")
-            break
-    bar.close()
-    distributed.teardown()
-    return {"step": step, "ckpt": str(ckpt_path), "best_val": best_val, "last_eval": last_eval_row}
+    with StopSignals() as signals:
+        try:
+            while step < cfg.max_iters:
+                if guard and bad_in_a_row == 0:
+                    good = run_state(rng=False)
+                lr = lr_at(cfg, step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                state_in, data_in = state, batches.state_dict() if guard else None
+                step_loss = 0.0
+                for micro in range(cfg.gradient_accumulation_steps):
+                    x, y, reset = batches.next()
+                    if cfg.batching == "random" or (cfg.reset_every and step % cfg.reset_every == 0):
+                        state = None
+                    elif state is not None and reset.any():
+                        keep = (~reset).to(device)[:, None]
+                        state = [s * keep for s in state]
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    # DDP all-reduces the gradients in the backward of the last micro-step only
+                    last = micro == cfg.gradient_accumulation_steps - 1
+                    with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
+                        with autocast(device, dtype):
+                            _, loss, state = fwd(x, y, state)
+                        scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+                    step_loss = step_loss + loss.detach()
+                scaler.unscale_(optimizer)  # a no-op unless float16; the norm is of the true gradients
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                           cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                bad, stop = False, signals.received is not None
+                if guard or dd.enabled:
+                    # with the grad scaler on, infinite gradients are its business: it skips the step itself
+                    flags = torch.stack([nonfinite(step_loss, None if scaler.is_enabled() else grad_norm),
+                                         torch.tensor(float(stop), device=grad_norm.device)])
+                    if dd.enabled:  # every rank skips the same steps and stops at the same step
+                        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                    bad, stop = (bool(f) for f in flags.tolist())
+                    bad = bad and guard
+                if bad:
+                    bad_in_a_row += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler.is_enabled():
+                        scaler.update()
+                    state = state_in  # the memory out of a non-finite forward is not carried on
+                    what = f"loss {step_loss.item()}, gradient norm {grad_norm.item()}"
+                    where = {"cursor": data_in["cursor"].tolist()} if "cursor" in data_in else {}
+                    metrics.log(step=step + 1, elapsed=time.time() - launched, tokens=tokens_seen,
+                                skipped=what, **where)
+                    if dd.is_main:
+                        at = f" at data cursor {where['cursor']}" if where else ""
+                        tqdm.write(f"step {step + 1}: skipped, {what}{at}; {bad_in_a_row} in a row, the run stops "
+                                   f"at max_bad_steps={cfg.max_bad_steps}")
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        path = save_checkpoint(good)
+                        raise RunStopped(f"steps {good['step'] + 1}-{step + 1} all had a non-finite loss or gradient "
+                                         f"norm; saved the last good state (step {good['step']}) to {path}; lower "
+                                         "learning_rate or raise warmup_iters, then continue with --init_from=resume",
+                                         EXIT_DIVERGED)
+                else:
+                    bad_in_a_row = 0
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_sum, loss_n = loss_sum + step_loss, loss_n + cfg.gradient_accumulation_steps
+                step += 1
+                tokens_seen += tokens_per_step
+                bar.update(1)
+                out_of_time = cfg.max_time > 0 and time.time() - launched >= cfg.max_time
+                if cfg.max_time > 0 and dd.enabled:  # clocks differ: all ranks stop at the same step
+                    out_of_time = distributed.any_rank(out_of_time, device)
+                if (step % cfg.log_interval == 0 or step == cfg.max_iters or out_of_time) and loss_n:
+                    train_loss = distributed.mean(loss_sum / loss_n).item()  # waits for the device
+                    now = time.time()
+                    tok_s = (tokens_seen - last_tokens) / max(now - last_log, 1e-9)
+                    perf = {"tok_per_s": tok_s, "mfu": mfu(flops_tok, tok_s, peak, dd.world_size),
+                            "mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                            "grad_norm": grad_norm.item()}
+                    metrics.log(step=step, elapsed=now - launched, tokens=tokens_seen, loss=train_loss, lr=lr, **perf)
+                    bar.set_postfix_str(f"loss {train_loss:.4f}, {perf_text(perf)}")
+                    if dd.is_main and not cfg.progress:
+                        tqdm.write(f"step {step}: loss {train_loss:.4f}, lr {lr:.2e}, {perf_text(perf)} "
+                                   f"({now - launched:.1f}s)")
+                    if not math.isfinite(train_loss):
+                        raise RunStopped(f"training loss became {train_loss} at step {step}; lower learning_rate "
+                                         "or raise warmup_iters (max_bad_steps > 0 skips such steps)", EXIT_DIVERGED)
+                    last_log, last_tokens, loss_sum, loss_n = now, tokens_seen, 0.0, 0
+                if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_iters or out_of_time:
+                    last_eval_row = run_eval(save=bad_in_a_row == 0)
+                if stop:
+                    # in a run of bad steps, the last good state is the one to continue from
+                    run = good if bad_in_a_row else run_state()
+                    # (the same on every rank: saving is collective)
+                    path = out_dir / f"ckpt-{run['step']:06d}.pt" if saved_step == run["step"] else save_checkpoint(run)
+                    raise RunStopped(f"{signals.received or 'a signal to another rank'} received; saved step "
+                                     f"{run['step']} to {path}; continue with --init_from=resume", EXIT_PREEMPTED)
+                if out_of_time:
+                    if dd.is_main:
+                        tqdm.write(f"stopping at step {step}: max_time {cfg.max_time}s reached")
+                    break
+        finally:
+            bar.close()
+    return {"step": step, "ckpt": str(out_dir / checkpoint.NEWEST), "best_val": best_val, "last_eval": last_eval_row}
