@@ -2,14 +2,28 @@
 
 - byte: the UTF-8 bytes of the text, vocabulary 256. Any text round-trips.
 - char: one id per character seen in the corpus (sorted), as nanoGPT's shakespeare_char.
+- sentencepiece: a SentencePiece model file next to meta.json or ckpt.pt, named in the
+  description: {"kind": "sentencepiece", "model_file": "tokenizer.model"}. The prepare step trains
+  one (`train_sentencepiece`) so that any UTF-8 text round-trips and documents end with an
+  end-of-text token (`eot_id`).
 """
 
 import codecs
+import io
+import os
+from pathlib import Path
+
+from sqrllm import spm_model
+
+SPM_FILE = "tokenizer.model"  # the SentencePiece model's name in dataset and checkpoint folders
+EOT_PIECE = "<|endoftext|>"  # the end-of-text piece of trained models (SentencePiece's eos)
+_SPACE = "\u2581"  # SentencePiece's stand-in for a space in pieces
 
 
 class ByteTokenizer:
     kind = "byte"
     vocab_size = 256
+    eot_id = None  # no end-of-text token: every id is a byte
 
     def encode(self, text):
         return list(text.encode("utf-8"))
@@ -27,6 +41,7 @@ class ByteTokenizer:
 
 class CharTokenizer:
     kind = "char"
+    eot_id = None
 
     def __init__(self, chars):
         self.chars = list(chars)
@@ -55,14 +70,141 @@ class CharTokenizer:
         return {"kind": "char", "chars": "".join(self.chars)}
 
 
-def from_meta(meta):
-    """Build the tokenizer that a meta dict (meta.json's "tokenizer" entry) describes."""
+class SentencePieceTokenizer:
+    """A SentencePiece model read from its .model file; ids and text as the sentencepiece package.
+
+    Text holding U+2581 (which SentencePiece cannot tell from an escaped space) is encoded in
+    pieces around it, with the character itself as byte tokens, so it round-trips too.
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_file):
+        import sentencepiece
+
+        self.path = Path(model_file)
+        if not self.path.is_file():
+            raise TokenizerError(f"SentencePiece model {self.path} not found; a dataset folder holds it next to "
+                                 "meta.json, a checkpoint folder next to ckpt.pt (train.py copies it there)")
+        data = self.path.read_bytes()
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_proto=data)
+            pieces = spm_model.read_model(data)
+        except (RuntimeError, ValueError, IndexError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{self.path} is not a SentencePiece model ({e})") from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.eot_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self._bytes = [_piece_bytes(text, kind, pieces.unk_surface) for text, _, kind in pieces.pieces]
+        byte_ids = {b[0]: i for i, (b, (_, _, kind)) in enumerate(zip(self._bytes, pieces.pieces))
+                    if kind == spm_model.BYTE}
+        self._space_ids = [byte_ids[b] for b in _SPACE.encode()] if len(byte_ids) == 256 else None
+
+    def encode(self, text):
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts, eot=False, num_threads=1):
+        """A list of texts -> a list of id lists; eot=True ends each with the end-of-text token."""
+        if eot and self.eot_id is None:
+            raise TokenizerError(f"{self.path} has no end-of-text (eos) piece to separate documents")
+        out = self.sp.encode(texts, add_eos=eot, num_threads=num_threads)
+        for k, text in enumerate(texts):
+            if _SPACE in text:
+                out[k] = self._encode_space_char(text) + ([self.eot_id] if eot else [])
+        return out
+
+    def _encode_space_char(self, text):
+        if self._space_ids is None:
+            return self.sp.encode(text)  # without byte fallback U+2581 reads back as a space
+        ids = []
+        for k, part in enumerate(text.split(_SPACE)):
+            ids += (self._space_ids if k else []) + (self.sp.encode(part) if part else [])
+        return ids
+
+    def decode(self, ids):
+        return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, i):
+        return self._bytes[i]
+
+    def to_meta(self):
+        return {"kind": "sentencepiece", "model_file": self.path.name}
+
+
+def _piece_bytes(text, kind, unk_surface):
+    """The bytes a piece stands for in decoded text (control pieces such as end-of-text: none)."""
+    if kind == spm_model.BYTE:
+        return bytes([int(text[3:5], 16)])  # <0xAB>
+    if kind == spm_model.CONTROL:
+        return b""
+    if kind == spm_model.UNKNOWN:
+        return unk_surface.encode("utf-8")
+    return text.replace(_SPACE, " ").encode("utf-8")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built or trained; the message names the file and the fix."""
+
+
+def train_sentencepiece(texts, path, vocab_size, model_type="bpe", max_bytes=1 << 28):
+    """Train a SentencePiece model on `texts` (an iterable of str) and write it to `path`.
+
+    Settings that make any UTF-8 text round-trip: byte fallback, full character coverage, no
+    normalization, no dummy prefix, whitespace kept as it is; digits are split. The trainer sees
+    the texts' lines (a piece never spans a newline) up to max_bytes of them. The end-of-text
+    piece is SentencePiece's eos, id 1; <unk> is 0 and ids 2-257 are the 256 bytes.
+    Returns {"lines": trained lines, "bytes": their UTF-8 size}.
+    """
+    import sentencepiece
+
+    seen = {"lines": 0, "bytes": 0}
+
+    def lines():
+        for text in texts:
+            for line in text.split("\n"):
+                if line:
+                    seen["lines"] += 1
+                    seen["bytes"] += len(line.encode("utf-8"))
+                    yield line
+            if seen["bytes"] >= max_bytes:
+                return
+
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            byte_fallback=True, character_coverage=1.0, split_digits=True, normalization_rule_name="identity",
+            add_dummy_prefix=False, remove_extra_whitespaces=False, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
+            eos_piece=EOT_PIECE, max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
+            minloglevel=2)
+    except RuntimeError as e:
+        raise TokenizerError(f"SentencePiece training failed: {str(e).strip()}; with {seen['bytes']:,} bytes of "
+                             "training text, lower vocab_size or give more text") from None
+    if not seen["lines"]:
+        raise TokenizerError("no text to train SentencePiece on; the training split is empty")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)
+    return seen
+
+
+def from_meta(meta, folder=None):
+    """Build the tokenizer that a meta dict (meta.json's "tokenizer" entry) describes; files it
+    names (a SentencePiece model_file) are looked up in `folder` (the dataset's or checkpoint's)."""
     kind = meta.get("kind")
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
         return CharTokenizer(meta["chars"])
-    raise ValueError(f"unknown tokenizer kind {kind!r}; this sqrllm knows 'byte' and 'char'")
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(Path(folder or ".") / meta["model_file"])
+    raise ValueError(f"unknown tokenizer kind {kind!r}; this sqrllm knows 'byte', 'char' and 'sentencepiece'")
+
+
+def tokenizer_files(meta):
+    """Names of the files a tokenizer description refers to (copied along with checkpoints)."""
+    return [meta["model_file"]] if meta.get("kind") == "sentencepiece" else []
 
 
 class StreamDecoder:
