@@ -4,16 +4,22 @@ A token file is a 32-byte header followed by the tokens, little-endian:
 
     magic b"SQRLTOKS" | version u32 | bytes per token u32 (1, 2 or 4) | token count u64 | reserved u64
 
-Files are read through np.memmap, never loaded whole. A dataset folder holds train.bin, val.bin
-and meta.json (the tokenizer and per-split token and byte counts; no pickle anywhere).
+Files are read through np.memmap, never loaded whole. A dataset folder holds meta.json (the
+tokenizer and per-split token and byte counts; no pickle anywhere) and per split either one file
+(train.bin, val.bin) or shards (train-00000.bin, train-00001.bin, ...) listed in meta.json's
+splits.<name>.shards, read as one sequence (`ShardedTokens`). Datasets of documents end each
+with the end-of-text token meta.json names as eot_id.
 """
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from sqrllm.tokenizer import tokenizer_files
 
 MAGIC = b"SQRLTOKS"
 VERSION = 1
@@ -102,6 +108,77 @@ def check_ids(tokens, vocab_size, path):
         if top >= vocab_size:
             raise DataError(f"{path} holds token id {top} but the tokenizer's vocab_size is {vocab_size}; "
                             "the file and meta.json disagree: re-run the dataset's prepare.py")
+
+
+class ShardedTokens:
+    """Token files read as one 1-D sequence, each through its own memmap; windows may span files.
+
+    Supports len(), slices and integer-array indexing (any shape), which is what the batchers,
+    the evaluation and check_ids use.
+    """
+
+    def __init__(self, shards):
+        self.shards = list(shards)
+        if not self.shards:
+            raise DataError("no token files to read")
+        self.dtype = np.result_type(*(s.dtype for s in self.shards))
+        self.bounds = np.cumsum([0] + [len(s) for s in self.shards])  # shard k holds [bounds[k], bounds[k+1])
+
+    def __len__(self):
+        return int(self.bounds[-1])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(len(self))
+            if step != 1:
+                return self[np.arange(lo, hi, step)]
+            parts = [s[max(lo - a, 0) : min(hi - a, len(s))]
+                     for s, a, b in zip(self.shards, self.bounds[:-1], self.bounds[1:]) if lo < b and hi > a]
+            return np.concatenate(parts).astype(self.dtype, copy=False) if parts else np.empty(0, self.dtype)
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"token index out of range for {len(self)} tokens")
+        shard = np.searchsorted(self.bounds, index, side="right") - 1
+        out = np.empty(index.shape, dtype=self.dtype)
+        for k in np.unique(shard):
+            hit = shard == k
+            out[hit] = self.shards[k][index[hit] - self.bounds[k]]
+        return out
+
+
+def read_split(folder, meta, split):
+    """The tokens of one split of a dataset folder, shards as one sequence; ids checked."""
+    folder = Path(folder)
+    names = meta["splits"].get(split, {}).get("shards") or [f"{split}.bin"]
+    shards = []
+    for name in names:
+        tokens = read_tokens(folder / name)
+        check_ids(tokens, meta["vocab_size"], folder / name)
+        shards.append(tokens)
+    return shards[0] if len(shards) == 1 else ShardedTokens(shards)
+
+
+def reset_token(cfg, meta):
+    """The token at which training zeroes the carried memory (cfg.reset_at_eot), or None."""
+    if not cfg.reset_at_eot:
+        return None
+    if cfg.model != "sqrll":
+        raise DataError(f"reset_at_eot=True needs model='sqrll' (the {cfg.model} model carries no memory to reset)")
+    if meta.get("eot_id") is None:
+        raise DataError(f"reset_at_eot=True but dataset '{cfg.dataset}' has no end-of-text token (no eot_id in "
+                        "its meta.json); prepare it with data/hf/prepare.py, or set reset_at_eot=False")
+    return int(meta["eot_id"])
+
+
+def copy_tokenizer_files(meta, src, dst):
+    """Copy the files a tokenizer description names (a SentencePiece model) from src to dst, so
+    that a checkpoint folder holds everything sampling and export need."""
+    for name in tokenizer_files(meta["tokenizer"]):
+        if Path(src).resolve() != Path(dst).resolve():
+            Path(dst).mkdir(parents=True, exist_ok=True)
+            tmp = Path(dst) / f".{name}.tmp"
+            shutil.copyfile(Path(src) / name, tmp)
+            os.replace(tmp, Path(dst) / name)
 
 
 class StreamBatches:
