@@ -1,22 +1,35 @@
-"""Corpus preparation: text in, train.bin / val.bin / meta.json out (see sqrllm.data for the format).
+"""Corpus preparation: text in, token files and meta.json out (see sqrllm.data for the format).
+
+- One text (the builtin corpus, local files): train.bin and val.bin, byte, char or SentencePiece.
+- Documents (`prepare_documents`, fed by sqrllm.hf): each followed by the end-of-text token,
+  tokenized by worker processes, written to shards of `shard_tokens` tokens.
 
 The data/<name>/prepare.py scripts are thin command-line wrappers around these functions.
 """
 
+import collections
 import hashlib
+import itertools
+import multiprocessing
+import os
 import platform
+import shutil
 import sysconfig
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from sqrllm.data import DataError, token_dtype, write_meta, write_tokens
-from sqrllm.tokenizer import ByteTokenizer, CharTokenizer
+from sqrllm.tokenizer import (SPM_FILE, ByteTokenizer, CharTokenizer, SentencePieceTokenizer, TokenizerError,
+                              train_sentencepiece)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 BUILTIN_VAL_PERCENT = 5  # share of stdlib files (by hash of their path) that go to val
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+SHARD_TOKENS = 100_000_000  # tokens per shard file (200 MB at 2 bytes per token)
+TASK_CHARS = 1 << 20  # text per encoding task sent to a worker
 
 
 def decode_utf8(data, path, errors="strict"):
@@ -44,6 +57,11 @@ def _write_dataset(out_dir, tokenizer, splits, source):
         if isinstance(content, bytes):
             ids = np.frombuffer(content, dtype=np.uint8).astype(dtype)
             n_bytes = len(content)
+        elif isinstance(tokenizer, SentencePieceTokenizer):
+            # pieces of models trained here never span a newline, so cutting there changes no id
+            chunks = list(_newline_chunks(content))
+            ids = _flat(tokenizer.encode_batch(chunks, num_threads=os.cpu_count() or 1), dtype)
+            n_bytes = len(content.encode("utf-8"))
         else:
             ids = np.array(tokenizer.encode(content), dtype=dtype)
             n_bytes = len(content.encode("utf-8"))
@@ -101,15 +119,24 @@ def read_text_inputs(paths, errors="strict"):
     return text, files, replaced
 
 
-def prepare_text(out_dir, paths, level="byte", val_fraction=0.1, errors="strict", name="text"):
-    """Any local text: the last val_fraction of the concatenated text is val."""
-    if level not in ("byte", "char"):
-        raise DataError(f"level must be 'byte' or 'char', got {level!r}")
+def prepare_text(out_dir, paths, level="byte", val_fraction=0.1, errors="strict", name="text", vocab_size=8192,
+                 model_type="bpe", tokenizer_model=None):
+    """Any local text: the last val_fraction of the concatenated text is val.
+
+    level="sentencepiece": a model of vocab_size pieces trained on the train part, or the existing
+    tokenizer_model (a .model file), stored as out_dir/tokenizer.model.
+    """
+    if level not in ("byte", "char", "sentencepiece"):
+        raise DataError(f"level must be 'byte', 'char' or 'sentencepiece', got {level!r}")
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     text, files, replaced = read_text_inputs(paths, errors)
     source = {"name": name, "inputs": [str(f) for f in files], "val_fraction": val_fraction,
               "replaced_invalid_utf8": replaced}
+    if level == "sentencepiece":
+        cut = int(len(text) * (1 - val_fraction))
+        tok, source["tokenizer"] = sentencepiece_for(out_dir, [text[:cut]], vocab_size, model_type, tokenizer_model)
+        return _write_dataset(out_dir, tok, {"train": text[:cut], "val": text[cut:]}, source), replaced
     if level == "char":
         tok = CharTokenizer.from_text(text)
         cut = int(len(text) * (1 - val_fraction))
@@ -137,3 +164,151 @@ def prepare_shakespeare_char(out_dir, input_path=None):
     cut = int(len(text) * 0.9)
     return _write_dataset(out_dir, tok, {"train": text[:cut], "val": text[cut:]},
                           {"name": "shakespeare_char", "input": str(input_path), "split": "first 90% train"})
+
+
+def sentencepiece_for(out_dir, train_texts, vocab_size=8192, model_type="bpe", tokenizer_model=None,
+                      max_bytes=1 << 28):
+    """out_dir/tokenizer.model: a copy of tokenizer_model, or trained on train_texts (an iterable of
+    str, read up to max_bytes). -> (the tokenizer, a description of where it came from for meta.json)."""
+    path = Path(out_dir) / SPM_FILE
+    try:
+        if tokenizer_model:
+            if not Path(tokenizer_model).is_file():
+                raise DataError(f"tokenizer model {tokenizer_model} not found; pass an existing SentencePiece .model")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if Path(tokenizer_model).resolve() != path.resolve():
+                shutil.copyfile(tokenizer_model, path.with_name(SPM_FILE + ".tmp"))
+                os.replace(path.with_name(SPM_FILE + ".tmp"), path)
+            origin = {"model": str(tokenizer_model)}
+        else:
+            seen = train_sentencepiece(train_texts, path, vocab_size, model_type, max_bytes)
+            origin = {"trained": {"model_type": model_type, "vocab_size": vocab_size, **seen}}
+        return SentencePieceTokenizer(path), origin
+    except TokenizerError as e:
+        raise DataError(str(e)) from None
+
+
+def _newline_chunks(text, size=TASK_CHARS):
+    """Pieces of about `size` characters, each ending just after a newline (the last at the end)."""
+    lo = 0
+    while lo < len(text):
+        hi = text.find("\n", lo + size)
+        hi = len(text) if hi < 0 else hi + 1
+        yield text[lo:hi]
+        lo = hi
+
+
+def _flat(id_lists, dtype):
+    return np.fromiter(itertools.chain.from_iterable(id_lists), dtype=dtype, count=sum(map(len, id_lists)))
+
+
+_ENCODER = None  # the worker process's tokenizer
+
+
+def _start_encoder(model_file):
+    global _ENCODER
+    _ENCODER = SentencePieceTokenizer(model_file)
+
+
+def _encode(task):
+    """(split, documents) -> (split, their ids with an end-of-text after each, UTF-8 bytes, documents)."""
+    split, docs = task
+    ids = _flat(_ENCODER.encode_batch(docs, eot=True), token_dtype(_ENCODER.vocab_size))
+    return split, ids, sum(len(d.encode("utf-8")) for d in docs), len(docs)
+
+
+def _tasks(documents):
+    """(split, document) pairs -> (split, documents) tasks of about TASK_CHARS characters each."""
+    docs, chars = collections.defaultdict(list), collections.Counter()
+    for split, doc in documents:
+        docs[split].append(doc)
+        chars[split] += len(doc)
+        if chars[split] >= TASK_CHARS:
+            yield split, docs.pop(split)
+            chars[split] = 0
+    for split, rest in docs.items():
+        yield split, rest
+
+
+def encode_documents(model_file, documents, workers=1):
+    """Yield (split, ids, bytes, documents) per task of `documents` ((split, text) pairs), in order.
+
+    workers > 1: that many processes encode, a few tasks ahead of the caller (memory stays flat
+    however long the input is); 1: encode in this process.
+    """
+    if workers <= 1:
+        _start_encoder(model_file)
+        yield from map(_encode, _tasks(documents))
+        return
+    # spawn: the caller may hold threads (dataset readers) that a forked child would inherit
+    with multiprocessing.get_context("spawn").Pool(workers, _start_encoder, (str(model_file),)) as pool:
+        pending = collections.deque()
+        for task in _tasks(documents):
+            pending.append(pool.apply_async(_encode, (task,)))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class ShardWriter:
+    """Appends token arrays to one split's shard files, <split>-00000.bin, ..., of shard_tokens
+    tokens each (the last one shorter); documents may continue from one shard into the next."""
+
+    def __init__(self, folder, split, shard_tokens, dtype):
+        self.folder, self.split, self.shard_tokens, self.dtype = Path(folder), split, shard_tokens, dtype
+        self.parts, self.buffered, self.names = [], 0, []
+
+    def add(self, ids):
+        self.parts.append(ids)
+        self.buffered += len(ids)
+        while self.buffered >= self.shard_tokens:
+            self._write(self.shard_tokens)
+
+    def _write(self, n):
+        data = np.concatenate(self.parts).astype(self.dtype, copy=False)
+        name = f"{self.split}-{len(self.names):05d}.bin"
+        write_tokens(self.folder / name, data[:n])
+        self.names.append(name)
+        self.parts, self.buffered = [data[n:]], len(data) - n
+
+    def close(self):
+        """Write what is left; delete shards of this split that an earlier prepare left behind."""
+        if self.buffered:
+            self._write(self.buffered)
+        for old in self.folder.glob(f"{self.split}-[0-9][0-9][0-9][0-9][0-9].bin"):
+            if old.name not in self.names:
+                old.unlink()
+        return self.names
+
+
+def prepare_documents(out_dir, documents, source, workers=1, shard_tokens=SHARD_TOKENS, progress=True):
+    """Tokenize (split, text) pairs with out_dir/tokenizer.model, each document followed by the
+    end-of-text token, into train and val shards and meta.json; returns the meta dict."""
+    out_dir = Path(out_dir)
+    model_file = out_dir / SPM_FILE
+    tok = SentencePieceTokenizer(model_file)
+    if tok.eot_id is None:
+        raise DataError(f"{model_file} has no end-of-text (eos) piece to separate documents; train one here "
+                        "(leave out the tokenizer model) or use a model with an eos piece")
+    dtype = token_dtype(tok.vocab_size)
+    writers = {split: ShardWriter(out_dir, split, shard_tokens, dtype) for split in ("train", "val")}
+    counts = {split: {"tokens": 0, "bytes": 0, "documents": 0} for split in writers}
+    bar = tqdm(desc=f"tokenizing ({workers} worker{'s' * (workers > 1)})", unit="B", unit_scale=True,
+               unit_divisor=1000, disable=not progress, dynamic_ncols=True)
+    for split, ids, n_bytes, n_docs in encode_documents(model_file, documents, workers):
+        writers[split].add(ids)
+        c = counts[split]
+        c["tokens"], c["bytes"], c["documents"] = c["tokens"] + len(ids), c["bytes"] + n_bytes, c["documents"] + n_docs
+        bar.update(n_bytes)
+        bar.set_postfix(docs=counts["train"]["documents"] + counts["val"]["documents"], refresh=False)
+    bar.close()
+    for split, c in counts.items():
+        if c["documents"] == 0:
+            raise DataError(f"the {split} split of {source.get('name', 'the input')} holds no documents; give more "
+                            "text, or name a val split or a larger val fraction")
+    splits = {split: {**counts[split], "shards": writers[split].close()} for split in writers}
+    meta = {"format": 1, "tokenizer": tok.to_meta(), "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+            "splits": splits, "source": source}
+    write_meta(out_dir, meta)
+    return meta
