@@ -1,0 +1,75 @@
+"""Weights & Biases logging for train.py (config wandb_log=True; pip install 'sqrllm[wandb]').
+
+A run logs the resolved config once, then every metrics row (train loss, lr, tokens/s, ...; val
+loss and bits per byte) at its step, and at each evaluation a text sample drawn from the model.
+The run id goes into the checkpoint, so a resumed training continues the same wandb run.
+WANDB_MODE=offline works: the run is written under out_dir/wandb/ for a later `wandb sync`.
+"""
+
+import html
+from pathlib import Path
+
+import torch
+
+from sqrllm.config import ConfigError
+from sqrllm.model import SqrLLM
+from sqrllm.sampling import SamplingParams, Sampler
+from sqrllm.tokenizer import from_meta
+
+SAMPLE_TOKENS = 200  # tokens per eval-time sample
+SAMPLE_PARAMS = SamplingParams(temperature=0.8, top_k=200)
+
+
+class WandbRun:
+    """A wandb run, or nothing at all (wandb_log=False, or a rank other than 0): every method is a no-op."""
+
+    def __init__(self, cfg, out_dir, run_id=None, meta=None, data_folder=None, enabled=True):
+        self.run, self.id, self.samples = None, run_id, []
+        self.meta, self.data_folder, self.seed = meta, data_folder, cfg.seed
+        if not (cfg.wandb_log and enabled):
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("wandb_log=True needs the wandb package: pip install 'sqrllm[wandb]' "
+                              "(or set wandb_log=False)") from None
+        self.wandb = wandb
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, id=run_id,
+                              resume="allow", dir=str(out_dir), config=cfg.to_dict())
+        self.id = self.run.id
+
+    def log(self, row):
+        """One metrics row (a dict with "step")."""
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=int(row["step"]))
+
+    def log_sample(self, model, step):
+        """Draw a sample from `model` (a SqrLLM) and log it with the ones before, as a table."""
+        if self.run is None or not isinstance(model, SqrLLM):
+            return
+        text = draw_sample(model, from_meta(self.meta["tokenizer"], self.data_folder), self.meta.get("eot_id"),
+                           self.seed + step)
+        self.samples.append([step, text])
+        table = self.wandb.Table(columns=["step", "sample"], data=[list(r) for r in self.samples])
+        self.run.log({"samples": table, "sample": self.wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
+
+    def finish(self):
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def draw_sample(model, tokenizer, eot_id=None, seed=0, max_new_tokens=SAMPLE_TOKENS):
+    """Text the model writes from the start of a document (after an end-of-text token, or a newline)."""
+    was_training = model.training
+    model.eval()
+    try:
+        # eager and through the model's own forward: the compiled training graphs are for other shapes
+        with torch.compiler.set_stance("force_eager"):
+            sampler = Sampler(model, tokenizer, step="plain")
+            sampler.feed([eot_id] if eot_id is not None else tokenizer.encode("\n"))
+            generator = torch.Generator(device=sampler.device).manual_seed(seed)
+            return "".join(p[0] for p in sampler.stream(max_new_tokens, SAMPLE_PARAMS, (), 1, generator))
+    finally:
+        model.train(was_training)
