@@ -1,0 +1,56 @@
+"""torch.compile sees each block as one graph (the scan is one opaque op, not a graph break), fuses
+the sqrll layer's elementwise work around it, and computes what eager mode computes."""
+
+import re
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from sqrllm.gpt import GPT
+from sqrllm.model import SqrLLM
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_block_is_one_graph():
+    torch.manual_seed(0)
+    x, mem = torch.randn(2, 16, 32), torch.randn(2, 32)
+    sqrll = SqrLLM(65, n_layer=1, n_embd=32, dropout=0.1)
+    gpt = GPT(65, 16, n_layer=1, n_head=4, n_embd=32, dropout=0.1)
+    calls = [(sqrll.blocks[0], (x,)), (sqrll.blocks[0], (x, mem)), (sqrll.blocks[1], (x,)),
+             (gpt.blocks[0], (x,)), (gpt.blocks[1], (x,))]
+    for block, inputs in calls:
+        e = torch._dynamo.explain(block)(*inputs)
+        assert (e.graph_count, e.graph_break_count) == (1, 0), (type(block.inner).__name__, e.break_reasons)
+    idx = torch.randint(0, 65, (2, 16))
+    for model in (SqrLLM(65, n_layer=2, n_embd=32), gpt):
+        e = torch._dynamo.explain(model)(idx, idx)
+        assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+
+
+@pytest.mark.slow
+def test_compiled_sqrll_block_fuses_and_matches_eager():
+    torch.manual_seed(0)
+    block = SqrLLM(65, n_layer=1, n_embd=32).blocks[0]
+    x, mem = torch.randn(2, 16, 32, requires_grad=True), torch.randn(2, 32)
+    (out, new_mem), code = run_and_get_code(torch.compile(block), x, mem)
+    code = "\n".join(code)
+    # forward: norm | gates, fused with the scan's inputs | softsign * sigmoid(og) | residual add,
+    # around the two matrix multiplies and the one scan op
+    assert len(set(re.findall(r"cpp_fused_\w+", code))) <= 4
+    assert code.count("extern_kernels.addmm(") + code.count("extern_kernels.mm(") == 2
+    assert code.count("torch.ops.sqrllm.scan_fwd.default(") == 1
+    dy = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, dy)
+    want, want_mem = block(x, mem)
+    (want_gx,) = torch.autograd.grad(want, x, dy)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(new_mem, want_mem)
+    torch.testing.assert_close(gx, want_gx)
