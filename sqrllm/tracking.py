@@ -21,11 +21,13 @@ SAMPLE_PARAMS = SamplingParams(temperature=0.8, top_k=200)
 
 
 class WandbRun:
-    """A wandb run, or nothing at all (wandb_log=False, or a rank other than 0): every method is a no-op."""
+    """A wandb run, or nothing at all (wandb_log=False, or a rank other than 0): every method is a no-op.
 
-    def __init__(self, cfg, out_dir, run_id=None, meta=None, data_folder=None, enabled=True):
-        self.run, self.id, self.samples = None, run_id, []
-        self.meta, self.data_folder, self.seed = meta, data_folder, cfg.seed
+    Made before anything is written (it checks that wandb is installed); `start` opens the run.
+    """
+
+    def __init__(self, cfg, enabled=True):
+        self.cfg, self.run, self.id, self.samples, self.wandb = cfg, None, None, [], None
         if not (cfg.wandb_log and enabled):
             return
         try:
@@ -34,9 +36,16 @@ class WandbRun:
             raise ConfigError("wandb_log=True needs the wandb package: pip install 'sqrllm[wandb]' "
                               "(or set wandb_log=False)") from None
         self.wandb = wandb
+
+    def start(self, out_dir, run_id=None, meta=None, data_folder=None):
+        """Open the run in out_dir/wandb; run_id (from a checkpoint) continues that run."""
+        self.id, self.meta, self.data_folder = run_id, meta, data_folder
+        if self.wandb is None:
+            return
+        cfg = self.cfg
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, id=run_id,
-                              resume="allow", dir=str(out_dir), config=cfg.to_dict())
+        self.run = self.wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, id=run_id,
+                                   resume="allow", dir=str(out_dir), config=cfg.to_dict())
         self.id = self.run.id
 
     def log(self, row):
@@ -49,7 +58,7 @@ class WandbRun:
         if self.run is None or not isinstance(model, SqrLLM):
             return
         text = draw_sample(model, from_meta(self.meta["tokenizer"], self.data_folder), self.meta.get("eot_id"),
-                           self.seed + step)
+                           self.cfg.seed + step)
         self.samples.append([step, text])
         table = self.wandb.Table(columns=["step", "sample"], data=[list(r) for r in self.samples])
         self.run.log({"samples": table, "sample": self.wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
