@@ -280,4 +280,5 @@ def load_model(path, device="cpu"):
     cfg = Config(**ckpt["config"])
     model = SqrLLM.from_config(cfg, ckpt["vocab_size"])
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), from_meta(ckpt["tokenizer"]), ckpt
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent  # the tokenizer's files are beside ckpt
+    return model.to(device).eval(), from_meta(ckpt["tokenizer"], folder), ckpt

@@ -27,9 +27,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from sqrllm import checkpoint, distributed
+from sqrllm import checkpoint, distributed, tracking
 from sqrllm.config import Config, ConfigError
-from sqrllm.data import DataError, RandomBatches, StreamBatches, check_ids, read_meta, read_tokens
+from sqrllm.data import (DataError, RandomBatches, StreamBatches, copy_tokenizer_files, read_meta, read_split,
+                         reset_token)
 from sqrllm.flops import flops_per_token, mfu, peak_flops
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
@@ -95,9 +96,7 @@ def load_dataset(cfg):
                else f"python data/text/prepare.py --input YOUR_FILES --name {cfg.dataset}")
         raise DataError(f"dataset '{cfg.dataset}' not found in {folder}; prepare it first: {how}")
     meta = read_meta(folder)
-    train, val = read_tokens(folder / "train.bin"), read_tokens(folder / "val.bin")
-    for name, tokens in (("train.bin", train), ("val.bin", val)):
-        check_ids(tokens, meta["vocab_size"], folder / name)
+    train, val = read_split(folder, meta, "train"), read_split(folder, meta, "val")  # shards read as one; ids checked
     if len(val) < 2:
         raise DataError(f"{folder / 'val.bin'} holds {len(val)} token; evaluation needs at least 2 (one input, "
                         "one target): re-run the dataset's prepare.py with more text or a larger val share")
@@ -343,6 +342,7 @@ def _train(cfg, launched):
              "checkpoint (to continue that run instead, pass --init_from=resume)")
 
     model = (GPT if cfg.model == "gpt" else SqrLLM).from_config(cfg, meta["vocab_size"]).to(device)
+    model.reset_token = reset_token(cfg, meta)  # reset_at_eot: memory restarts at each end-of-text
     if dd.enabled:  # one init on every rank (seeded above), then each rank's own dropout masks
         torch.manual_seed(cfg.seed + dd.rank)
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
@@ -378,14 +378,17 @@ def _train(cfg, launched):
             torch.manual_seed(cfg.seed + dd.rank + step)  # the saved ranks no longer match: fresh dropout per rank
         notes.append(f"resuming {ckpt_path} at step {step}")
 
+    wandb_run = tracking.WandbRun(cfg, enabled=dd.is_main)  # no-op unless wandb_log; checks wandb is installed
     # Everything is checked: from here on, out_dir is written.
     if dd.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(out_dir / "metrics.jsonl" if dd.is_main else None)
+    wandb_run.start(out_dir, ckpt and ckpt.get("wandb_run_id"), meta, Path(cfg.data_dir) / cfg.dataset)
     if ckpt is not None and dd.is_main and (dropped := metrics.drop_after(step)):
         notes.append(f"dropped {dropped} metrics.jsonl rows past step {step} (a run that went on beyond it)")
     if dd.is_main:
         cfg.save(out_dir / "config.json")
+        copy_tokenizer_files(meta, Path(cfg.data_dir) / cfg.dataset, out_dir)  # out_dir alone serves sample.py
     cuda = device.startswith("cuda")
     if cfg.compile and cuda:
         # block by block: blocks of one kind share one compiled graph (seconds, not minutes, to
@@ -425,6 +428,7 @@ def _train(cfg, launched):
         ckpt = {
             "format": checkpoint.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "config": cfg.to_dict(), "vocab_size": meta["vocab_size"],
+            "wandb_run_id": wandb_run.id,  # a resumed run continues this wandb run
             "tokenizer": meta["tokenizer"], "world_size": dd.world_size, "step": run["step"],
             "best_val": run["best_val"], "tokens_seen": run["tokens_seen"], **own,
             "state": [distributed.gather_rows(s.detach()).cpu() for s in run["state"] or []],
@@ -463,6 +467,8 @@ def _train(cfg, launched):
             row["val_bpb_stream"] = bits_per_byte(row["val_loss_stream"], meta)
         row["elapsed"] = time.time() - launched
         metrics.log(**row)
+        wandb_run.log(row)
+        wandb_run.log_sample(model, step)
         text = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val"))
         if dd.is_main:
             tqdm.write(f"step {step}: {text} ({row['elapsed']:.1f}s)")
@@ -559,7 +565,9 @@ def _train(cfg, launched):
                     perf = {"tok_per_s": tok_s, "mfu": mfu(flops_tok, tok_s, peak, dd.world_size),
                             "mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                             "grad_norm": grad_norm.item()}
-                    metrics.log(step=step, elapsed=now - launched, tokens=tokens_seen, loss=train_loss, lr=lr, **perf)
+                    row = dict(step=step, elapsed=now - launched, tokens=tokens_seen, loss=train_loss, lr=lr, **perf)
+                    metrics.log(**row)
+                    wandb_run.log(row)
                     bar.set_postfix_str(f"loss {train_loss:.4f}, {perf_text(perf)}")
                     if dd.is_main and not cfg.progress:
                         tqdm.write(f"step {step}: loss {train_loss:.4f}, lr {lr:.2e}, {perf_text(perf)} "
@@ -583,4 +591,5 @@ def _train(cfg, launched):
                     break
         finally:
             bar.close()
+    wandb_run.finish()
     return {"step": step, "ckpt": str(out_dir / checkpoint.NEWEST), "best_val": best_val, "last_eval": last_eval_row}
