@@ -1,0 +1,118 @@
+"""The shakespeare_char race on one GPU, and sqrllm against the GPT baseline in the same harness.
+
+The race: sqrllm reaches a val loss <= 1.46 (the whole val split in windows of 256 characters, memory
+reset at each: the context the GPT sees) within 45 s of launch, start-up, compilation and
+evaluations included; streamed through the whole split (memory carried) the target is <= 1.40.
+Each run is a fresh process; its clock starts at the process's launch (sqrllm.trainer.process_start_time).
+
+    python data/shakespeare_char/prepare.py --input PATH      # once
+    python scripts/bench_gpu_race.py                          # configs/shakespeare_char.py, then the GPT's
+    python scripts/bench_gpu_race.py --only sqrllm --set=--eval_interval=0
+    python scripts/bench_gpu_race.py --variant mem768:--n_mem=768 --variant drop3:--dropout=0.3 \\
+        --set=--max_iters=2000 --parallel 2                   # a sweep: compare losses, not times
+
+With --parallel above 1 the runs share the GPU, so their times and speeds mean nothing; compare
+them at a fixed step count. Prints one table row per run, from the runs' metrics.jsonl.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = {"sqrllm": "configs/shakespeare_char.py", "gpt": "configs/shakespeare_char_gpt.py"}
+LEVELS = (1.60, 1.50, 1.46)
+TARGET, BUDGET, STREAM_TARGET = 1.46, 45.0, 1.40
+
+
+def summarize(label, out_dir, log):
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    params = re.search(r"([\d.]+)M parameters", log)
+    steady = train_rows[1:] or train_rows  # the first interval holds compilation
+    first = {x: next((r["elapsed"] for r in evals if r["val_loss"] <= x), None) for x in LEVELS}
+    best = min(evals, key=lambda r: r["val_loss"])
+    mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
+    mems = [r["mem_gib"] for r in train_rows if r.get("mem_gib") is not None]
+    return {
+        "run": label, "params_m": float(params.group(1)) if params else None, "steps": evals[-1]["step"],
+        "tok_per_s": statistics.median(r["tok_per_s"] for r in steady),
+        "mfu": statistics.median(mfus) if mfus else None, "mem_gib": max(mems) if mems else None,
+        **{f"to_{x:.2f}": first[x] for x in LEVELS},
+        "best_val": best["val_loss"], "best_at": best["elapsed"], "final_val": evals[-1]["val_loss"],
+        "final_stream": evals[-1].get("val_loss_stream"), "wall": evals[-1]["elapsed"],
+    }
+
+
+def table(results):
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    head = ("| run | params | steps | tok/s | MFU | peak GiB | s to 1.60 | s to 1.50 | s to 1.46 | best val (at s) "
+            "| final val | final streamed | wall s |")
+    lines = [head, "|" + "---|" * 13]
+    for r in results:
+        lines.append(
+            f"| {r['run']} | {f(r['params_m'], '.2f')}M | {r['steps']} | {f(r['tok_per_s'], ',.0f')} "
+            f"| {'-' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%'} | {f(r['mem_gib'], '.2f')} "
+            + "".join("| " + f(r[f"to_{x:.2f}"], ".1f") + " " for x in LEVELS)
+            + f"| {r['best_val']:.4f} ({r['best_at']:.1f}) | {r['final_val']:.4f} | {f(r['final_stream'], '.4f')} "
+            f"| {r['wall']:.1f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", action="append", choices=list(RUNS), help="run only these of the two configs")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:OVERRIDES",
+                    help="also run configs/shakespeare_char.py with these space-separated overrides")
+    ap.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE", help="an override for every run")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at once (a sweep; times are then meaningless)")
+    ap.add_argument("--out", default="out/bench_gpu_race", help="parent folder of the runs' out_dirs and logs")
+    ap.add_argument("--table", help="also write the table to this file")
+    args = ap.parse_args()
+
+    jobs = [(name, RUNS[name], []) for name in (args.only or ([] if args.variant else list(RUNS)))]
+    for spec in args.variant:
+        label, _, overrides = spec.partition(":")
+        jobs.append((label, RUNS["sqrllm"], overrides.split()))
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    done = []
+    for label, config, overrides in jobs:
+        while sum(proc.poll() is None for _, proc, _ in done) >= args.parallel:
+            time.sleep(0.5)
+        out_dir = out / label
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        cmd = [sys.executable, "train.py", config, f"--out_dir={out_dir}", "--progress=false", *overrides, *args.set]
+        print("$", " ".join(cmd[1:]), flush=True)
+        log = open(out / f"{label}.log", "w")
+        done.append((label, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), out_dir))
+    results = []
+    for label, proc, out_dir in done:
+        if proc.wait() != 0:
+            print(f"{label}: failed (exit {proc.returncode}); see {out / (label + '.log')}", flush=True)
+            continue
+        results.append(summarize(label, out_dir, (out / f"{label}.log").read_text()))
+        print(f"{label}: done", flush=True)
+    text = table(results)
+    print()
+    print(text)
+    for r in results:
+        if r["run"] == "sqrllm":
+            hit = r["to_1.46"] is not None and r["to_1.46"] <= BUDGET
+            stream = r["final_stream"] is not None and r["final_stream"] <= STREAM_TARGET
+            print(f"\nrace: val <= {TARGET} within {BUDGET:.0f} s: {'met' if hit else 'NOT met'}; "
+                  f"streamed <= {STREAM_TARGET}: {'met' if stream else 'NOT met'}")
+    if args.table:
+        Path(args.table).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
