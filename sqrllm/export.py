@@ -41,6 +41,7 @@ KNOWN = "SqrLLM, Block, SqrllLayer, GatedMLP, nn.Embedding, nn.Linear, nn.RMSNor
 CONFIG_KEYS = {
     "shape (read from the modules)": ("n_layer", "n_embd", "n_mem", "n_ffn", "mlp_every", "tie_weights", "bias"),
     "identity at inference": ("dropout",),
+    "the model kind (only model='sqrll' exports; n_head is the GPT's)": ("model", "n_head"),
     "initialization only": ("init", "init_std", "forget_init", "max_timescale"),
     "training and system only": (
         "out_dir", "init_from", "log_interval", "eval_interval", "eval_only", "eval_stream", "eval_max_tokens",
@@ -48,7 +49,7 @@ CONFIG_KEYS = {
         "batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "max_time", "learning_rate",
         "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip", "device",
         "dtype", "compile", "num_threads", "seed", "keep_checkpoints", "max_bad_steps", "allow_batch_change",
-        "deterministic"),
+        "deterministic", "peak_flops"),
 }
 
 
@@ -73,6 +74,8 @@ def bf16_bits(t):
 
 
 def check_config(config):
+    if (config or {}).get("model", "sqrll") != "sqrll":
+        raise ExportError(f"model={config['model']!r}: the exporter and its C++ runtime support sqrll models only")
     known = {key for keys in CONFIG_KEYS.values() for key in keys}
     for key in config or {}:
         if key not in known:
