@@ -49,7 +49,8 @@ CONFIG_KEYS = {
         "batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "max_time", "learning_rate",
         "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip", "device",
         "dtype", "compile", "num_threads", "seed", "keep_checkpoints", "max_bad_steps", "allow_batch_change",
-        "deterministic", "peak_flops"),
+        "deterministic", "peak_flops", "wandb_log", "wandb_project", "wandb_run_name"),
+    "memory restarts at end-of-text (refused when true: the runtime keeps its memory there)": ("reset_at_eot",),
 }
 
 
@@ -82,6 +83,9 @@ def check_config(config):
             raise ExportError(f"config key '{key}' (= {config[key]!r}) is unknown to the exporter, which cannot tell "
                               "whether it changes the model; add it to CONFIG_KEYS in sqrllm/export.py, and teach the "
                               "C++ runtime what it does if it changes the forward pass")
+    if (config or {}).get("reset_at_eot"):
+        raise ExportError("reset_at_eot=True: the model restarts its memory at each end-of-text token, which the C++ "
+                          "runtime does not do; export a model trained with reset_at_eot=False")
 
 
 def read_tokenizer(tokenizer_meta, vocab_size, base_dir=None):
