@@ -45,14 +45,19 @@ class CheckpointError(ValueError):
 
 
 class _Hashing:
-    """A write-only file that hashes what passes through it."""
+    """A write-only file that hashes what passes through it, and keeps the OSError of a failed write
+    (torch.save reports it as a RuntimeError without the errno)."""
 
     def __init__(self, f):
-        self.f, self.sha256 = f, hashlib.sha256()
+        self.f, self.sha256, self.error = f, hashlib.sha256(), None
 
     def write(self, data):
         self.sha256.update(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self):
         self.f.flush()
@@ -82,7 +87,12 @@ def save(path, obj):
     try:
         with open(tmp, "wb") as f:
             out = _Hashing(f)
-            torch.save(obj, out)
+            try:
+                torch.save(obj, out)
+            except RuntimeError:
+                if out.error is not None:
+                    raise out.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
