@@ -1,0 +1,115 @@
+"""wandb_log=True in WANDB_MODE=offline: the run folder under out_dir holds the resolved config, the
+metrics rows of metrics.jsonl and the eval-time samples; a resumed run continues the same run id."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sqrllm import checkpoint
+from sqrllm.config import ConfigError, load_config
+from sqrllm.prepare import prepare_text
+from sqrllm.trainer import train
+
+wandb = pytest.importorskip("wandb")
+from wandb.proto import wandb_internal_pb2  # noqa: E402
+
+TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300))
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+
+
+def records(path):
+    """The records of a .wandb file: a 7-byte header, then LevelDB-log chunks (32 KiB blocks, each
+    chunk: crc32, length, type) holding protobuf Records."""
+    data, pos, block, buf = Path(path).read_bytes(), 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        n, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if kind == 0 and n == 0:
+            break
+        buf += data[pos + 7 : pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            yield record
+            buf = b""
+
+
+def history(run_dir):
+    """{step: {key: value}} of the logged rows, and the config keys, of one offline run folder."""
+    rows, config = {}, {}
+    for r in records(next(Path(run_dir).glob("run-*.wandb"))):
+        kind = r.WhichOneof("record_type")
+        if kind == "history":
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            rows.setdefault(row.pop("_step"), {}).update(row)
+        elif kind in ("run", "config"):
+            updates = r.run.config.update if kind == "run" else r.config.update
+            config.update({i.key: json.loads(i.value_json) for i in updates})
+    return rows, config
+
+
+def tiny(root, out, *extra):
+    return load_config([f"--data_dir={root}", "--dataset=tiny", f"--out_dir={out}", "--n_layer=1", "--n_embd=32",
+                        "--batch_size=4", "--block_size=32", "--log_interval=5", "--eval_interval=10",
+                        "--eval_max_tokens=500", "--progress=false", "--num_threads=1", "--compile=false",
+                        "--wandb_log=true", "--wandb_project=sqrllm-test", "--wandb_run_name=tiny", *extra])
+
+
+def test_offline_run_holds_config_metrics_and_samples_and_resume_reuses_the_id(tmp_path):
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    prepare_text(tmp_path / "tiny", [tmp_path / "corpus.txt"], level="char")
+    out = tmp_path / "run"
+    train(tiny(tmp_path, out, "--max_iters=20"))
+    run_id = checkpoint.load(out / "ckpt.pt")["wandb_run_id"]
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert run_id and [r.name.rsplit("-", 1)[1] for r in runs] == [run_id]
+    rows, config = history(runs[0])
+    assert config["n_embd"] == 32 and config["wandb_run_name"] == "tiny" and config["dataset"] == "tiny"
+    want = {}  # metrics.jsonl's rows merged by step, as wandb merges what is logged at one step
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        want.setdefault(row.pop("step"), {}).update({k: v for k, v in row.items() if v is not None})
+    for step, row in want.items():
+        for key, value in row.items():
+            assert rows[step][key] == pytest.approx(value), (step, key)
+    assert {"loss", "tok_per_s", "lr"} <= set(rows[5]) and {"val_loss", "val_bpb"} <= set(rows[10])
+    tables = sorted((runs[0] / "files" / "media" / "table").glob("samples_*.table.json"))
+    samples = json.loads(tables[-1].read_text())
+    assert samples["columns"] == ["step", "sample"] and [r[0] for r in samples["data"]] == [10, 20]
+    assert all(isinstance(r[1], str) and r[1] for r in samples["data"])
+
+    train(tiny(tmp_path, out, "--max_iters=30", "--init_from=resume"))
+    assert checkpoint.load(out / "ckpt.pt")["wandb_run_id"] == run_id
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[1].name.endswith(f"-{run_id}")
+    rows, _ = history(runs[1])
+    assert {25, 30} <= set(rows) and min(rows) > 20 and "val_loss" in rows[30]
+
+
+def test_without_wandb_the_error_says_how_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("no wandb")
+        return real_import(name, *args, **kwargs)
+
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    prepare_text(tmp_path / "tiny", [tmp_path / "corpus.txt"], level="char")
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(ConfigError, match=r"pip install 'sqrllm\[wandb\]'"):
+        train(tiny(tmp_path, tmp_path / "run", "--max_iters=2"))
+    assert not (tmp_path / "run").exists()
