@@ -172,3 +172,9 @@ def test_export_knows_the_new_keys_and_refuses_reset_at_eot():
     check_config(load_config([]).to_dict())
     with pytest.raises(ExportError, match="reset_at_eot=True: the model restarts its memory"):
         check_config(load_config(["--reset_at_eot=true"]).to_dict())
+
+
+@pytest.mark.parametrize("name", ["tinystories", "fineweb_edu"])
+def test_real_data_configs_load(name):
+    cfg = load_config([f"configs/{name}.py"])
+    assert cfg.dataset == name and cfg.out_dir == f"out/{name}" and cfg.reset_at_eot and cfg.batching == "stream"
