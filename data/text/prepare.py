@@ -1,6 +1,7 @@
-"""Prepare any local text files or folders, byte- or char-level.
+"""Prepare any local text files or folders, byte-, char- or SentencePiece-level.
 
     python data/text/prepare.py --input notes/ more.txt --level byte --name mytext
+    python data/text/prepare.py --input notes/ --level sentencepiece --vocab_size 4096 --name mytext
 
 writes data/<name>/{train,val}.bin and meta.json; train with --dataset=<name>.
 """
@@ -15,7 +16,11 @@ from sqrllm.prepare import prepare_text
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="text files and/or folders (walked, sorted)")
-    ap.add_argument("--level", choices=("byte", "char"), default="byte", help="tokenizer (default: byte)")
+    ap.add_argument("--level", choices=("byte", "char", "sentencepiece"), default="byte",
+                    help="tokenizer (default: byte)")
+    ap.add_argument("--vocab_size", type=int, default=8192, help="SentencePiece pieces to train (default: 8192)")
+    ap.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece algorithm")
+    ap.add_argument("--tokenizer_model", help="an existing SentencePiece .model to use instead of training one")
     ap.add_argument("--name", default="text", help="dataset folder name under data/ (default: text)")
     ap.add_argument("--val_fraction", type=float, default=0.1, help="share of the text, from the end, for val")
     ap.add_argument("--errors", choices=("strict", "replace"), default="strict",
@@ -23,7 +28,8 @@ if __name__ == "__main__":
     args = ap.parse_args()
     out = Path(__file__).resolve().parent.parent / args.name
     try:
-        meta, replaced = prepare_text(out, args.input, args.level, args.val_fraction, args.errors, args.name)
+        meta, replaced = prepare_text(out, args.input, args.level, args.val_fraction, args.errors, args.name,
+                                      args.vocab_size, args.model_type, args.tokenizer_model)
     except DataError as e:
         sys.exit(f"error: {e}")
     if replaced:
