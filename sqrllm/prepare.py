@@ -231,21 +231,28 @@ def _tasks(documents):
 
 
 def encode_documents(model_file, documents, workers=1):
-    """Yield (split, ids, bytes, documents) per task of `documents` ((split, text) pairs), in order.
+    """-> an iterator of (split, ids, bytes, documents), one per task of `documents` ((split, text)
+    pairs), in order.
 
-    workers > 1: that many processes encode, a few tasks ahead of the caller (memory stays flat
-    however long the input is); 1: encode in this process.
+    workers > 1: that many processes encode, started now (before the caller starts threads), a few
+    tasks ahead of the consumer, so memory stays flat however long the input is; 1: this process.
     """
     if workers <= 1:
         _start_encoder(model_file)
-        yield from map(_encode, _tasks(documents))
-        return
-    # spawn: the caller may hold threads (dataset readers) that a forked child would inherit
-    with multiprocessing.get_context("spawn").Pool(workers, _start_encoder, (str(model_file),)) as pool:
+        return map(_encode, _tasks(documents))
+    # fork where there is one (no start-up cost: the workers need nothing re-imported), as
+    # torch's DataLoader and datasets' map do on Linux
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(workers, _start_encoder, (str(model_file),))
+    return _in_order(pool, _tasks(documents), 2 * workers)
+
+
+def _in_order(pool, tasks, ahead):
+    with pool:
         pending = collections.deque()
-        for task in _tasks(documents):
+        for task in tasks:
             pending.append(pool.apply_async(_encode, (task,)))
-            if len(pending) > 2 * workers:
+            if len(pending) > ahead:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
@@ -294,9 +301,10 @@ def prepare_documents(out_dir, documents, source, workers=1, shard_tokens=SHARD_
     dtype = token_dtype(tok.vocab_size)
     writers = {split: ShardWriter(out_dir, split, shard_tokens, dtype) for split in ("train", "val")}
     counts = {split: {"tokens": 0, "bytes": 0, "documents": 0} for split in writers}
+    encoded = encode_documents(model_file, documents, workers)
     bar = tqdm(desc=f"tokenizing ({workers} worker{'s' * (workers > 1)})", unit="B", unit_scale=True,
                unit_divisor=1000, disable=not progress, dynamic_ncols=True)
-    for split, ids, n_bytes, n_docs in encode_documents(model_file, documents, workers):
+    for split, ids, n_bytes, n_docs in encoded:
         writers[split].add(ids)
         c = counts[split]
         c["tokens"], c["bytes"], c["documents"] = c["tokens"] + len(ids), c["bytes"] + n_bytes, c["documents"] + n_docs
