@@ -16,9 +16,7 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,17 +29,12 @@ from sqrllm import checkpoint, distributed, tracking
 from sqrllm.config import Config, ConfigError
 from sqrllm.data import (DataError, RandomBatches, StreamBatches, copy_tokenizer_files, read_meta, read_split,
                          reset_token)
+from sqrllm.faults import (EXIT_DIVERGED, EXIT_NO_WRITE, EXIT_PREEMPTED, RunStopped, StopSignals, check_model_keys,
+                           check_resume, nonfinite, restart_data)
 from sqrllm.flops import flops_per_token, mfu, peak_flops
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
 from sqrllm.prepare import prepare_builtin
-from sqrllm.tokenizer import from_meta
-
-MODEL_KEYS = ("n_layer", "n_embd", "n_mem", "n_ffn", "mlp_every", "tie_weights", "bias")
-
-EXIT_DIVERGED = 65  # max_bad_steps non-finite steps in a row; the last good state was checkpointed
-EXIT_NO_WRITE = 74  # a checkpoint could not be written (disk full, permissions); the previous one is intact
-EXIT_PREEMPTED = 75  # SIGTERM or SIGINT: the step finished and a checkpoint was written; resume to go on
 
 
 def process_start_time():
@@ -199,105 +192,6 @@ def perf_text(row):
         parts.append(f"peak mem {row['mem_gib']:.2f} GiB")
     parts.append(f"grad norm {row['grad_norm']:.3f}")
     return ", ".join(parts)
-
-
-class RunStopped(Exception):
-    """The run stopped before max_iters; `code` is the exit status train.py returns (one of EXIT_*)."""
-
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
-
-
-class StopSignals:
-    """While active, SIGTERM and SIGINT only note that they came: the loop finishes its step, saves and
-    stops. A second signal is counted and otherwise ignored, so a checkpoint being written completes."""
-
-    def __init__(self):
-        self.received, self.count, self._previous = None, 0, {}
-
-    def _handle(self, signum, frame):
-        # no printing here: the loop may be inside a write to the same stream
-        self.received = self.received or signal.Signals(signum).name
-        self.count += 1
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-def nonfinite(loss, grad_norm=None):
-    """A 0-dim tensor, 1 if the step's loss or gradient norm is not finite, else 0.
-
-    One flag per step, read with one device sync. Under data parallelism, an all-reduce of it with
-    op=MAX makes every rank skip the same steps."""
-    flag = (~torch.isfinite(loss)).float()
-    if grad_norm is not None:
-        flag = torch.maximum(flag, (~torch.isfinite(grad_norm)).float())
-    return flag
-
-
-def _saved(ckpt, key):
-    """A config value as the checkpoint saved it (the default, for keys older checkpoints lack)."""
-    return ckpt["config"].get(key, Config.__dataclass_fields__[key].default)
-
-
-def _world_size(ckpt):
-    """How many data-parallel processes wrote `ckpt`."""
-    return ckpt.get("world_size", len(ckpt.get("ranks", [None])))
-
-
-def check_resume(cfg, ckpt, path, meta, world_size=1):
-    """Refuse a checkpoint this run cannot continue; -> the data layout changes the user allowed."""
-    keys = MODEL_KEYS + ("model",) + (("n_head",) if cfg.model == "gpt" else ())
-    diff = [f"{k}: {_saved(ckpt, k)} -> {getattr(cfg, k)}" for k in keys if _saved(ckpt, k) != getattr(cfg, k)]
-    if diff:
-        raise ConfigError(f"cannot resume {path}: the model shape differs from the checkpoint's ({'; '.join(diff)}); "
-                          "keep these keys as they were, or start a new out_dir")
-    tok, saved_tok = meta["tokenizer"], ckpt["tokenizer"]
-    if ckpt["vocab_size"] != meta["vocab_size"] or tok.get("kind") != saved_tok.get("kind") or (
-            tok.get("kind") == "char" and tok.get("chars") != saved_tok.get("chars")):
-        raise DataError(f"{path} was trained with a {saved_tok.get('kind')} tokenizer of vocab_size "
-                        f"{ckpt['vocab_size']}, but dataset '{cfg.dataset}' has a {tok.get('kind')} tokenizer of "
-                        f"{meta['vocab_size']}; resume on the dataset the checkpoint was trained on")
-    changed = [f"{k} {_saved(ckpt, k)} -> {getattr(cfg, k)}" for k in ("batch_size", "batching")
-               if _saved(ckpt, k) != getattr(cfg, k)]
-    if _world_size(ckpt) != world_size:
-        changed.append(f"world size (processes) {_world_size(ckpt)} -> {world_size}")
-    if changed and not cfg.allow_batch_change:
-        raise ConfigError(f"cannot resume {path}: {'; '.join(changed)}; the data streams and the carried memory "
-                          "depend on these, so keep them, or pass --allow_batch_change=true to restart the streams "
-                          "at the saved progress with zero memory")
-    return changed
-
-
-def check_model_keys(model, saved, path):
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in saved.items()}
-    diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-    if diff:
-        shown = "; ".join(f"{k}: {theirs.get(k, 'absent')} -> {ours.get(k, 'absent')}" for k in diff[:10])
-        raise ConfigError(f"cannot resume {path}: {len(diff)} parameters differ from the checkpoint's ({shown}); "
-                          "keep the model config as it was, or start a new out_dir")
-
-
-def restart_data(batches, ckpt, n_tokens, cfg):
-    """After an allowed batch change: with stream batching before and after, every row starts at the
-    saved mean progress through its stretch; otherwise the data starts over. -> what was done."""
-    if _saved(ckpt, "batching") == "stream" and cfg.batching == "stream":
-        old_length = (n_tokens - 1) // (_saved(ckpt, "batch_size") * _world_size(ckpt))
-        cursors = [r["data"]["cursor"] for r in ckpt.get("ranks", [ckpt])]
-        progress = float(torch.cat(cursors).double().mean()) / max(1, old_length)
-        cursor = batches.state_dict()["cursor"]
-        batches.load_state_dict({"cursor": torch.full_like(cursor, int(progress * batches.length))})
-        return f"the {cursor.numel()} data streams start {progress:.0%} of the way through their stretches"
-    return "the data starts over (random batching draws from the seed again)"
 
 
 def train(cfg: Config, launched=None):
@@ -533,6 +427,8 @@ def _train(cfg, launched):
                         scaler.update()
                     state = state_in  # the memory out of a non-finite forward is not carried on
                     what = f"loss {step_loss.item()}, gradient norm {grad_norm.item()}"
+                    if dd.enabled:  # the flag came from any rank; the numbers and cursor are rank 0's
+                        what += " on rank 0, skipped on all ranks"
                     where = {"cursor": data_in["cursor"].tolist()} if "cursor" in data_in else {}
                     metrics.log(step=step + 1, elapsed=time.time() - launched, tokens=tokens_seen,
                                 skipped=what, **where)

@@ -208,6 +208,25 @@ def test_corrupt_newest_checkpoint_is_named_and_resume_falls_back(three_checkpoi
     assert checkpoint.load(out)["step"] == 30
 
 
+def test_sample_names_a_corrupt_checkpoint_and_reads_a_run_folder(three_checkpoints, tmp_path, capsys):
+    sample = runpy.run_path(str(ROOT / "sample.py"))["main"]
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints, out)
+    flags = ["--prompt=line", "--max_new_tokens=8", "--device=cpu", "--quiet"]
+    sample([f"--ckpt={out}", *flags])
+    assert capsys.readouterr().out.startswith("line")
+    newest = out / "ckpt-000030.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(data)
+    with pytest.raises(SystemExit) as stop:
+        sample([f"--ckpt={newest}", *flags])
+    assert str(stop.value.code).startswith(f"error: checkpoint {newest} is truncated or corrupt")
+    sample([f"--ckpt={out}", *flags])  # a run's folder: its newest intact checkpoint
+    captured = capsys.readouterr()
+    assert captured.out.startswith("line") and f"using {out / 'ckpt-000020.pt'} (step 20)" in captured.err
+
+
 def test_write_failing_half_way_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     entries = []
     for step in (1, 2):

@@ -1,0 +1,119 @@
+"""Faults under data parallelism (two gloo ranks under torchrun on the CPU): a non-finite loss on one
+rank only stops both at the same step with one checkpoint; SIGTERM to the launcher makes every rank
+finish the step and save one consistent checkpoint, with no hang, and the run resumes exactly."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sqrllm import checkpoint
+from sqrllm.prepare import prepare_text
+from sqrllm.trainer import EXIT_DIVERGED
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+STEPS = 40
+
+# train.py in each torchrun process; with POISON_FROM=k, rank 1's loss is +inf from its k-th training
+# forward on (a constant added to it: that rank's gradients stay finite, only its loss flag is raised).
+RANK_SCRIPT = """
+import os, runpy, sys, torch
+from sqrllm.model import SqrLLM
+
+poison_from, calls, forward = int(os.environ.get("POISON_FROM", -1)), [0], SqrLLM.forward
+
+def poisoned(self, idx, targets=None, state=None, last_only=False):
+    logits, loss, state = forward(self, idx, targets, state, last_only)
+    if self.training:
+        if os.environ["RANK"] == "1" and 0 <= poison_from <= calls[0]:
+            loss = loss + torch.tensor(float("inf"))
+        calls[0] += 1
+    return logits, loss, state
+
+SqrLLM.forward = poisoned
+sys.exit(runpy.run_path(sys.argv[1])["main"](sys.argv[2:]))
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "corpus.txt").write_text(TEXT)
+    prepare_text(root / "tiny", [root / "corpus.txt"], level="char", val_fraction=0.1)
+    (root / "rank.py").write_text(RANK_SCRIPT)
+    return root
+
+
+def torchrun(root, out_dir, *extra, env=None, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(root / "rank.py"), str(ROOT / "train.py"), f"--data_dir={root}", "--dataset=tiny",
+           f"--out_dir={out_dir}", "--n_layer=2", "--n_embd=16", "--batch_size=2", "--block_size=16",
+           "--dropout=0.1", "--learning_rate=1e-2", "--warmup_iters=2", f"--lr_decay_iters={STEPS}",
+           "--log_interval=1", "--eval_interval=10", "--eval_max_tokens=200", "--eval_batch_size=4",
+           "--deterministic=true", "--progress=false", "--num_threads=1", "--device=cpu", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def rows(out_dir):
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed", "tok_per_s", "mfu", "mem_gib")}
+            for line in lines]
+
+
+@pytest.mark.slow
+def test_non_finite_loss_on_one_rank_stops_both_at_the_same_step(setup, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(setup, out, f"--max_iters={STEPS}", "--max_bad_steps=2", env={"POISON_FROM": "5"})
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    stops = [line for line in stderr.splitlines() if line.startswith("error: steps 6-7 all had a non-finite loss")]
+    assert len(stops) == 2, stderr[-3000:]  # both ranks, the same steps
+    assert stderr.count(f"exitcode  : {EXIT_DIVERGED} ") == 2  # torchrun's report of each rank's status
+    ckpt = checkpoint.load(out)
+    assert ckpt["step"] == 5 and len(ckpt["ranks"]) == 2 and [s.shape[0] for s in ckpt["state"]] == [4, 4]
+    skipped = [r for r in rows(out) if "skipped" in r]
+    assert [r["step"] for r in skipped] == [6, 7]
+    assert "skipped on all ranks" in skipped[0]["skipped"] and "loss inf" not in skipped[0]["skipped"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_saves_one_checkpoint_and_resumes_exactly(setup, tmp_path):
+    reference = tmp_path / "reference"
+    ref = torchrun(setup, reference, f"--max_iters={STEPS}")
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-3000:]
+
+    out = tmp_path / "run"
+    proc = torchrun(setup, out, f"--max_iters={STEPS}")
+    for line in proc.stdout:
+        if line.startswith("step ") and "loss" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=120)  # no hang
+    assert proc.returncode != 0  # torchrun's own status: it reports the signal it got
+    ckpt = checkpoint.load(out)
+    assert 1 <= ckpt["step"] < STEPS and len(ckpt["ranks"]) == 2
+    # each rank (exit status EXIT_PREEMPTED) says it saved that one step
+    assert stderr.count(f"saved step {ckpt['step']} to {out / 'ckpt'}") == 2, stderr[-3000:]
+
+    resumed = torchrun(setup, out, f"--max_iters={STEPS}", "--init_from=resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    assert rows(out) == rows(reference)
+    a, b = checkpoint.load(out), checkpoint.load(reference)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["state"], b["state"]))
+    assert [r["data"]["cursor"].tolist() for r in a["ranks"]] == [r["data"]["cursor"].tolist() for r in b["ranks"]]
