@@ -77,8 +77,16 @@ def draw_sample(model, tokenizer, eot_id=None, seed=0, max_new_tokens=SAMPLE_TOK
         # eager and through the model's own forward: the compiled training graphs are for other shapes
         with torch.compiler.set_stance("force_eager"):
             sampler = Sampler(model, tokenizer, step="plain")
-            sampler.feed([eot_id] if eot_id is not None else tokenizer.encode("\n"))
+            sampler.feed([eot_id] if eot_id is not None else _start_ids(tokenizer))
             generator = torch.Generator(device=sampler.device).manual_seed(seed)
             return "".join(p[0] for p in sampler.stream(max_new_tokens, SAMPLE_PARAMS, (), 1, generator))
     finally:
         model.train(was_training)
+
+
+def _start_ids(tokenizer):
+    """A newline, or token 0 for a vocabulary without one (a char corpus of a single line)."""
+    try:
+        return tokenizer.encode("\n") or [0]
+    except ValueError:
+        return [0]
