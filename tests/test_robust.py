@@ -5,6 +5,7 @@ import ast
 import errno
 import json
 import os
+import re
 import resource
 import runpy
 import shutil
@@ -462,7 +463,7 @@ def test_bad_input_is_one_error_before_anything_is_written(bad_data, three_check
     captured = capsys.readouterr()
     assert code == 1
     line = one_error_line(captured.err)
-    assert __import__("re").search(message, line), line
+    assert re.search(message, line), line
     assert snapshot(out) == before
 
 
