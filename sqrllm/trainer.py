@@ -35,6 +35,7 @@ from sqrllm.flops import flops_per_token, mfu, peak_flops
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
 from sqrllm.prepare import prepare_builtin
+from sqrllm.tokenizer import from_meta
 
 
 def process_start_time():
@@ -89,6 +90,13 @@ def load_dataset(cfg):
                else f"python data/text/prepare.py --input YOUR_FILES --name {cfg.dataset}")
         raise DataError(f"dataset '{cfg.dataset}' not found in {folder}; prepare it first: {how}")
     meta = read_meta(folder)
+    try:  # the tokenizer and its files are usable (sample.py will need them beside the checkpoint)
+        vocab = from_meta(meta["tokenizer"], folder).vocab_size
+    except (ValueError, ImportError) as e:
+        raise DataError(f"{folder / 'meta.json'}: {e}") from None
+    if vocab != meta["vocab_size"]:
+        raise DataError(f"{folder / 'meta.json'} says vocab_size {meta['vocab_size']} but its tokenizer has {vocab} "
+                        "tokens; re-run the dataset's prepare.py")
     train, val = read_split(folder, meta, "train"), read_split(folder, meta, "val")  # shards read as one; ids checked
     if len(val) < 2:
         raise DataError(f"{folder / 'val.bin'} holds {len(val)} token; evaluation needs at least 2 (one input, "

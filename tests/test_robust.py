@@ -425,11 +425,22 @@ def bad_data(data_dir):
         meta.update(vocab_size=10, tokenizer={"kind": "char", "chars": meta["tokenizer"]["chars"][:10]})
         (d / "meta.json").write_text(json.dumps(meta))
 
+    def no_model(d):
+        meta = json.loads((d / "meta.json").read_text())
+        meta["tokenizer"] = {"kind": "sentencepiece", "model_file": "tokenizer.model"}
+        (d / "meta.json").write_text(json.dumps(meta))
+
+    def meta_vocab(d):
+        meta = json.loads((d / "meta.json").read_text())
+        meta["vocab_size"] += 7
+        (d / "meta.json").write_text(json.dumps(meta))
+
     def short_val(d):
         from sqrllm.data import write_tokens
         write_tokens(d / "val.bin", np.array([3], dtype=np.uint8))
 
-    for name, damage in (("trunc", truncate), ("magic", magic), ("vocab", vocab), ("shortval", short_val)):
+    for name, damage in (("trunc", truncate), ("magic", magic), ("vocab", vocab), ("shortval", short_val),
+                         ("nomodel", no_model), ("metavocab", meta_vocab)):
         variant(name, damage)
     return data_dir
 
@@ -447,6 +458,8 @@ def snapshot(folder):
     (["--dataset=magic"], "magic/train.bin is not a sqrllm token file \\(bad magic\\); re-run"),
     (["--dataset=vocab"], "vocab/train.bin holds token id .* but the tokenizer's vocab_size is 10"),
     (["--dataset=shortval"], "shortval/val.bin holds 1 token; evaluation needs at least 2"),
+    (["--dataset=nomodel"], "nomodel/meta.json: SentencePiece model .*nomodel/tokenizer.model not found"),
+    (["--dataset=metavocab"], "metavocab/meta.json says vocab_size 47 but its tokenizer has 40 tokens; re-run"),
     (["--dataset=nothing"], "dataset 'nothing' not found in .*; prepare it first"),
     (["--init_from=resume", "--dataset=bytes"], "ckpt-000030.pt was trained with a char tokenizer of vocab_size "
                                                 ".*, but dataset 'bytes' has a byte tokenizer of 256"),
