@@ -4,6 +4,8 @@
 - `FastStep`: the same arithmetic as a flat list of tensor ops on weights prepared once: no scan
   op, no module calls, no chunk copies, and the state updated in place (h = r * h + u). On a CPU
   it is 3-4x faster than `PlainStep` at batch 1 (see scripts/bench_sample.py).
+- `NativeStep`: the same again as one C++ call per token (kernels/decode_cpu.cpp), its matrix
+  rows split among the CPU threads: float32 on the CPU, the fastest there.
 - `CudaGraphStep`: `FastStep` captured once in a CUDA graph and replayed, so one step costs one
   launch instead of a hundred.
 
@@ -12,9 +14,15 @@ Every step has the signature `step(ids, state) -> logits`: ids (B,) long, state 
 The weights are read when the step is built: build a new step after changing them.
 """
 
+import ctypes
+import functools
+import warnings
+import weakref
+
 import torch
 import torch.nn.functional as F
 
+from sqrllm import cpu
 from sqrllm.model import GatedMLP, SqrllLayer
 
 
@@ -152,15 +160,86 @@ class CudaGraphStep:
         return self.logits.clone()
 
 
+class NativeStep:
+    """`FastStep`'s arithmetic as one C++ call per token (kernels/decode_cpu.cpp, built by
+    sqrllm.cpu): float32 models on the CPU. Every matrix's rows are split among torch's CPU
+    threads, so that a batch-1 step, which is bound by memory bandwidth, draws on every core."""
+
+    def __init__(self, model):
+        self.lib = cpu.load()
+        param = next(model.parameters())
+        if param.device.type != "cpu" or param.dtype != torch.float32:
+            raise ValueError(f"NativeStep runs float32 models on the CPU, not {param.dtype} on {param.device}")
+        self.vocab_size = model.vocab_size
+        self.n_mem = model.n_mem
+        self._keep = []  # the tensors whose memory the kernel reads
+
+        def ptr(t):
+            t = t.detach().contiguous()
+            self._keep.append(t)
+            return t.data_ptr()
+
+        def folded(norm, linear):  # (out, in): the norm's weight folded into the columns
+            return ptr(linear.weight.detach() * norm.weight.detach()[None, :])
+
+        plan = self.lib.sq_plan_new(model.wte.embedding_dim, model.vocab_size, ptr(model.wte.weight),
+                                    folded(model.norm_f, model.lm_head), model.norm_f.eps)
+        self._free = weakref.finalize(self, self.lib.sq_plan_free, plan)
+        self.plan = plan
+        for block in model.blocks:
+            inner = block.inner
+            if isinstance(inner, SqrllLayer):
+                kind, m = 0, inner.n_mem
+            elif isinstance(inner, GatedMLP):
+                kind, m = 1, inner.out.in_features
+            else:
+                raise TypeError(f"NativeStep: unknown block {type(inner).__name__}")
+            self.lib.sq_plan_add(plan, kind, m, block.norm.eps, folded(block.norm, inner.proj),
+                                 ptr(_bias(inner.proj)), ptr(inner.out.weight), ptr(_bias(inner.out)))
+
+    def bind(self, state):
+        return [h.contiguous() for h in state]
+
+    def __call__(self, ids, state):
+        B = ids.shape[0]
+        ids = ids.to(torch.long).contiguous()
+        for h in state:
+            if not (h.is_contiguous() and h.dtype == torch.float32 and h.shape == (B, self.n_mem)):
+                raise ValueError(f"NativeStep: state tensors must be contiguous float32 (B, n_mem) = "
+                                 f"{(B, self.n_mem)}; pass the list that bind() returns")
+        pointers = (ctypes.c_void_p * len(state))(*[h.data_ptr() for h in state])
+        logits = torch.empty(B, self.vocab_size)
+        if self.lib.sq_step(self.plan, B, ids.data_ptr(), pointers, logits.data_ptr(), torch.get_num_threads()):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {ids.tolist()}")
+        return logits
+
+
 def make_step(model, kind="auto", batch_size=1):
-    """A step for `model`: kind "plain", "fast", "graph" (CUDA only) or "auto" (graph on CUDA,
-    fast elsewhere)."""
+    """A step for `model`. kind: "plain", "fast", "native" (float32 on the CPU), "graph" (CUDA), or
+    "auto": graph on CUDA, native for float32 on the CPU (fast, with a warning, if the kernel
+    cannot be built), fast otherwise."""
+    param = next(model.parameters())
     if kind == "auto":
-        kind = "graph" if next(model.parameters()).is_cuda else "fast"
+        if param.is_cuda:
+            kind = "graph"
+        elif param.device.type == "cpu" and param.dtype == torch.float32:
+            ok, why = cpu.available()
+            if not ok:
+                _warn_once(f"sqrllm: the C++ decode step is unavailable ({why}); using the slower PyTorch step")
+            kind = "native" if ok else "fast"
+        else:
+            kind = "fast"
     if kind == "plain":
         return PlainStep(model)
     if kind == "fast":
         return FastStep(model)
+    if kind == "native":
+        return NativeStep(model)
     if kind == "graph":
         return CudaGraphStep(model, batch_size)
-    raise ValueError(f"unknown step kind {kind!r}; use 'auto', 'plain', 'fast' or 'graph'")
+    raise ValueError(f"unknown step kind {kind!r}; use 'auto', 'plain', 'fast', 'native' or 'graph'")
+
+
+@functools.cache
+def _warn_once(message):
+    warnings.warn(message, stacklevel=3)

@@ -12,7 +12,8 @@ import torch
 
 from sqrllm import checkpoint
 from sqrllm.config import Config
-from sqrllm.decode import CudaGraphStep, FastStep, PlainStep
+from sqrllm import cpu
+from sqrllm.decode import CudaGraphStep, FastStep, NativeStep, PlainStep
 from sqrllm.model import SqrLLM
 from sqrllm.sampling import (Sampler, SamplingParams, StateError, TextStream, apply_penalties, filter_logits,
                              generate, pick)
@@ -104,6 +105,10 @@ def main_stdout(capsys, *args):
 # --- the decode step ---
 
 
+NATIVE = pytest.mark.skipif(not cpu.available()[0], reason=f"C++ decode kernel unavailable: {cpu.available()[1]}")
+STEPS = {"fast": FastStep, "native": NativeStep}
+
+
 @pytest.mark.parametrize("step", ["plain", "fast"])
 def test_greedy_equals_argmax_of_full_forward(step):
     model = tiny_model(torch.float64)
@@ -118,14 +123,15 @@ def test_greedy_equals_argmax_of_full_forward(step):
     assert got == seq[len(prompt):]
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-@pytest.mark.parametrize("kw", [{}, {"bias": False, "tie_weights": False, "mlp_every": 1, "n_mem": 32},
+@pytest.mark.parametrize("step,dtype,tol", [("fast", torch.float64, 1e-12), ("fast", torch.float32, 2e-5),
+                                           pytest.param("native", torch.float32, 2e-5, marks=NATIVE)])
+@pytest.mark.parametrize("kw", [{}, {"bias": False, "tie_weights": False, "mlp_every": 1, "n_mem": 32, "n_embd": 30},
                                 {"mlp_every": 0, "n_layer": 1}])
-def test_fast_step_equals_plain_step(dtype, tol, kw):
+def test_fast_steps_equal_plain_step(step, dtype, tol, kw):
     model = tiny_model(dtype, **kw)
     B = 3
-    plain_state, fast_state = model.init_state(B, dtype=dtype), model.init_state(B, dtype=dtype)
-    plain, fast = PlainStep(model), FastStep(model)
+    plain, fast = PlainStep(model), STEPS[step](model)
+    plain_state, fast_state = model.init_state(B, dtype=dtype), fast.bind(model.init_state(B, dtype=dtype))
     ids = torch.randint(0, model.vocab_size, (30, B), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         for t in range(30):
@@ -139,11 +145,36 @@ def test_fast_step_equals_plain_step(dtype, tol, kw):
 def test_fast_greedy_text_equals_plain_greedy_text():
     model = tiny_model(n_layer=4, n_embd=64, n_mem=64, n_ffn=128)
     texts = []
-    for step in ("plain", "fast"):
+    for step in ("plain", "fast") + (("native",) if cpu.available()[0] else ()):
         sampler = Sampler(model, step=step)
         sampler.feed([1, 2, 3])
         texts.append(torch.cat(list(sampler.tokens(300, SamplingParams(temperature=0)))).tolist())
-    assert texts[0] == texts[1]
+    assert all(t == texts[0] for t in texts[1:])
+
+
+@NATIVE
+def test_native_step_gives_the_same_bits_on_any_number_of_threads():
+    model = tiny_model(n_embd=64, n_mem=64, n_ffn=96)
+    step = NativeStep(model)
+    outs = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        state = step.bind(model.init_state(2))
+        outs.append(torch.stack([step(torch.tensor([t % 40, 7]), state) for t in range(10)]))
+    torch.set_num_threads(1)
+    assert torch.equal(outs[0], outs[1])
+
+
+@NATIVE
+def test_native_step_rejects_what_it_cannot_run():
+    model = tiny_model()
+    step = NativeStep(model)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        step(torch.tensor([40]), step.bind(model.init_state(1)))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        step(torch.tensor([1, 2]), [torch.zeros(24, 2).t()] * 3)
+    with pytest.raises(ValueError, match="float32 models on the CPU"):
+        NativeStep(tiny_model(torch.float64))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
