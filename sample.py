@@ -65,9 +65,12 @@ def parse_args(argv):
     ap.add_argument("--save_state", metavar="FILE", help="save the position after the prompt to FILE")
     ap.add_argument("--load_state", metavar="FILE", help="start from a position saved with --save_state")
     ap.add_argument("--quiet", action="store_true", help="no speeds or notes on stderr")
-    ap.add_argument("--step", default="auto", choices=["auto", "fast", "graph", "plain"],
-                    help="decode step: auto = CUDA graph on a GPU, fast elsewhere; plain = the model's forward")
+    ap.add_argument("--step", default="auto", choices=["auto", "native", "fast", "graph", "plain"],
+                    help="decode step: auto = a CUDA graph on a GPU, the C++ step (native) on a CPU; fast = "
+                         "PyTorch ops; plain = the model's own forward")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = torch's default (all cores). "
+                                                           "1 is steadier on a machine busy with other work")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 0 or args.num_samples < 1:
         ap.error("--max_new_tokens must be >= 0 and --num_samples >= 1")
@@ -84,6 +87,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, tok, _ = load_model(args.ckpt, device)

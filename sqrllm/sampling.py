@@ -188,8 +188,9 @@ def fingerprint(model, tokenizer=None):
 class Sampler:
     """A model, its tokenizer and a position: feed text, generate from it, keep or restore it.
 
-    model: a SqrLLM in eval mode. step: "auto" (a CUDA graph on a GPU, the fast step elsewhere),
-    "fast", "graph" or "plain" (the model's own forward, the reference). prefill_chunk: prompt
+    model: a SqrLLM in eval mode. step: "auto" (a CUDA graph on a GPU, the C++ step for float32
+    on a CPU), "native", "fast", "graph" or "plain" (the model's own forward, the reference); see
+    sqrllm.decode. prefill_chunk: prompt
     tokens per parallel forward (memory is constant in the prompt length).
     """
 
@@ -273,9 +274,7 @@ class Sampler:
 
     def _step(self):
         kind, B = self.step_kind, self.batch_size
-        if kind == "auto":
-            kind = "graph" if self.device.type == "cuda" else "fast"
-        key = (kind, B if kind == "graph" else 0)
+        key = (kind, B if kind in ("auto", "graph") and self.device.type == "cuda" else 0)
         if key not in self._steps:
             self._steps[key] = make_step(self.model, kind, B)
         return self._steps[key]
