@@ -114,18 +114,26 @@ def pick(logits, params=None, generator=None, recent=None):
 
 
 class TextStream:
-    """Token ids -> text for one row: whole characters only, cut before the first stop string.
+    """Token ids -> text for one row: whole characters only, cut before the first stop string, and
+    ended by the tokenizer's end-of-text token (its `eot_id`, if it has one).
 
     Text that could be the start of a stop string is held back until it is known not to be."""
 
     def __init__(self, tokenizer, stop=()):
         self.decoder = StreamDecoder(tokenizer)
+        self.eot = getattr(tokenizer, "eot_id", None)
         self.stop = [s for s in stop if s]
         self.pending = ""
         self.stopped = False
 
     def feed(self, token):
-        return "" if self.stopped else self._emit(self.decoder.feed(token), final=False)
+        if self.stopped:
+            return ""
+        if token == self.eot:
+            out = self.flush()
+            self.stopped = True
+            return out
+        return self._emit(self.decoder.feed(token), final=False)
 
     def flush(self):
         return "" if self.stopped else self._emit(self.decoder.flush(), final=True)
@@ -308,7 +316,7 @@ class Sampler:
 
     def stream(self, max_new_tokens, params=None, stop=(), num_samples=None, generator=None):
         """Yield lists of text pieces, one per row, as tokens arrive: complete characters only,
-        nothing from the first stop string on. Stops when every row has stopped."""
+        nothing from the first stop string or end-of-text token on. Stops when every row has."""
         if num_samples is not None and self.logits is not None:
             self.expand(num_samples)
         rows = [TextStream(self.tokenizer, stop) for _ in range(self.batch_size)]

@@ -304,6 +304,16 @@ def test_stop_strings_end_generation_and_are_not_printed():
     assert sampler.stats.tokens == len("abc aXbS")  # generation ended at the stop
 
 
+def test_end_of_text_token_ends_the_sample():
+    class WithEot(ByteTokenizer):
+        eot_id = 0
+
+    sampler = Sampler(scripted("ab?\0cd"), WithEot(), step="plain")
+    sampler.feed([0])
+    out = list(sampler.stream(100, SamplingParams(temperature=0), stop=["?!"]))
+    assert "".join(p[0] for p in out) == "ab?" and sampler.stats.tokens == 4
+
+
 def test_text_stream_releases_a_false_start_of_a_stop_string():
     s = TextStream(CHARS, stop=["ab"])
     out = [s.feed(CHARS.index[c]) for c in "aacab"]
