@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sqrllm.optim import AdamW
 from sqrllm.scan import scan
 
 
@@ -167,5 +168,6 @@ class SqrLLM(nn.Module):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        extra = {"fused": True} if device_type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        if device_type == "cuda":
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
+        return AdamW(groups, lr=learning_rate, betas=betas)

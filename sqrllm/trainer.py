@@ -356,7 +356,8 @@ def _train(cfg, launched):
         nonlocal best_val
         row = {"step": step, "tokens": tokens_seen}
         # eager: the compiled blocks are for the training shapes, and new shapes would recompile
-        with torch.compiler.set_stance("force_eager"):
+        # (without compile, nullcontext spares the CPU runs the 2 s import of torch._dynamo)
+        with torch.compiler.set_stance("force_eager") if cfg.compile and cuda else contextlib.nullcontext():
             row["val_loss"] = evaluate(model, val_tokens, cfg, device, dtype, stream=False)
             if cfg.eval_stream:
                 row["val_loss_stream"] = evaluate(model, val_tokens, cfg, device, dtype, stream=True)
