@@ -47,7 +47,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     docs, source = corpus(args.input, args.mb)
     n_bytes = sum(len(d.encode()) for d in docs)
-    print(f"text: {n_bytes / 1e6:.1f} MB, {len(docs):,} documents ({source}); {os.cpu_count()} CPUs")
+    print(f"text: {n_bytes / 1e6:.1f} MB, {len(docs):,} documents ({source}); {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} before")
     try:
         import datasets  # noqa: F401
         from sqrllm.hf import prepare_hf
@@ -86,6 +87,7 @@ def main(argv=None):
                                       tokenizer_model=str(out / "tokenizer.model"), val_fraction=0.001,
                                       cache_dir=str(tmp / "cache"), progress=False)
                     rows.append((model_type, "jsonl via datasets", workers, tokens, time.perf_counter() - t0))
+    print(f"load average {os.getloadavg()[0]:.2f} after")
     print("\n| tokenizer | input | workers | tokens | bytes/token | seconds | MB/s |")
     print("|---|---|---|---|---|---|---|")
     for model_type, what, workers, tokens, dt in rows:
