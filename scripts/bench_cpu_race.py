@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = [  # (label, overrides, target val loss, time budget in seconds)
     ("short", ["--max_iters=600"], 1.88, 25.0),
-    ("long", [], 1.75, 100.0),
+    ("long", ["--eval_stream=true"], 1.75, 100.0),
 ]
 
 
