@@ -1,5 +1,5 @@
 # FineWeb-Edu, the sample-10BT subset (HuggingFaceFW/fineweb-edu): educational web pages,
-# SentencePiece BPE with 8192 pieces, memory restarted at each document's end-of-text. About 84M
+# SentencePiece unigram with 8192 pieces, memory restarted at each document's end-of-text. About 84M
 # parameters, 2B tokens in 30000 steps of 65536 tokens; sized for one large GPU (or torchrun).
 #   python data/fineweb_edu/prepare.py && python train.py configs/fineweb_edu.py
 out_dir = "out/fineweb_edu"

@@ -1,4 +1,4 @@
-# TinyStories (roneneldan/TinyStories): 2.1M short stories, SentencePiece BPE with 4096 pieces,
+# TinyStories (roneneldan/TinyStories): 2.1M short stories, SentencePiece unigram, 4096 pieces,
 # each story followed by end-of-text, where the carried memory restarts. About 19M parameters,
 # 330M tokens (0.7 epoch) in 20000 steps; sized for one GPU.
 #   python data/tinystories/prepare.py && python train.py configs/tinystories.py

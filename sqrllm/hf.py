@@ -31,7 +31,7 @@ PRESETS = {
 }
 DEFAULTS = {"dataset": None, "config": None, "files": None, "val_files": None, "text_field": "text",
             "train_split": "train", "val_split": None, "val_fraction": 0.01, "max_docs": 0, "streaming": False,
-            "tokenizer_model": None, "vocab_size": 8192, "model_type": "bpe", "tokenizer_train_bytes": 1 << 28,
+            "tokenizer_model": None, "vocab_size": 8192, "model_type": "unigram", "tokenizer_train_bytes": 1 << 26,
             "workers": os.cpu_count() or 1, "shard_tokens": SHARD_TOKENS, "cache_dir": None}
 _BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
              ".parquet": "parquet", ".csv": "csv"}
@@ -167,9 +167,9 @@ def main(argv, data_dir, preset=None):
                     help="stream the records instead of downloading and caching the dataset first")
     ap.add_argument("--tokenizer_model", help="an existing SentencePiece .model to use instead of training one")
     ap.add_argument("--vocab_size", type=int, help="SentencePiece vocabulary to train (default: 8192)")
-    ap.add_argument("--model_type", choices=("bpe", "unigram"), help="SentencePiece algorithm (default: bpe)")
+    ap.add_argument("--model_type", choices=("bpe", "unigram"), help="SentencePiece algorithm (default: unigram, twice as fast to encode)")
     ap.add_argument("--tokenizer_train_bytes", type=int, help="train text the tokenizer learns from "
-                    "(default: 256 MiB, the first train documents)")
+                    "(default: 64 MiB, the first train documents)")
     ap.add_argument("--workers", type=int, help="tokenizing processes (default: the CPU count)")
     ap.add_argument("--shard_tokens", type=int, help=f"tokens per shard file (default: {SHARD_TOKENS:,})")
     ap.add_argument("--cache_dir", help="where datasets keeps downloads (default: its own, ~/.cache/huggingface)")
@@ -188,5 +188,9 @@ def main(argv, data_dir, preset=None):
           f"{s['train']['tokens']:,} train tokens ({s['train']['documents']:,} documents, "
           f"{len(s['train']['shards'])} shards), {s['val']['tokens']:,} val tokens "
           f"({s['val']['documents']:,} documents) -> {out}")
+    asked = meta["source"]["tokenizer"].get("trained", {}).get("vocab_size")
+    if asked and asked != meta["vocab_size"]:
+        print(f"note: the tokenizer has {meta['vocab_size']} pieces, not the {asked} asked: the training text holds "
+              "no more (give more text for a larger vocabulary)")
     print(f"train with: python train.py --dataset={out.name} --reset_at_eot=true"
           + (f" --data_dir={args.data_dir}" if Path(args.data_dir).resolve() != Path(data_dir).resolve() else ""))

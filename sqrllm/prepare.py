@@ -120,7 +120,7 @@ def read_text_inputs(paths, errors="strict"):
 
 
 def prepare_text(out_dir, paths, level="byte", val_fraction=0.1, errors="strict", name="text", vocab_size=8192,
-                 model_type="bpe", tokenizer_model=None):
+                 model_type="unigram", tokenizer_model=None):
     """Any local text: the last val_fraction of the concatenated text is val.
 
     level="sentencepiece": a model of vocab_size pieces trained on the train part, or the existing
@@ -166,8 +166,8 @@ def prepare_shakespeare_char(out_dir, input_path=None):
                           {"name": "shakespeare_char", "input": str(input_path), "split": "first 90% train"})
 
 
-def sentencepiece_for(out_dir, train_texts, vocab_size=8192, model_type="bpe", tokenizer_model=None,
-                      max_bytes=1 << 28):
+def sentencepiece_for(out_dir, train_texts, vocab_size=8192, model_type="unigram", tokenizer_model=None,
+                      max_bytes=1 << 26):
     """out_dir/tokenizer.model: a copy of tokenizer_model, or trained on train_texts (an iterable of
     str, read up to max_bytes). -> (the tokenizer, a description of where it came from for meta.json)."""
     path = Path(out_dir) / SPM_FILE

@@ -145,13 +145,14 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be built or trained; the message names the file and the fix."""
 
 
-def train_sentencepiece(texts, path, vocab_size, model_type="bpe", max_bytes=1 << 28):
+def train_sentencepiece(texts, path, vocab_size, model_type="unigram", max_bytes=1 << 26):
     """Train a SentencePiece model on `texts` (an iterable of str) and write it to `path`.
 
     Settings that make any UTF-8 text round-trip: byte fallback, full character coverage, no
     normalization, no dummy prefix, whitespace kept as it is; digits are split. The trainer sees
     the texts' lines (a piece never spans a newline) up to max_bytes of them. The end-of-text
-    piece is SentencePiece's eos, id 1; <unk> is 0 and ids 2-257 are the 256 bytes.
+    piece is SentencePiece's eos, id 1; <unk> is 0 and ids 2-257 are the 256 bytes. A unigram
+    model trained on too little text for vocab_size has fewer pieces; a BPE one is an error.
     Returns {"lines": trained lines, "bytes": their UTF-8 size}.
     """
     import sentencepiece
@@ -175,7 +176,7 @@ def train_sentencepiece(texts, path, vocab_size, model_type="bpe", max_bytes=1 <
             byte_fallback=True, character_coverage=1.0, split_digits=True, normalization_rule_name="identity",
             add_dummy_prefix=False, remove_extra_whitespaces=False, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
             eos_piece=EOT_PIECE, max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
-            minloglevel=2)
+            minloglevel=2, **({"hard_vocab_limit": False} if model_type == "unigram" else {}))
     except RuntimeError as e:
         raise TokenizerError(f"SentencePiece training failed: {str(e).strip()}; with {seen['bytes']:,} bytes of "
                              "training text, lower vocab_size or give more text") from None

@@ -83,18 +83,22 @@ def test_from_meta_looks_in_the_folder(tok, tmp_path):
         from_meta(tok.to_meta(), tmp_path)
 
 
-def test_vocab_too_large_for_the_text_is_an_error(tmp_path):
+def test_vocab_too_large_for_the_text(tmp_path):
     with pytest.raises(TokenizerError, match="lower vocab_size or give more text"):
-        train_sentencepiece(["tiny text"], tmp_path / "t.model", vocab_size=5000, model_type="unigram")
+        train_sentencepiece(["tiny text"], tmp_path / "t.model", vocab_size=5000, model_type="bpe")
+    train_sentencepiece(["tiny text"], tmp_path / "u.model", vocab_size=5000, model_type="unigram")
+    assert 258 < SentencePieceTokenizer(tmp_path / "u.model").vocab_size < 5000  # as many pieces as the text has
 
 
 def test_prepare_text_sentencepiece_round_trips_and_counts_bytes(tmp_path):
-    text = "".join(f"Line {i}: naïve café, 東京 🙂 {i * 7919}\n" for i in range(300))
+    animals = ["cat", "dog", "heron", "otter", "lynx", "wren", "mole", "newt", "toad", "hare", "yak"]
+    text = "".join(f"Line {i}: naïve café, 東京 🙂 the {animals[i % 11]} met a {animals[i * 7 % 11]} {i * 7919}\n"
+                   for i in range(600))
     (tmp_path / "in.txt").write_text(text, encoding="utf-8")
     meta, _ = prepare_text(tmp_path / "ds", [tmp_path / "in.txt"], level="sentencepiece", vocab_size=300,
                            val_fraction=0.1)
     assert meta["tokenizer"] == {"kind": "sentencepiece", "model_file": "tokenizer.model"}
-    assert meta["vocab_size"] == 300 and meta["source"]["tokenizer"]["trained"]["model_type"] == "bpe"
+    assert meta["vocab_size"] == 300 and meta["source"]["tokenizer"]["trained"]["model_type"] == "unigram"
     tok = from_meta(meta["tokenizer"], tmp_path / "ds")
     train_text = tok.decode(read_tokens(tmp_path / "ds" / "train.bin").tolist())
     val_text = tok.decode(read_tokens(tmp_path / "ds" / "val.bin").tolist())
@@ -123,7 +127,7 @@ def test_bits_per_byte_hand_computed(tmp_path):
     assert bits_per_byte(math.log(16), meta) == pytest.approx(1.6)
     # a SentencePiece val split of one document: its bytes are the text's UTF-8 bytes, by hand
     # "naïve" 6 + " " 1 + "café" 5 + " " 1 + "🙂" 4 = 17 (the end-of-text token adds a token, no byte)
-    sentencepiece_for(tmp_path, ["naïve café 🙂 and more text\n" * 50], vocab_size=300)
+    sentencepiece_for(tmp_path, ["naïve café 🙂 and more text\n" * 50], vocab_size=300, model_type="bpe")
     docs = [("train", "naïve café 🙂 and more text")] * 20 + [("val", "naïve café 🙂")]
     meta = prepare_documents(tmp_path, docs, {"name": "t"}, progress=False)
     val = meta["splits"]["val"]

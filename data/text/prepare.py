@@ -19,7 +19,7 @@ if __name__ == "__main__":
     ap.add_argument("--level", choices=("byte", "char", "sentencepiece"), default="byte",
                     help="tokenizer (default: byte)")
     ap.add_argument("--vocab_size", type=int, default=8192, help="SentencePiece pieces to train (default: 8192)")
-    ap.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece algorithm")
+    ap.add_argument("--model_type", choices=("bpe", "unigram"), default="unigram", help="SentencePiece algorithm")
     ap.add_argument("--tokenizer_model", help="an existing SentencePiece .model to use instead of training one")
     ap.add_argument("--name", default="text", help="dataset folder name under data/ (default: text)")
     ap.add_argument("--val_fraction", type=float, default=0.1, help="share of the text, from the end, for val")

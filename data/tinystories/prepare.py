@@ -1,5 +1,5 @@
 """Prepare TinyStories (roneneldan/TinyStories on the Hugging Face Hub): 2.1M short stories,
-SentencePiece BPE with 4096 pieces trained on the train split, the dataset's validation split as val.
+SentencePiece unigram with 4096 pieces trained on the train split, the dataset's validation split as val.
 
     python data/tinystories/prepare.py            # downloads about 1 GB once; then
     python train.py configs/tinystories.py
