@@ -82,10 +82,11 @@ def test_non_finite_loss_on_one_rank_stops_both_at_the_same_step(setup, tmp_path
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0
     stops = [line for line in stderr.splitlines() if line.startswith("error: steps 6-7 all had a non-finite loss")]
-    # every rank that got to print names the same steps (the launcher may stop a rank's output once
-    # the first one exits); torchrun's report shows each rank's status
+    # every rank that got to print names the same steps; once the first rank exits, the launcher
+    # stops the other, so its report may hold one rank's status or both. That both ranks reached
+    # the same step shows in the checkpoint below, gathered from both by a collective.
     assert 1 <= len(stops) <= 2, stderr[-3000:]
-    assert stderr.count(f"exitcode  : {EXIT_DIVERGED} ") == 2
+    assert stderr.count(f"exitcode  : {EXIT_DIVERGED} ") >= 1
     ckpt = checkpoint.load(out)
     assert ckpt["step"] == 5 and len(ckpt["ranks"]) == 2 and [s.shape[0] for s in ckpt["state"]] == [4, 4]
     skipped = [r for r in rows(out) if "skipped" in r]
