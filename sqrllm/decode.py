@@ -2,10 +2,10 @@
 
 - `PlainStep`: the model's own forward at T=1. The reference the others are tested against.
 - `FastStep`: the same arithmetic as a flat list of tensor ops on weights prepared once: no scan
-  op, no module calls, no chunk copies, and the state updated in place (h = r * h + u). On a CPU
-  it is 3-4x faster than `PlainStep` at batch 1 (see scripts/bench_sample.py).
+  op, no module calls, no chunk copies, and the state updated in place (h = r * h + u). On a
+  2-core CPU it is about 1.7x faster than `PlainStep` at batch 1 (docs/benchmarks.md).
 - `NativeStep`: the same again as one C++ call per token (kernels/decode_cpu.cpp), its matrix
-  rows split among the CPU threads: float32 on the CPU, the fastest there.
+  rows split among the CPU threads: float32 on the CPU, about 5x `PlainStep` on 2 cores.
 - `CudaGraphStep`: `FastStep` captured once in a CUDA graph and replayed, so one step costs one
   launch instead of a hundred.
 
@@ -16,6 +16,7 @@ The weights are read when the step is built: build a new step after changing the
 
 import ctypes
 import functools
+import time
 import warnings
 import weakref
 
@@ -115,8 +116,10 @@ def _bias(linear):
 class CudaGraphStep:
     """`FastStep` replayed from a CUDA graph captured for one batch size.
 
-    The graph reads ids and state from static buffers: each call copies them in, replays, and
-    copies the new state back, so callers see the same in-place semantics as the other steps.
+    The graph reads ids and state from static buffers and updates the state there. `bind(state)`
+    copies a state in and returns those buffers; a call with them costs one copy of the ids and
+    one replay. A call with any other list copies it in and the result back out, so that callers
+    see the in-place semantics of the other steps either way.
     """
 
     def __init__(self, model, batch_size):
@@ -162,10 +165,19 @@ class CudaGraphStep:
 
 class NativeStep:
     """`FastStep`'s arithmetic as one C++ call per token (kernels/decode_cpu.cpp, built by
-    sqrllm.cpu): float32 models on the CPU. Every matrix's rows are split among torch's CPU
-    threads, so that a batch-1 step, which is bound by memory bandwidth, draws on every core."""
+    sqrllm.cpu): float32 models on the CPU. Every matrix's rows are split among CPU threads, so
+    that a batch-1 step, which is bound by memory bandwidth, draws on more than one core.
 
-    def __init__(self, model):
+    Threads meet at two barriers per block, so one thread that the OS has put aside (the machine
+    is busy with other work) stalls them all: a step can then take several times longer than on
+    one thread. So the step times itself on 1 thread and on torch.get_num_threads(), keeps to the
+    faster, and tries the other every PROBE_EVERY steps; threads=N fixes the count instead. The
+    result is the same bits either way (every output is summed by one thread, in one order).
+    """
+
+    PROBE_EVERY = 64
+
+    def __init__(self, model, threads=None):
         self.lib = cpu.load()
         param = next(model.parameters())
         if param.device.type != "cpu" or param.dtype != torch.float32:
@@ -173,6 +185,9 @@ class NativeStep:
         self.vocab_size = model.vocab_size
         self.n_mem = model.n_mem
         self._keep = []  # the tensors whose memory the kernel reads
+        self.threads = threads
+        self._seconds = {}  # (batch, threads) -> moving average of a step's wall-clock
+        self._calls = 0
 
         def ptr(t):
             t = t.detach().contiguous()
@@ -209,9 +224,28 @@ class NativeStep:
                                  f"{(B, self.n_mem)}; pass the list that bind() returns")
         pointers = (ctypes.c_void_p * len(state))(*[h.data_ptr() for h in state])
         logits = torch.empty(B, self.vocab_size)
-        if self.lib.sq_step(self.plan, B, ids.data_ptr(), pointers, logits.data_ptr(), torch.get_num_threads()):
+        threads = self._threads(B)
+        t0 = time.perf_counter()
+        if self.lib.sq_step(self.plan, B, ids.data_ptr(), pointers, logits.data_ptr(), threads):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {ids.tolist()}")
+        seconds = time.perf_counter() - t0
+        old = self._seconds.get((B, threads))
+        self._seconds[(B, threads)] = seconds if old is None else 0.8 * old + 0.2 * seconds
         return logits
+
+    def _threads(self, B):
+        """1 or torch.get_num_threads(): the faster so far, the other one step in PROBE_EVERY."""
+        if self.threads:
+            return self.threads
+        most = torch.get_num_threads()
+        if most == 1:
+            return 1
+        self._calls += 1
+        seconds = [self._seconds.get((B, n), 0.0) for n in (1, most)]  # untried: 0, so tried first
+        best = 1 if seconds[0] <= seconds[1] else most
+        if self._calls % self.PROBE_EVERY == 0:
+            return most if best == 1 else 1
+        return best
 
 
 def make_step(model, kind="auto", batch_size=1):

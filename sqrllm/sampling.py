@@ -198,8 +198,8 @@ class Sampler:
 
     model: a SqrLLM in eval mode. step: "auto" (a CUDA graph on a GPU, the C++ step for float32
     on a CPU), "native", "fast", "graph" or "plain" (the model's own forward, the reference); see
-    sqrllm.decode. prefill_chunk: prompt
-    tokens per parallel forward (memory is constant in the prompt length).
+    sqrllm.decode. prefill_chunk: prompt tokens per parallel forward (memory stays constant
+    however long the prompt).
     """
 
     def __init__(self, model, tokenizer=None, step="auto", prefill_chunk=1024):
@@ -227,14 +227,11 @@ class Sampler:
 
     def snapshot(self):
         """A copy of the position, for `restore`."""
-        copy = (lambda t: None if t is None else t.clone())
-        return {"state": None if self.state is None else [h.clone() for h in self.state],
-                "logits": copy(self.logits), "recent": self.recent.clone()}
+        return _copy({"state": self.state, "logits": self.logits, "recent": self.recent})
 
     def restore(self, snap):
-        self.state = None if snap["state"] is None else [h.clone() for h in snap["state"]]
-        self.logits = None if snap["logits"] is None else snap["logits"].clone()
-        self.recent = snap["recent"].clone()
+        snap = _copy(snap)
+        self.state, self.logits, self.recent = snap["state"], snap["logits"], snap["recent"]
 
     def encode(self, text):
         if self.tokenizer is None:
@@ -371,6 +368,13 @@ class Sampler:
         self.state = [h.to(self.device, self.dtype) for h in saved["state"]]
         self.logits = saved["logits"].to(self.device)
         self.recent = saved["recent"].to(self.device)
+
+
+def _copy(position):
+    """Clone the tensors of a position dict (state: a list of tensors or None; others: a tensor or None)."""
+    def clone(v):
+        return None if v is None else [h.clone() for h in v] if isinstance(v, list) else v.clone()
+    return {k: clone(v) for k, v in position.items()}
 
 
 def generate(model, tokenizer, prompt, max_new_tokens=200, num_samples=1, stop=(), seed=None, step="auto",
