@@ -8,8 +8,9 @@ model is the 10M-parameter shape (8 sqrll layers, width 384, a gated MLP of 1024
 layer, 65-token vocabulary), randomly initialised: speed does not depend on the weights. Each token
 is drawn (temperature 0.8, all tokens) and brought to the host, as sample.py does to print it.
 
-"other load" is the CPU time other processes used while a row ran, in cores (from /proc/stat):
-a row taken with more than ~0.05 of it shared the machine and its numbers are low.
+"median far/near" compares the median time per token in the two windows, which a brief burst of
+other work on the machine does not move. "other load" is the CPU time other processes used while
+a row ran, in cores (from /proc/stat): a row taken with more than ~0.05 of it shared the machine.
 """
 
 import argparse
@@ -36,7 +37,8 @@ def cpu_seconds():
 
 
 def measure(model, step, near, far, width, prompt_len):
-    """-> (tokens/s over [near, near + width), over [far, far + width), prefill tokens/s)."""
+    """-> (tokens/s over [near, near + width) and over [far, far + width), each as (throughput,
+    1 / median time per token), and prefill tokens/s)."""
     sampler = Sampler(model, step=step)
     prompt = torch.randint(0, model.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
     sampler.feed(prompt[:16].tolist())  # warm up the prefill path
@@ -45,12 +47,17 @@ def measure(model, step, near, far, width, prompt_len):
     sampler.feed(prompt.tolist())
     prefill = sampler.stats.prefill_tokens / sampler.stats.prefill_seconds
     generator = torch.Generator(device=sampler.device).manual_seed(0)
-    marks = {near: 0.0, near + width: 0.0, far: 0.0, far + width: 0.0}
+    windows = {near: [], far: []}  # start -> times at the end of tokens start .. start + width
     for i, ids in enumerate(sampler.tokens(far + width, SamplingParams(temperature=0.8), generator=generator), 1):
         ids.tolist()
-        if i in marks:
-            marks[i] = time.perf_counter()
-    return (width / (marks[near + width] - marks[near]), width / (marks[far + width] - marks[far]), prefill)
+        for start, times in windows.items():
+            if start <= i <= start + width:
+                times.append(time.perf_counter())
+
+    def rates(times):
+        gaps = torch.tensor(times).diff()
+        return width / (times[-1] - times[0]), 1 / gaps.median().item()
+    return rates(windows[near]), rates(windows[far]), prefill
 
 
 def main():
@@ -74,9 +81,9 @@ def main():
     model = SqrLLM(65, n_layer=8, n_embd=384, n_ffn=args.n_ffn, mlp_every=args.mlp_every).eval()
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, 8 sqrll layers, width 384, n_ffn {args.n_ffn}, "
           f"mlp_every {args.mlp_every}; batch 1; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    head = (f"{'device':<8}{'step':<8}{f'tok/s {args.near}-{args.near + args.width}':>18}"
-            f"{f'tok/s {args.far}-{args.far + args.width}':>22}{'far/near':>10}{f'prefill tok/s ({args.prompt_len})':>24}"
-            f"{'other load':>16}")
+    near_head, far_head = f"{args.near}-{args.near + args.width}", f"{args.far}-{args.far + args.width}"
+    head = (f"{'device':<8}{'step':<8}{'tok/s ' + near_head:>18}{'tok/s ' + far_head:>20}{'far/near':>10}"
+            f"{'median far/near':>17}{f'prefill tok/s ({args.prompt_len})':>24}{'other load':>12}")
     print(head)
     print("-" * len(head))
     for device in devices:
@@ -88,8 +95,8 @@ def main():
             near, far, prefill = measure(model, step, args.near, args.far, args.width, args.prompt_len)
             (all1, ours1), t1 = cpu_seconds(), time.perf_counter()
             others = ((all1 - all0) - (ours1 - ours0)) / (t1 - t0)  # cores' worth used by other processes
-            print(f"{device:<8}{step:<8}{near:>18,.0f}{far:>22,.0f}{far / near:>10.3f}{prefill:>24,.0f}"
-                  f"{others:>16.2f}", flush=True)
+            print(f"{device:<8}{step:<8}{near[0]:>18,.0f}{far[0]:>20,.0f}{far[0] / near[0]:>10.3f}"
+                  f"{far[1] / near[1]:>17.3f}{prefill:>24,.0f}{others:>12.2f}", flush=True)
     print("GPT baseline: none in this repository yet (the GPU-training issue adds it); not compared.")
 
 

@@ -1,5 +1,6 @@
 """The CPU decode kernel: `kernels/decode_cpu.cpp`, compiled on first use with the system C++
-compiler (OpenMP, tuned for this machine) and loaded through ctypes.
+compiler (OpenMP, tuned for this machine; without them where the compiler refuses) and loaded
+through ctypes.
 
 The shared library is cached under $SQRLLM_CACHE (default ~/.cache/sqrllm), keyed by the source,
 the compiler command and this CPU's feature flags, and written by rename so that concurrent first
@@ -19,7 +20,9 @@ from pathlib import Path
 from sqrllm.kernels import SOURCE_DIR
 
 SOURCE = SOURCE_DIR / "decode_cpu.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17"]
+# tried in order: tuned and threaded, then without OpenMP (one thread), then without -march=native
+OPTIONAL = [["-march=native", "-fopenmp"], ["-march=native"], []]
 
 
 def _cpu_flags():
@@ -53,8 +56,8 @@ def load():
 def _build_and_load():
     compiler = shlex.split(os.environ.get("CXX", "c++"))
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(compiler + FLAGS).encode(), _cpu_flags().encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([source, " ".join(compiler + FLAGS + sum(OPTIONAL, [])).encode(),
+                                     _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("SQRLLM_CACHE", Path.home() / ".cache" / "sqrllm"))
     lib_path = cache / f"decode_cpu-{key}.so"
     if not lib_path.exists():
@@ -62,14 +65,20 @@ def _build_and_load():
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
         os.close(fd)
         try:
-            run = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        except OSError as e:
+            for extra in OPTIONAL:
+                try:
+                    run = subprocess.run([*compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True,
+                                         text=True)
+                except OSError as e:
+                    why = f"no C++ compiler ({compiler[0]}: {e.strerror}); set CXX or install g++"
+                    raise ImportError(why) from None
+                if run.returncode == 0:
+                    break
+            else:
+                raise ImportError(f"building {SOURCE.name} failed: {run.stderr.strip()[-2000:]}")
+            os.replace(tmp, lib_path)
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise ImportError(f"no C++ compiler ({compiler[0]}: {e.strerror}); set CXX or install g++") from None
-        if run.returncode != 0:
-            Path(tmp).unlink(missing_ok=True)
-            raise ImportError(f"building {SOURCE.name} failed: {run.stderr.strip()[-2000:]}")
-        os.replace(tmp, lib_path)
     try:
         lib = ctypes.CDLL(str(lib_path))
     except OSError as e:
