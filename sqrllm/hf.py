@@ -167,7 +167,8 @@ def main(argv, data_dir, preset=None):
                     help="stream the records instead of downloading and caching the dataset first")
     ap.add_argument("--tokenizer_model", help="an existing SentencePiece .model to use instead of training one")
     ap.add_argument("--vocab_size", type=int, help="SentencePiece vocabulary to train (default: 8192)")
-    ap.add_argument("--model_type", choices=("bpe", "unigram"), help="SentencePiece algorithm (default: unigram, twice as fast to encode)")
+    ap.add_argument("--model_type", choices=("bpe", "unigram"),
+                    help="SentencePiece algorithm (default: unigram, twice as fast to encode)")
     ap.add_argument("--tokenizer_train_bytes", type=int, help="train text the tokenizer learns from "
                     "(default: 64 MiB, the first train documents)")
     ap.add_argument("--workers", type=int, help="tokenizing processes (default: the CPU count)")

@@ -159,8 +159,8 @@ def moved_checkpoint(tmp_path_factory):
 
 
 def test_checkpoint_folder_alone_is_enough_for_sample_py(moved_checkpoint, tmp_path):
-    cmd = [sys.executable, str(ROOT / "sample.py"), f"--ckpt={moved_checkpoint}", "--prompt=the cat", "--max_new_tokens=40",
-           "--temperature=0", "--device=cpu"]
+    cmd = [sys.executable, str(ROOT / "sample.py"), f"--ckpt={moved_checkpoint}", "--prompt=the cat",
+           "--max_new_tokens=40", "--temperature=0", "--device=cpu"]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)  # not the repo: no data/ around
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("the cat") and "sat on the mat" in run.stdout

@@ -1,7 +1,7 @@
 """Prepare a Hugging Face dataset, or local text/json/jsonl/parquet/csv files, as SentencePiece
 token shards (see sqrllm/hf.py; needs pip install 'sqrllm[hf]').
 
-    python data/hf/prepare.py --dataset roneneldan/TinyStories --val_split validation --vocab_size 4096 --name tinystories
+    python data/hf/prepare.py --dataset roneneldan/TinyStories --val_split validation --name stories
     python data/hf/prepare.py --files notes/*.jsonl --text_field body --val_fraction 0.01 --name notes
     python data/hf/prepare.py --preset fineweb_edu --max_docs 200000
 
