@@ -14,8 +14,10 @@ Every step has the signature `step(ids, state) -> logits`: ids (B,) long, state 
 The weights are read when the step is built: build a new step after changing them.
 """
 
+import collections
 import ctypes
 import functools
+import statistics
 import time
 import warnings
 import weakref
@@ -171,11 +173,12 @@ class NativeStep:
     Threads meet at two barriers per block, so one thread that the OS has put aside (the machine
     is busy with other work) stalls them all: a step can then take several times longer than on
     one thread. So the step times itself on 1 thread and on torch.get_num_threads(), keeps to the
-    faster, and tries the other every PROBE_EVERY steps; threads=N fixes the count instead. The
-    result is the same bits either way (every output is summed by one thread, in one order).
+    faster (by the median of its last few steps, which a lone stall does not move), and tries the
+    other every PROBE_EVERY steps; threads=N fixes the count instead. The result is the same bits
+    either way (every output is summed by one thread, in one order).
     """
 
-    PROBE_EVERY = 64
+    PROBE_EVERY = 48
 
     def __init__(self, model, threads=None):
         self.lib = cpu.load()
@@ -186,7 +189,7 @@ class NativeStep:
         self.n_mem = model.n_mem
         self._keep = []  # the tensors whose memory the kernel reads
         self.threads = threads
-        self._seconds = {}  # (batch, threads) -> moving average of a step's wall-clock
+        self._seconds = {}  # (batch, threads) -> wall-clock seconds of its last 5 steps
         self._calls = 0
 
         def ptr(t):
@@ -229,8 +232,7 @@ class NativeStep:
         if self.lib.sq_step(self.plan, B, ids.data_ptr(), pointers, logits.data_ptr(), threads):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {ids.tolist()}")
         seconds = time.perf_counter() - t0
-        old = self._seconds.get((B, threads))
-        self._seconds[(B, threads)] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self._seconds.setdefault((B, threads), collections.deque(maxlen=5)).append(seconds)
         return logits
 
     def _threads(self, B):
@@ -241,7 +243,7 @@ class NativeStep:
         if most == 1:
             return 1
         self._calls += 1
-        seconds = [self._seconds.get((B, n), 0.0) for n in (1, most)]  # untried: 0, so tried first
+        seconds = [statistics.median(self._seconds.get((B, n), [0.0])) for n in (1, most)]  # untried first
         best = 1 if seconds[0] <= seconds[1] else most
         if self._calls % self.PROBE_EVERY == 0:
             return most if best == 1 else 1
