@@ -79,38 +79,110 @@ static inline float bf16(uint16_t h) {
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
-// w . x over n elements: the hot loop. Eight partial sums, lane l taking elements l, l + 8, ...,
-// added up in a fixed order; no reassociation, so every build gets the same bits.
-static inline float dot(const uint16_t* w, const float* x, int n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int i = 0;
-#if defined(__wasm_simd128__)
-    // The same eight lanes as two f32x4 (this clang does not find that form by itself).
-    v128_t lo = wasm_f32x4_splat(0.0f), hi = lo;
-    for (; i + 8 <= n; i += 8) {
-        const v128_t w8 = wasm_v128_load(w + i);  // 8 bfloat16 -> float32: the bits, shifted up
-        lo = wasm_f32x4_add(lo, wasm_f32x4_mul(wasm_i32x4_shl(wasm_u32x4_extend_low_u16x8(w8), 16),
-                                               wasm_v128_load(x + i)));
-        hi = wasm_f32x4_add(hi, wasm_f32x4_mul(wasm_i32x4_shl(wasm_u32x4_extend_high_u16x8(w8), 16),
-                                               wasm_v128_load(x + i + 4)));
-    }
-    wasm_v128_store(acc, lo);
-    wasm_v128_store(acc + 4, hi);
+// The hot loop: R rows of W x at once (W row-major bfloat16, n columns). Each row is summed in 16
+// lanes, lane j taking columns j, j + 16, j + 32, ...; then the lanes are added in a fixed order
+// and the last n % 16 columns one by one. Nothing is reassociated, so every build gets the same
+// bits; R rows give R independent chains of adds.
+//
+// The vector versions read W as 32-bit words, each holding the bfloat16 of columns 2k and 2k+1:
+// `word << 16` is the float of column 2k, `word & 0xFFFF0000` that of column 2k+1. So they keep the
+// even lanes and the odd lanes in separate registers, against xe and xo: x's even and odd columns
+// of each block of 16 (see split_columns). The plain loop is the reference.
+#if defined(__GNUC__)
+#define SQ_INLINE inline __attribute__((always_inline))  // into each compiled version of linear
 #else
-    for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++) acc[l] += bf16(w[i + l]) * x[i + l];
+#define SQ_INLINE inline
 #endif
-    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < n; i++) s += bf16(w[i]) * x[i];
-    return s;
+
+template <int R>
+static SQ_INLINE void dot_rows(float* out, const uint16_t* w, int n, const float* x, const float* xe, const float* xo) {
+    float even[R][8] = {}, odd[R][8] = {};  // lanes 2l and 2l + 1
+    const int blocks = n / 16;
+#if defined(__wasm_simd128__)
+    const v128_t high = wasm_i32x4_splat((int32_t)0xFFFF0000u);
+    v128_t e0[R], e1[R], o0[R], o1[R];
+    for (int r = 0; r < R; r++) e0[r] = e1[r] = o0[r] = o1[r] = wasm_f32x4_splat(0.0f);
+    for (int b = 0; b < blocks; b++) {
+        const v128_t xe0 = wasm_v128_load(xe + 8 * b), xe1 = wasm_v128_load(xe + 8 * b + 4);
+        const v128_t xo0 = wasm_v128_load(xo + 8 * b), xo1 = wasm_v128_load(xo + 8 * b + 4);
+        for (int r = 0; r < R; r++) {
+            const uint16_t* p = w + (size_t)r * n + 16 * b;
+            const v128_t v0 = wasm_v128_load(p), v1 = wasm_v128_load(p + 8);
+            e0[r] = wasm_f32x4_add(e0[r], wasm_f32x4_mul(wasm_i32x4_shl(v0, 16), xe0));
+            e1[r] = wasm_f32x4_add(e1[r], wasm_f32x4_mul(wasm_i32x4_shl(v1, 16), xe1));
+            o0[r] = wasm_f32x4_add(o0[r], wasm_f32x4_mul(wasm_v128_and(v0, high), xo0));
+            o1[r] = wasm_f32x4_add(o1[r], wasm_f32x4_mul(wasm_v128_and(v1, high), xo1));
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        wasm_v128_store(even[r], e0[r]), wasm_v128_store(even[r] + 4, e1[r]);
+        wasm_v128_store(odd[r], o0[r]), wasm_v128_store(odd[r] + 4, o1[r]);
+    }
+#elif defined(__GNUC__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    // Eight lanes in one vector: one AVX2 register, or two SSE ones.
+    typedef uint32_t u32x8 __attribute__((vector_size(32)));
+    typedef float f32x8 __attribute__((vector_size(32)));
+    f32x8 e[R], o[R];
+    for (int r = 0; r < R; r++) e[r] = o[r] = f32x8{0, 0, 0, 0, 0, 0, 0, 0};
+    for (int b = 0; b < blocks; b++) {
+        f32x8 xe8, xo8;
+        std::memcpy(&xe8, xe + 8 * b, sizeof xe8);
+        std::memcpy(&xo8, xo + 8 * b, sizeof xo8);
+        for (int r = 0; r < R; r++) {
+            u32x8 words;
+            std::memcpy(&words, w + (size_t)r * n + 16 * b, sizeof words);
+            const u32x8 lo = words << 16, hi = words & 0xFFFF0000u;
+            f32x8 we, wo;
+            std::memcpy(&we, &lo, sizeof we);
+            std::memcpy(&wo, &hi, sizeof wo);
+            e[r] += we * xe8;
+            o[r] += wo * xo8;
+        }
+    }
+    for (int r = 0; r < R; r++) std::memcpy(even[r], &e[r], sizeof even[r]), std::memcpy(odd[r], &o[r], sizeof odd[r]);
+#else
+    for (int b = 0; b < blocks; b++)
+        for (int r = 0; r < R; r++)
+            for (int l = 0; l < 8; l++) {
+                const int j = 16 * b + 2 * l;
+                even[r][l] += bf16(w[(size_t)r * n + j]) * x[j];
+                odd[r][l] += bf16(w[(size_t)r * n + j + 1]) * x[j + 1];
+            }
+#endif
+    (void)xe, (void)xo;
+    for (int r = 0; r < R; r++) {
+        float p[8];
+        for (int l = 0; l < 8; l++) p[l] = even[r][l] + odd[r][l];
+        float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+        for (int j = 16 * blocks; j < n; j++) s += bf16(w[(size_t)r * n + j]) * x[j];
+        out[r] = s;
+    }
 }
 
-// y = W x + b
-static void linear(float* y, const Linear& L, const float* x) {
-    for (int o = 0; o < L.n_out; o++) {
-        const float s = dot(L.w + (size_t)o * L.n_in, x, L.n_in);
-        y[o] = L.b ? s + bf16(L.b[o]) : s;
-    }
+// x's even and odd columns of each block of 16, for dot_rows: xe[8 b + l] = x[16 b + 2 l].
+static SQ_INLINE void split_columns(float* xe, float* xo, const float* x, int n) {
+    for (int b = 0; b < n / 16; b++)
+        for (int l = 0; l < 8; l++) xe[8 * b + l] = x[16 * b + 2 * l], xo[8 * b + l] = x[16 * b + 2 * l + 1];
+}
+
+// On x86-64 Linux the hot loop is also compiled for AVX2 and picked at run time: the binary stays
+// portable, and the numbers are the same bits.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define SQ_HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define SQ_HOT
+#endif
+
+// y = W x + b. scratch: room for n_in floats.
+SQ_HOT static void linear(float* y, const Linear& L, const float* x, float* scratch) {
+    const int n = L.n_in;
+    float *xe = scratch, *xo = scratch + n / 2;
+    split_columns(xe, xo, x, n);
+    int o = 0;
+    for (; o + 4 <= L.n_out; o += 4) dot_rows<4>(y + o, L.w + (size_t)o * n, n, x, xe, xo);
+    for (; o < L.n_out; o++) dot_rows<1>(y + o, L.w + (size_t)o * n, n, x, xe, xo);
+    if (L.b)
+        for (o = 0; o < L.n_out; o++) y[o] += bf16(L.b[o]);
 }
 
 static void rmsnorm(float* h, const float* x, const uint16_t* weight, float eps, int C) {
@@ -173,6 +245,7 @@ static inline int utf8_len(unsigned char b) {
 struct Runtime {
     bool ready = false;
     std::vector<float> x, h, z, g, tmp;  // activations of one step
+    std::vector<float> scratch;          // for linear
     std::vector<float> state;            // every sqrll layer's y, then the logits
     float* logits = nullptr;
     std::vector<int> mem_offset;  // per block: offset of its y in state (sqrll blocks only)
@@ -197,7 +270,7 @@ struct Runtime {
             if (B.kind == SQRLL) mem_offset[b] = n_state, n_state += B.out.n_in;
         }
         x.assign(M.n_embd, 0.0f), h.assign(M.n_embd, 0.0f), tmp.assign(M.n_embd, 0.0f);
-        z.assign(widest, 0.0f), g.assign(widest, 0.0f);
+        z.assign(widest, 0.0f), g.assign(widest, 0.0f), scratch.assign(widest, 0.0f);
         state.assign(n_state + M.vocab_size, 0.0f);
         logits = state.data() + n_state;
         if (M.tokenizer.kind == CHAR)
@@ -232,7 +305,7 @@ struct Runtime {
         for (int b = 0; b < M.n_blocks; b++) {
             const Block& B = M.blocks[b];
             rmsnorm(h.data(), x.data(), B.norm, B.eps, C);
-            linear(z.data(), B.proj, h.data());
+            linear(z.data(), B.proj, h.data(), scratch.data());
             if (B.kind == SQRLL) {
                 const int n = B.out.n_in;  // n_mem
                 const float *f = z.data(), *in = f + n, *ig = in + n, *og = ig + n;
@@ -246,11 +319,11 @@ struct Runtime {
                 const int n = B.out.n_in;  // n_ffn
                 for (int c = 0; c < n; c++) g[c] = z[c] * sigmoid(z[n + c]);
             }
-            linear(tmp.data(), B.out, g.data());
+            linear(tmp.data(), B.out, g.data(), scratch.data());
             for (int c = 0; c < C; c++) x[c] += tmp[c];
         }
         rmsnorm(h.data(), x.data(), M.norm_f, M.eps_f, C);
-        linear(logits, M.lm_head, h.data());
+        linear(logits, M.lm_head, h.data(), scratch.data());
         return logits;
     }
 
