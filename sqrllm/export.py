@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from sqrllm import spm_model
+from sqrllm import spm_model, tokenizer
 from sqrllm.checkpoint import load_model
 from sqrllm.model import Block, GatedMLP, SqrLLM, SqrllLayer
 
@@ -89,42 +89,27 @@ def check_config(config):
 
 
 def read_tokenizer(tokenizer_meta, vocab_size, base_dir=None):
-    """-> (the bytes of every token id, a SentencePieceModel or None), from a tokenizer description.
-
-    SentencePiece: {"kind": "sentencepiece", "model_file": path of the .model, relative to base_dir}
-    or {"kind": "sentencepiece", "model": the .model file's bytes}.
-    """
+    """-> (the bytes of every token id, a SentencePieceModel or None), from a tokenizer description
+    (a SentencePiece model_file is looked up in base_dir, the checkpoint's folder)."""
     kind = tokenizer_meta.get("kind")
-    sp = None
-    if kind == "byte":
-        tokens = [bytes([i]) for i in range(256)]
-    elif kind == "char":
-        tokens = [c.encode("utf-8") for c in tokenizer_meta["chars"]]
-        if len(set(tokens)) != len(tokens):
-            raise ExportError("tokenizer: the char vocabulary lists a character twice")
-    elif kind == "sentencepiece":
-        sp = _sentencepiece(tokenizer_meta, base_dir)
-        tokens = [_piece_text(text, t, sp) for text, _, t in sp.pieces]
-    else:
+    if kind not in TOKENIZERS:
         raise ExportError(f"tokenizer kind {kind!r} is not supported by the exporter; it supports "
                           f"{', '.join(map(repr, TOKENIZERS))}")
-    if len(tokens) != vocab_size:
-        raise ExportError(f"tokenizer: {len(tokens)} tokens but the model's embedding has {vocab_size} rows")
-    return tokens, sp
-
-
-def _sentencepiece(meta, base_dir):
-    if "model" in meta:
-        data, name = bytes(meta["model"]), "the SentencePiece model"
-    else:
-        path = Path(base_dir or ".") / meta["model_file"]
-        if not path.is_file():
-            raise ExportError(f"tokenizer: SentencePiece model {path} not found")
-        data, name = path.read_bytes(), str(path)
     try:
-        sp = spm_model.read_model(data)
-    except (ValueError, IndexError, UnicodeDecodeError) as e:
-        raise ExportError(f"tokenizer: {name} is not a SentencePiece model ({e})") from None
+        tok = tokenizer.from_meta(tokenizer_meta, base_dir)
+    except tokenizer.TokenizerError as e:
+        raise ExportError(f"tokenizer: {e}") from None
+    if tok.vocab_size != vocab_size:
+        raise ExportError(f"tokenizer: {tok.vocab_size} tokens but the model's embedding has {vocab_size} rows")
+    tokens = [tok.token_bytes(i) for i in range(vocab_size)]
+    if kind == "char" and len(set(tokens)) != len(tokens):
+        raise ExportError("tokenizer: the char vocabulary lists a character twice")
+    return tokens, _sentencepiece(tok.path) if kind == "sentencepiece" else None
+
+
+def _sentencepiece(path):
+    """The tables of a SentencePiece model, refusing what the C++ encoder does not implement."""
+    sp = spm_model.read_model(Path(path).read_bytes())
     types = [kind for _, _, kind in sp.pieces]
     refuse = [
         (sp.model_type not in (spm_model.UNIGRAM, spm_model.BPE),
@@ -138,19 +123,8 @@ def _sentencepiece(meta, base_dir):
     ]
     for bad, what in refuse:
         if bad:
-            raise ExportError(f"tokenizer: {name} uses {what}, which the exporter does not support")
+            raise ExportError(f"tokenizer: {path} uses {what}, which the exporter does not support")
     return sp
-
-
-def _piece_text(text, kind, sp):
-    """The bytes a SentencePiece token stands for in decoded text."""
-    if kind == spm_model.BYTE:
-        return bytes([int(text[3:5], 16)])  # <0xAB>
-    if kind == spm_model.CONTROL:
-        return b""
-    if kind == spm_model.UNKNOWN:
-        return sp.unk_surface.encode("utf-8")
-    return text.replace("\u2581", " ").encode("utf-8")
 
 
 class _Walk:

@@ -1,6 +1,7 @@
 // SentencePiece encoding in plain C++, from the tables sqrllm.export reads out of a .model file.
 //
-// Follows the reference implementation step by step, so that ids match the sentencepiece package:
+// Follows the reference implementation step by step, so that ids match the sentencepiece package
+// (and sqrllm's SentencePieceTokenizer, which sets U+2581 apart, see encode):
 // 1. normalize: the precompiled character map (longest match in its double-array trie), then
 //    whitespace rules (drop leading, trailing and repeated spaces; a dummy prefix space; spaces
 //    written as U+2581);
@@ -85,8 +86,24 @@ class SentencePiece {
         }
     }
 
-    // UTF-8 text -> ids, appended to out.
+    // UTF-8 text -> ids, appended to out, as sqrllm's SentencePieceTokenizer: with byte fallback,
+    // text holding U+2581 (which SentencePiece cannot tell from an escaped space) is encoded in
+    // parts around it, the character itself as its three byte tokens, so that it round-trips.
     void encode(const char* text, int len, std::vector<int>& out) const {
+        static const char SPACE[] = "\xE2\x96\x81";
+        const std::string t(text, len);
+        size_t at = S->byte_fallback ? t.find(SPACE) : std::string::npos;
+        if (at == std::string::npos) return encode_part(text, len, out);
+        size_t from = 0;
+        for (; at != std::string::npos; from = at + 3, at = t.find(SPACE, from)) {
+            if (at > from) encode_part(text + from, (int)(at - from), out);
+            for (int k = 0; k < 3; k++) out.push_back(byte_ids[(unsigned char)SPACE[k]]);
+        }
+        if (from < t.size()) encode_part(text + from, (int)(t.size() - from), out);
+    }
+
+  private:
+    void encode_part(const char* text, int len, std::vector<int>& out) const {
         const std::string s = normalize(text, len);
         std::vector<std::pair<std::string, int>> pieces;
         if (S->model_type == SP_BPE) bpe(s, pieces);
@@ -103,7 +120,6 @@ class SentencePiece {
         }
     }
 
-  private:
     const SentencePieceSpec* S = nullptr;
     std::unordered_map<std::string, int> ids;  // normal, user-defined and unused pieces
     int byte_ids[256] = {0};
