@@ -45,6 +45,7 @@ from sqrllm.export import ExportError, bf16_bits, export, round_to_bf16
 from sqrllm.model import SqrLLM
 from sqrllm.prepare import prepare_text
 from sqrllm.qrnn import QRNN
+from sqrllm.tokenizer import SentencePieceTokenizer
 from sqrllm.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def need(tool, why):
 
 def trained_checkpoint(root, level, *extra):
     """Train a tiny model on TEXT, round its weights to bfloat16, save; -> checkpoint path."""
-    prepare_text(root / level, [root / "corpus.txt"], level=level, val_fraction=0.1)
+    prepare_text(root / level, [root / "corpus.txt"], level=level, val_fraction=0.1, vocab_size=320)
     out = root / f"run_{level}"
     train(load_config([
         f"--data_dir={root}", f"--dataset={level}", f"--out_dir={out}", "--n_layer=2", "--n_embd=48",
@@ -208,18 +209,21 @@ def test_stream_decoder_replaces_invalid_utf8_as_python_does(lib):
         assert got == data.decode("utf-8", errors="replace").encode(), data
 
 
-def test_char_vocabulary_untied_head_no_bias(corpus):
+@pytest.mark.parametrize("level, options", [
+    ("char", ["--tie_weights=false", "--bias=false", "--n_mem=32", "--n_ffn=80", "--mlp_every=2"]),
+    ("sentencepiece", []),  # the project's SentencePiece setup: identity normalization, byte fallback
+], ids=["char-untied-no-bias", "sentencepiece"])
+def test_other_vocabularies_and_shapes_print_sample_py_text(level, options, corpus):
     need("c++", "compiles the exported model")
-    ckpt = trained_checkpoint(corpus, "char", "--tie_weights=false", "--bias=false", "--n_mem=32", "--n_ffn=80",
-                              "--mlp_every=2", "--max_iters=120")
-    model, _, saved = load_model(ckpt)
-    build = corpus / "build_char"
-    export(model, saved["tokenizer"], build, config=saved["config"])
+    ckpt = trained_checkpoint(corpus, level, "--max_iters=120", *options)
+    build = corpus / f"build_{level}"
+    export_script([f"--ckpt={ckpt}", f"--out={build}"])
     make(build, "sqrllm")
     run = subprocess.run([str(build / "sqrllm"), "-n", str(N_TOKENS), "-t", "0", PROMPT], capture_output=True)
     assert run.stdout == sample_py(ckpt, PROMPT, N_TOKENS)
-    bad = subprocess.run([str(build / "sqrllm"), "-n", "5", "Zebra"], capture_output=True)
-    assert bad.returncode != 0 and b"outside this model's vocabulary at byte 0" in bad.stderr
+    if level == "char":
+        bad = subprocess.run([str(build / "sqrllm"), "-n", "5", "Zebra"], capture_output=True)
+        assert bad.returncode != 0 and b"outside this model's vocabulary at byte 0" in bad.stderr
 
 
 def test_wasm_under_node_prints_the_same_text(wasm_build, sample_py_text):
@@ -312,7 +316,7 @@ def test_export_is_rounding_then_export(tmp_path):
     assert bf16_bits(x).tolist() == [0x3F80, 0x3F82, 0x3F81, 0xC000, 0x0000]
 
 
-SP_ALPHABET = list("abcdefghij klmnop  XYZ0123456789.,;:!?\n\t-_()[]") + list("éüπ≈—中文😀👍🏽ﬁＡ①㍿\u00a0\u3000\x00")
+SP_ALPHABET = list("abcdefghij klmnop  XYZ0123456789.,;:!?\n\t-_()[]") + list("éüπ≈—中文😀👍🏽ﬁＡ①㍿\u00a0\u3000\x00\u2581")
 
 
 @pytest.mark.parametrize("options", [
@@ -321,12 +325,15 @@ SP_ALPHABET = list("abcdefghij klmnop  XYZ0123456789.,;:!?\n\t-_()[]") + list("�
      "remove_extra_whitespaces": False, "character_coverage": 0.99},  # runs of unknown characters are one <unk>
 ], ids=["unigram-nfkc-byte-fallback", "bpe-identity-unk"])
 def test_sentencepiece_ids_and_text_match_the_sentencepiece_package(options, corpus, tmp_path):
-    """The C++ tokenizer, on an exported model with a SentencePiece vocabulary (untrained weights)."""
+    """The C++ tokenizer, on an exported model with a SentencePiece vocabulary (untrained weights), against
+    sqrllm's SentencePieceTokenizer (the sentencepiece package's ids, with U+2581 set apart) and, for
+    malformed UTF-8, which only the C ABI can be given, against the package itself."""
     spm = pytest.importorskip("sentencepiece")
     need("c++", "compiles the exported model")
     spm.SentencePieceTrainer.train(input=str(corpus / "corpus.txt"), model_prefix=str(tmp_path / "tok"),
                                    minloglevel=2, **options)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    tok = SentencePieceTokenizer(tmp_path / "tok.model")
     export(SqrLLM(sp.vocab_size(), n_layer=1, n_embd=8), {"kind": "sentencepiece", "model_file": "tok.model"},
            tmp_path / "build", base_dir=tmp_path)
     make(tmp_path / "build", "lib", "CXXFLAGS=-O1")  # speed is not the point here
@@ -338,7 +345,11 @@ def test_sentencepiece_ids_and_text_match_the_sentencepiece_package(options, cor
     for text in texts:
         ids = (ctypes.c_int * (4 * len(text) + 8))()
         n = lib.sq_encode(text, len(text), ids, len(ids))
-        assert list(ids[:n]) == sp.encode(text), text
+        try:
+            want = tok.encode(text.decode("utf-8"))
+        except UnicodeDecodeError:
+            want = sp.encode(text)
+        assert list(ids[:n]) == want, text
         lib.sq_reset()
         size = ctypes.c_int()
         decoded = b"".join(ctypes.string_at(lib.sq_decode(i, ctypes.byref(size)), size.value) for i in [*ids[:n], -1])
