@@ -89,8 +89,8 @@ def check_config(config):
 
 
 def read_tokenizer(tokenizer_meta, vocab_size, base_dir=None):
-    """-> (the bytes of every token id, a SentencePieceModel or None), from a tokenizer description
-    (a SentencePiece model_file is looked up in base_dir, the checkpoint's folder)."""
+    """-> (the bytes of every token id, the end-of-text id or -1, a SentencePieceModel or None), from a
+    tokenizer description (a SentencePiece model_file is looked up in base_dir, the checkpoint's folder)."""
     kind = tokenizer_meta.get("kind")
     if kind not in TOKENIZERS:
         raise ExportError(f"tokenizer kind {kind!r} is not supported by the exporter; it supports "
@@ -104,7 +104,8 @@ def read_tokenizer(tokenizer_meta, vocab_size, base_dir=None):
     tokens = [tok.token_bytes(i) for i in range(vocab_size)]
     if kind == "char" and len(set(tokens)) != len(tokens):
         raise ExportError("tokenizer: the char vocabulary lists a character twice")
-    return tokens, _sentencepiece(tok.path) if kind == "sentencepiece" else None
+    eot = getattr(tok, "eot_id", None)
+    return tokens, (-1 if eot is None else eot), _sentencepiece(tok.path) if kind == "sentencepiece" else None
 
 
 def _sentencepiece(path):
@@ -292,7 +293,7 @@ def _sentencepiece_c(sp):
     return lines
 
 
-def model_cpp(walk, tokens, sp, info, source):
+def model_cpp(walk, tokens, eot, sp, info, source):
     """The text of model.cpp; returns (text, bytes of weight constants)."""
     arrays = _Arrays()
     wte = arrays.ref(walk.wte, "wte.weight")
@@ -335,7 +336,7 @@ def model_cpp(walk, tokens, sp, info, source):
         f"    BLOCKS, {len(walk.blocks)},",
         f"    {norm_f}, {_c_float(walk.norm_f['eps'])},",
         f"    {{{head}, nullptr, {walk.vocab_size}, {walk.C}}},",
-        f"    {{sq::{kind}, TOKEN_BYTES, TOKEN_OFFSETS, {'&SP_SPEC' if sp else 'nullptr'}}},",
+        f"    {{sq::{kind}, TOKEN_BYTES, TOKEN_OFFSETS, {'&SP_SPEC' if sp else 'nullptr'}, {eot}}},",
         f"    {_c_string(json.dumps(info).encode())},",
         "};",
         "",
@@ -350,11 +351,11 @@ def export(model, tokenizer_meta, out_dir, config=None, source="a SqrLLM", base_
     """
     check_config(config)
     walk = _Walk(model)
-    tokens, sp = read_tokenizer(tokenizer_meta, walk.vocab_size, base_dir)
+    tokens, eot, sp = read_tokenizer(tokenizer_meta, walk.vocab_size, base_dir)
     info = {"vocab_size": walk.vocab_size, "n_embd": walk.C, "tokenizer": tokenizer_meta["kind"],
             "blocks": [b["kind"].lower() for b in walk.blocks], "params": sum(p.numel() for p in model.parameters()),
             "source": str(source)}
-    text, weight_bytes = model_cpp(walk, tokens, sp, info, str(source).replace("\n", " "))
+    text, weight_bytes = model_cpp(walk, tokens, eot, sp, info, str(source).replace("\n", " "))
     out_dir = Path(out_dir)
     (out_dir / "web").mkdir(parents=True, exist_ok=True)
     (out_dir / "model.cpp").write_text(text)

@@ -4,7 +4,8 @@
 //   ./sqrllm -n 200 -t 0 "def main("            # greedy: the text sample.py --temperature 0 prints
 //   echo "def main(" | ./sqrllm -n 100          # no prompt argument: the prompt is read from stdin
 //
-// Prints the prompt, then the generated text as it is produced, then a newline, as sample.py does.
+// Prints the prompt, then the generated text as it is produced (up to an end-of-text token), then
+// a newline, as sample.py does.
 // Speed goes to stderr at the end.
 #include <chrono>
 #include <cstdio>
@@ -114,9 +115,12 @@ int main(int argc, char** argv) {
     for (int i = 0; i < n_ids; i++) logits = sq_feed(ids[i]);
     double t1 = now();
     const long n_gen = (long)n_new;
-    for (long i = 0; i < n_gen; i++) {
+    const int eot = sq_eot_id();
+    long i = 0;
+    for (; i < n_gen; i++) {
         if (dump) fwrite(logits, sizeof(float), V, dump);
         int token = sq_sample();
+        if (token == eot) break;  // the text ends here, as in sample.py
         int n;
         const char* text = sq_decode(token, &n);
         write_text(text, n);
@@ -130,6 +134,6 @@ int main(int argc, char** argv) {
     if (dump) fclose(dump);
     if (!quiet)
         fprintf(stderr, "sqrllm: prompt %d tokens in %.4f s (%.1f tokens/s), generated %ld tokens in %.4f s (%.1f tokens/s)\n",
-                n_ids, t1 - t0, n_ids / (t1 - t0), n_gen, t2 - t1, n_gen > 0 ? n_gen / (t2 - t1) : 0.0);
+                n_ids, t1 - t0, n_ids / (t1 - t0), i, t2 - t1, i > 0 ? i / (t2 - t1) : 0.0);
     return 0;
 }

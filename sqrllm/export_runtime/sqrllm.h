@@ -18,6 +18,7 @@ extern "C" {
 #endif
 
 int sq_vocab_size(void);
+int sq_eot_id(void); /* the end-of-text token, where generated text ends (as in sample.py); -1 for none */
 const char* sq_model_info(void); /* a JSON object: sizes, tokenizer kind, parameter count */
 
 /* Zero the recurrent state, the logits and the text decoder. */

@@ -54,6 +54,7 @@ struct Tokenizer {
     const char* bytes;   // every token's bytes (its text when decoded), concatenated
     const int* offsets;  // token i is bytes[offsets[i] .. offsets[i + 1])
     const SentencePieceSpec* sentencepiece;  // for kind SENTENCEPIECE, else nullptr
+    int eot_id;  // the end-of-text token, where generated text ends; -1 for none
 };
 
 struct Model {
@@ -404,6 +405,7 @@ static Runtime& rt() {
 extern "C" {
 
 int sq_vocab_size(void) { return sq::MODEL.vocab_size; }
+int sq_eot_id(void) { return sq::MODEL.tokenizer.eot_id; }
 const char* sq_model_info(void) { return sq::MODEL.info; }
 
 void sq_reset(void) {

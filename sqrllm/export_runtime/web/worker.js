@@ -49,7 +49,7 @@ function start(req) {
   M._sq_set_seed(req.seed >>> 0);
   M._sq_reset();
   for (const t of ids) M._sq_feed(t);
-  job = { left: req.tokens, done: 0, seconds: 0, nPtr: M._malloc(4), decoder: new TextDecoder() };
+  job = { left: req.tokens, done: 0, seconds: 0, nPtr: M._malloc(4), decoder: new TextDecoder(), eot: M._sq_eot_id() };
   run(job);
 }
 
@@ -68,6 +68,10 @@ function run(j) {
   let text = "";
   while (j.left > 0 && performance.now() - t0 < SLICE_MS) {
     const token = M._sq_sample();
+    if (token === j.eot) {  // the text ends here, as in sample.py
+      j.left = 0;
+      break;
+    }
     text += decode(token, j.nPtr, j.decoder);
     M._sq_feed(token);
     j.left--;
