@@ -210,12 +210,12 @@ def test_stream_decoder_replaces_invalid_utf8_as_python_does(lib):
 
 
 @pytest.mark.parametrize("level, options", [
-    ("char", ["--tie_weights=false", "--bias=false", "--n_mem=32", "--n_ffn=80", "--mlp_every=2"]),
+    ("char", ["--tie_weights=false", "--bias=false", "--n_mem=24", "--n_ffn=80", "--mlp_every=2"]),
     ("sentencepiece", []),  # the project's SentencePiece setup: identity normalization, byte fallback
 ], ids=["char-untied-no-bias", "sentencepiece"])
 def test_other_vocabularies_and_shapes_print_sample_py_text(level, options, corpus):
     need("c++", "compiles the exported model")
-    ckpt = trained_checkpoint(corpus, level, "--max_iters=120", *options)
+    ckpt = trained_checkpoint(corpus, level, "--n_embd=32", "--max_iters=100", *options)
     build = corpus / f"build_{level}"
     export_script([f"--ckpt={ckpt}", f"--out={build}"])
     make(build, "sqrllm")
@@ -224,6 +224,28 @@ def test_other_vocabularies_and_shapes_print_sample_py_text(level, options, corp
     if level == "char":
         bad = subprocess.run([str(build / "sqrllm"), "-n", "5", "Zebra"], capture_output=True)
         assert bad.returncode != 0 and b"outside this model's vocabulary at byte 0" in bad.stderr
+    if level == "sentencepiece":
+        assert_text_ends_at_end_of_text(ckpt, corpus / "eot")
+
+
+def assert_text_ends_at_end_of_text(ckpt, folder):
+    """A model rigged so that its greedy choice is always end-of-text: the CLI prints just the prompt, as sample.py."""
+    model, tok, saved = load_model(ckpt)
+    with torch.no_grad():  # blocks add nothing; logits = wte[:, 0] * (a positive number), largest at eot
+        for block in model.blocks:
+            block.inner.out.weight.zero_()
+            block.inner.out.bias.zero_()
+        model.norm_f.weight.zero_()[0] = 1.0
+        model.wte.weight[:, 0] = 0.01
+        model.wte.weight[tok.eot_id, 0] = 1.0
+    folder.mkdir()
+    shutil.copyfile(Path(ckpt).parent / saved["tokenizer"]["model_file"], folder / saved["tokenizer"]["model_file"])
+    checkpoint.save(folder / "ckpt.pt", {**saved, "model": model.state_dict()})
+    export(model, saved["tokenizer"], folder / "build", config=saved["config"], base_dir=folder)
+    make(folder / "build", "sqrllm")
+    run = subprocess.run([str(folder / "build" / "sqrllm"), "-n", "50", "-t", "0", PROMPT], capture_output=True)
+    assert run.stdout == sample_py(folder / "ckpt.pt", PROMPT, 50) == (PROMPT + "\n").encode()
+    assert b"generated 0 tokens" in run.stderr  # stopped there (end-of-text itself has no text)
 
 
 def test_wasm_under_node_prints_the_same_text(wasm_build, sample_py_text):
