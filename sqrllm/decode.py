@@ -17,7 +17,6 @@ The weights are read when the step is built: build a new step after changing the
 import collections
 import ctypes
 import functools
-import statistics
 import time
 import warnings
 import weakref
@@ -190,7 +189,9 @@ class NativeStep:
         self._keep = []  # the tensors whose memory the kernel reads
         self.threads = threads
         self._seconds = {}  # (batch, threads) -> wall-clock seconds of its last 5 steps
+        self._median = {}  # (batch, threads) -> their median
         self._calls = 0
+        self._bound = None  # (state list from bind, its data pointers, as a ctypes array)
 
         def ptr(t):
             t = t.detach().contiguous()
@@ -216,23 +217,38 @@ class NativeStep:
                                  ptr(_bias(inner.proj)), ptr(inner.out.weight), ptr(_bias(inner.out)))
 
     def bind(self, state):
-        return [h.contiguous() for h in state]
+        """Contiguous copies where needed; calls with the returned list (its tensors untouched) skip
+        the checks."""
+        state = [h.contiguous() for h in state]
+        self._check(state, state[0].shape[0] if state else 0)
+        ptrs = [h.data_ptr() for h in state]
+        self._bound = (state, ptrs, (ctypes.c_void_p * len(ptrs))(*ptrs))
+        return state
 
-    def __call__(self, ids, state):
-        B = ids.shape[0]
-        ids = ids.to(torch.long).contiguous()
+    def _check(self, state, B):
         for h in state:
             if not (h.is_contiguous() and h.dtype == torch.float32 and h.shape == (B, self.n_mem)):
                 raise ValueError(f"NativeStep: state tensors must be contiguous float32 (B, n_mem) = "
                                  f"{(B, self.n_mem)}; pass the list that bind() returns")
-        pointers = (ctypes.c_void_p * len(state))(*[h.data_ptr() for h in state])
+
+    def __call__(self, ids, state):
+        B = ids.shape[0]
+        ids = ids.to(torch.long).contiguous()
+        bound = self._bound
+        if bound and state is bound[0] and state[0].shape[0] == B and [h.data_ptr() for h in state] == bound[1]:
+            pointers = bound[2]
+        else:
+            self._check(state, B)
+            pointers = (ctypes.c_void_p * len(state))(*[h.data_ptr() for h in state])
         logits = torch.empty(B, self.vocab_size)
         threads = self._threads(B)
         t0 = time.perf_counter()
         if self.lib.sq_step(self.plan, B, ids.data_ptr(), pointers, logits.data_ptr(), threads):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {ids.tolist()}")
         seconds = time.perf_counter() - t0
-        self._seconds.setdefault((B, threads), collections.deque(maxlen=5)).append(seconds)
+        recent = self._seconds.setdefault((B, threads), collections.deque(maxlen=5))
+        recent.append(seconds)
+        self._median[(B, threads)] = sorted(recent)[len(recent) // 2]
         return logits
 
     def _threads(self, B):
@@ -243,8 +259,7 @@ class NativeStep:
         if most == 1:
             return 1
         self._calls += 1
-        seconds = [statistics.median(self._seconds.get((B, n), [0.0])) for n in (1, most)]  # untried first
-        best = 1 if seconds[0] <= seconds[1] else most
+        best = 1 if self._median.get((B, 1), 0.0) <= self._median.get((B, most), 0.0) else most  # untried first
         if self._calls % self.PROBE_EVERY == 0:
             return most if best == 1 else 1
         return best
