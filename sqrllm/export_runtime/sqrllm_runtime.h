@@ -80,26 +80,27 @@ static inline float bf16(uint16_t h) {
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
-// The hot loop: R rows of W x at once (W row-major bfloat16, n columns). Each row is summed in 16
-// lanes, lane j taking columns j, j + 16, j + 32, ...; then the lanes are added in a fixed order
-// and the last n % 16 columns one by one. Nothing is reassociated, so every build gets the same
-// bits; R rows give R independent chains of adds.
-//
-// The vector versions read W as 32-bit words, each holding the bfloat16 of columns 2k and 2k+1:
-// `word << 16` is the float of column 2k, `word & 0xFFFF0000` that of column 2k+1. So they keep the
-// even lanes and the odd lanes in separate registers, against xe and xo: x's even and odd columns
-// of each block of 16 (see split_columns). The plain loop is the reference.
 #if defined(__GNUC__)
 #define SQ_INLINE inline __attribute__((always_inline))  // into each compiled version of linear
 #else
 #define SQ_INLINE inline
 #endif
 
+// The hot loop: R rows of W x at once (W row-major bfloat16, n columns). Each row is summed in 16
+// lanes, lane j taking columns j, j + 16, j + 32, ...; then lanes are added in a fixed tree:
+// p[l] = lane 2l + lane 2l+1, q[k] = p[k] + p[k+4], sum = (q[0] + q[2]) + (q[1] + q[3]); then the
+// last n % 16 columns one by one. Nothing is reassociated, so every build gets the same bits; R
+// rows give R independent chains of adds.
+//
+// The vector versions read W as 32-bit words, each holding the bfloat16 of columns 2k and 2k+1:
+// `word << 16` is the float of column 2k, `word & 0xFFFF0000` that of column 2k+1. So they keep the
+// even lanes and the odd lanes in separate registers, against xe and xo: x's even and odd columns
+// of each block of 16 (see split_columns). The plain loop is the reference (-DSQ_PLAIN builds it).
 template <int R>
 static SQ_INLINE void dot_rows(float* out, const uint16_t* w, int n, const float* x, const float* xe, const float* xo) {
-    float even[R][8] = {}, odd[R][8] = {};  // lanes 2l and 2l + 1
+    float q[R][4];
     const int blocks = n / 16;
-#if defined(__wasm_simd128__)
+#if defined(__wasm_simd128__) && !defined(SQ_PLAIN)
     const v128_t high = wasm_i32x4_splat((int32_t)0xFFFF0000u);
     v128_t e0[R], e1[R], o0[R], o1[R];
     for (int r = 0; r < R; r++) e0[r] = e1[r] = o0[r] = o1[r] = wasm_f32x4_splat(0.0f);
@@ -115,14 +116,13 @@ static SQ_INLINE void dot_rows(float* out, const uint16_t* w, int n, const float
             o1[r] = wasm_f32x4_add(o1[r], wasm_f32x4_mul(wasm_v128_and(v1, high), xo1));
         }
     }
-    for (int r = 0; r < R; r++) {
-        wasm_v128_store(even[r], e0[r]), wasm_v128_store(even[r] + 4, e1[r]);
-        wasm_v128_store(odd[r], o0[r]), wasm_v128_store(odd[r] + 4, o1[r]);
-    }
-#elif defined(__GNUC__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    for (int r = 0; r < R; r++)  // p[0..3] = e0 + o0, p[4..7] = e1 + o1
+        wasm_v128_store(q[r], wasm_f32x4_add(wasm_f32x4_add(e0[r], o0[r]), wasm_f32x4_add(e1[r], o1[r])));
+#elif defined(__GNUC__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ && !defined(SQ_PLAIN)
     // Eight lanes in one vector: one AVX2 register, or two SSE ones.
     typedef uint32_t u32x8 __attribute__((vector_size(32)));
     typedef float f32x8 __attribute__((vector_size(32)));
+    typedef float f32x4 __attribute__((vector_size(16)));
     f32x8 e[R], o[R];
     for (int r = 0; r < R; r++) e[r] = o[r] = f32x8{0, 0, 0, 0, 0, 0, 0, 0};
     for (int b = 0; b < blocks; b++) {
@@ -140,8 +140,16 @@ static SQ_INLINE void dot_rows(float* out, const uint16_t* w, int n, const float
             o[r] += wo * xo8;
         }
     }
-    for (int r = 0; r < R; r++) std::memcpy(even[r], &e[r], sizeof even[r]), std::memcpy(odd[r], &o[r], sizeof odd[r]);
+    for (int r = 0; r < R; r++) {
+        const f32x8 p = e[r] + o[r];
+        f32x4 p_lo, p_hi;
+        std::memcpy(&p_lo, &p, sizeof p_lo);
+        std::memcpy(&p_hi, (const char*)&p + sizeof p_lo, sizeof p_hi);
+        const f32x4 qr = p_lo + p_hi;
+        std::memcpy(q[r], &qr, sizeof qr);
+    }
 #else
+    float even[R][8] = {}, odd[R][8] = {};
     for (int b = 0; b < blocks; b++)
         for (int r = 0; r < R; r++)
             for (int l = 0; l < 8; l++) {
@@ -149,12 +157,12 @@ static SQ_INLINE void dot_rows(float* out, const uint16_t* w, int n, const float
                 even[r][l] += bf16(w[(size_t)r * n + j]) * x[j];
                 odd[r][l] += bf16(w[(size_t)r * n + j + 1]) * x[j + 1];
             }
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < 4; k++) q[r][k] = (even[r][k] + odd[r][k]) + (even[r][k + 4] + odd[r][k + 4]);
 #endif
     (void)xe, (void)xo;
     for (int r = 0; r < R; r++) {
-        float p[8];
-        for (int l = 0; l < 8; l++) p[l] = even[r][l] + odd[r][l];
-        float s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+        float s = (q[r][0] + q[r][2]) + (q[r][1] + q[r][3]);
         for (int j = 16 * blocks; j < n; j++) s += bf16(w[(size_t)r * n + j]) * x[j];
         out[r] = s;
     }
