@@ -196,6 +196,19 @@ def test_c_abi_state_save_restore_and_sampling(lib):
     assert set(draws(5, temperature=0.0)) == {int(np.argmax(logits))}
 
 
+def test_vector_hot_loop_is_bit_identical_to_the_plain_loop(byte_build, lib, tmp_path):
+    """The SIMD versions of the matrix-vector loop against the plain C++ loop they stand for."""
+    plain = tmp_path / "libplain.so"
+    subprocess.run(["c++", "-O1", "-DSQ_PLAIN", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-o",
+                    str(plain), str(byte_build / "model.cpp")], check=True)
+    ref = ctypes.CDLL(str(plain))
+    ref.sq_feed.restype = ctypes.POINTER(ctypes.c_float)
+    lib.sq_reset()
+    for t in PROMPT.encode() + b" the quick brown fox":
+        got, want = lib.sq_feed(t)[:256], ref.sq_feed(t)[:256]
+        assert np.array_equal(np.array(got, dtype=np.float32), np.array(want, dtype=np.float32))
+
+
 def test_stream_decoder_replaces_invalid_utf8_as_python_does(lib):
     """A byte-level model can emit any bytes; the text must come out as sample.py's would."""
     rng = np.random.default_rng(0)
