@@ -71,6 +71,12 @@ struct Model {
 
 extern const Model MODEL;  // defined in model.cpp
 
+#if defined(__GNUC__)
+#define SQ_INLINE inline __attribute__((always_inline))  // into each compiled version of the hot loops
+#else
+#define SQ_INLINE inline
+#endif
+
 static inline float bf16(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -78,13 +84,27 @@ static inline float bf16(uint16_t h) {
     return f;
 }
 
-static inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+// exp in plain float arithmetic (about 1 ulp): the same bits on every platform, whatever its libm,
+// and loops that call it vectorize. exp(x) = 2^k exp(r), k = round(x / ln 2), |r| <= ln 2 / 2,
+// exp(r) by a degree-7 polynomial (Cephes' expf coefficients).
+static SQ_INLINE float exp_f32(float x) {
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;  // (NaN passes through)
+    const float k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23
+    const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;    // ln 2 in two parts
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float e = (r * r) * p + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;  // 2^k
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return e * scale;
+}
 
-#if defined(__GNUC__)
-#define SQ_INLINE inline __attribute__((always_inline))  // into each compiled version of linear
-#else
-#define SQ_INLINE inline
-#endif
+static SQ_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 
 // The hot loop: R rows of W x at once (W row-major bfloat16, n columns). Each row is summed in 16
 // lanes, lane j taking columns j, j + 16, j + 32, ...; then lanes are added in a fixed tree:
@@ -181,6 +201,23 @@ static SQ_INLINE void split_columns(float* xe, float* xo, const float* x, int n)
 #else
 #define SQ_HOT
 #endif
+
+// One step of a sqrll layer after its projection z = (f, i, ig, og), each (n,): the scan's
+// y[t] = r[t] * y[t-1] + x[t] with r = sigmoid(f), x = i * sigmoid(ig), on the memory y in place;
+// then g = softsign(y) * sigmoid(og), the input of the layer's out projection.
+SQ_HOT static void sqrll_gates(float* __restrict g, float* __restrict y, const float* __restrict z, int n) {
+    const float *f = z, *in = z + n, *ig = z + 2 * n, *og = z + 3 * n;
+    for (int c = 0; c < n; c++) {
+        const float r = sigmoid(f[c]);
+        y[c] = r * y[c] + in[c] * sigmoid(ig[c]);
+        g[c] = (y[c] / (1.0f + std::fabs(y[c]))) * sigmoid(og[c]);
+    }
+}
+
+// The gated MLP's hidden layer from its projection z = (a, g), each (n,): a * sigmoid(g).
+SQ_HOT static void mlp_gates(float* __restrict h, const float* __restrict z, int n) {
+    for (int c = 0; c < n; c++) h[c] = z[c] * sigmoid(z[n + c]);
+}
 
 // y = W x + b. scratch: room for n_in floats.
 SQ_HOT static void linear(float* y, const Linear& L, const float* x, float* scratch) {
@@ -317,16 +354,9 @@ struct Runtime {
             linear(z.data(), B.proj, h.data(), scratch.data());
             if (B.kind == SQRLL) {
                 const int n = B.out.n_in;  // n_mem
-                const float *f = z.data(), *in = f + n, *ig = in + n, *og = ig + n;
-                float* y = state.data() + mem_offset[b];
-                for (int c = 0; c < n; c++) {  // the scan's y[t] = r[t] * y[t-1] + x[t], one step
-                    const float r = sigmoid(f[c]);
-                    y[c] = r * y[c] + in[c] * sigmoid(ig[c]);
-                    g[c] = (y[c] / (1.0f + std::fabs(y[c]))) * sigmoid(og[c]);  // softsign(y) * sigmoid(og)
-                }
+                sqrll_gates(g.data(), state.data() + mem_offset[b], z.data(), n);
             } else {
-                const int n = B.out.n_in;  // n_ffn
-                for (int c = 0; c < n; c++) g[c] = z[c] * sigmoid(z[n + c]);
+                mlp_gates(g.data(), z.data(), B.out.n_in);
             }
             linear(tmp.data(), B.out, g.data(), scratch.data());
             for (int c = 0; c < C; c++) x[c] += tmp[c];
