@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from sqrllm import cpu
 from sqrllm.checkpoint import CheckpointError, load_model
 from sqrllm.sampling import Sampler, SamplingParams, StateError
 
@@ -94,6 +95,12 @@ def main(argv=None):
         model, tok, _ = load_model(args.ckpt, device)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    if args.step == "graph" and not device.startswith("cuda"):
+        sys.exit("error: --step graph needs a CUDA device")
+    if args.step == "native":
+        ok, why = cpu.available()
+        if not ok or device != "cpu":
+            sys.exit(f"error: --step native runs on the CPU only{'' if ok else f'; here: {why}'}")
     sampler = Sampler(model, tok, step=args.step)
     if args.load_state:
         try:
