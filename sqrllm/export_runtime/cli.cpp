@@ -32,10 +32,13 @@ static double now() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-static void write_text(const char* s, int n) {
-    if (n > 0) {
-        fwrite(s, 1, n, stdout);
+// Streams text: flushed every 20 ms at most, which looks live and costs no system call per token.
+static void write_text(const char* s, int n, bool flush = false) {
+    static double flushed = 0.0;
+    if (n > 0) fwrite(s, 1, n, stdout);
+    if (flush || now() - flushed > 0.02) {
         fflush(stdout);
+        flushed = now();
     }
 }
 
@@ -130,7 +133,7 @@ int main(int argc, char** argv) {
     int n;
     const char* tail = sq_decode(-1, &n);
     write_text(tail, n);
-    write_text("\n", 1);
+    write_text("\n", 1, true);
     if (dump) fclose(dump);
     if (!quiet)
         fprintf(stderr, "sqrllm: prompt %d tokens in %.4f s (%.1f tokens/s), generated %ld tokens in %.4f s (%.1f tokens/s)\n",
