@@ -7,7 +7,8 @@ Exports the checkpoint to --out, builds the native CLI and (with em++) the wasm 
 greedy generation of 100 tokens after a prompt of 100 and of 10,000 tokens (the median of --repeats
 runs each): tokens/s must not depend on the position. sample.py is timed by its own speed report, as a
 user runs it and with --step plain (the model's own PyTorch forward, one token per call). The
-native CLI and wasm run on one thread; sample.py on the threads it picks. Also prints the size of
+native CLI and wasm run on one thread; sample.py on the threads it picks. Text goes to /dev/null:
+this measures generation, not a terminal. Also prints the size of
 the CLI and of the wasm beyond their weight bytes. Timings are only meaningful on a quiet machine:
 the load average is printed first.
 """
@@ -50,7 +51,8 @@ def prompt_text(tokenizer, n):
 
 def cli_rate(cmd, prompt):
     """Generation tokens/s that the CLI (native or wasm) reports on stderr."""
-    run = subprocess.run([*cmd, "-n", "100", "-t", "0", prompt], capture_output=True, check=True)
+    run = subprocess.run([*cmd, "-n", "100", "-t", "0", prompt], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         check=True)
     m = re.search(rb"generated (\d+) tokens in [\d.]+ s \(([\d.]+) tokens/s\)", run.stderr)
     return float(m.group(2))
 
@@ -59,7 +61,7 @@ def sample_py_rate(ckpt, prompt_file, *options):
     """Generation tokens/s that sample.py reports on stderr (None if it reports none)."""
     run = subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt}", f"--prompt_file={prompt_file}",
                           "--temperature=0", "--max_new_tokens=100", "--device=cpu", *options], cwd=ROOT,
-                         capture_output=True, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if run.returncode != 0:
         return None
     m = re.search(r"generation: [\d,]+ tokens, ([\d,.]+) tokens/s", run.stderr)
