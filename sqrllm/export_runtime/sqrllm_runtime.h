@@ -195,10 +195,10 @@ static SQ_INLINE void split_columns(float* xe, float* xo, const float* x, int n)
 }
 
 // On x86-64 Linux the hot loop is also compiled for AVX2 and picked at run time: the binary stays
-// portable, and the numbers are the same bits.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+// portable, and the numbers are the same bits. (-DSQ_HOT= builds the baseline version alone.)
+#if !defined(SQ_HOT) && defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
 #define SQ_HOT __attribute__((target_clones("avx2", "default")))
-#else
+#elif !defined(SQ_HOT)
 #define SQ_HOT
 #endif
 
