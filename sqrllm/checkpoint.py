@@ -17,6 +17,7 @@ sha256, so a truncated or corrupted file is an error naming it; `load_latest` fa
 newest intact checkpoint with a warning.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -77,42 +78,43 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _atomic_write(path, mode):
+    """Yield a temp file beside `path`; on success flush, fsync and rename it over `path`.
+
+    If anything fails (a full disk included) the temp file is removed and `path` is as it was."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
 def save(path, obj):
     """Write `obj` to a temp file in the same folder, fsync, then rename over `path`; -> its sha256 (hex).
 
     If anything fails (a full disk included) the temp file is removed and `path` is as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            out = _Hashing(f)
-            try:
-                torch.save(obj, out)
-            except RuntimeError:
-                if out.error is not None:
-                    raise out.error from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    with _atomic_write(path, "wb") as f:
+        out = _Hashing(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
     return out.sha256.hexdigest()
 
 
 def _write_json(path, data):
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    with _atomic_write(path, "w") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
 
 
 def _link_newest(path, link):

@@ -71,6 +71,7 @@ class GPT(nn.Module):
 
     num_params = SqrLLM.num_params
     configure_optimizer = SqrLLM.configure_optimizer
+    head = SqrLLM.head
 
     def init_state(self, batch_size, device=None, dtype=torch.float32):
         return []
@@ -84,12 +85,4 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, n_embd)
         for block in self.blocks:
             x, _ = block(x)
-        x = self.norm_f(x)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            loss = F.cross_entropy(wide.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss, []
+        return (*self.head(x, targets, last_only), [])

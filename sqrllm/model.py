@@ -154,6 +154,10 @@ class SqrLLM(nn.Module):
                 layer += 1
             else:
                 x, _ = block(x)
+        return (*self.head(x, targets, last_only), new_state)
+
+    def head(self, x, targets=None, last_only=False):
+        """Final norm and output head on x (B, T, n_embd) -> (logits, mean cross-entropy or None)."""
         x = self.norm_f(x)
         if last_only:
             x = x[:, -1:]
@@ -162,7 +166,7 @@ class SqrLLM(nn.Module):
         if targets is not None:
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
             loss = F.cross_entropy(wide.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss, new_state
+        return logits, loss
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
