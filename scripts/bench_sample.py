@@ -8,6 +8,11 @@ model is the 10M-parameter shape (8 sqrll layers, width 384, a gated MLP of 1024
 layer, 65-token vocabulary), randomly initialised: speed does not depend on the weights. Each token
 is drawn (temperature 0.8, all tokens) and brought to the host, as sample.py does to print it.
 
+The GPT baseline (configs/shakespeare_char_gpt.py's shape, 10.7M parameters, randomly initialised)
+generates as nanoGPT's sample.py does: each token runs the model over the last 256 tokens (its
+block size) and draws from the last position's logits, the same way. Past token 256 every GPT step
+costs the same, so on the CPU (about 10 tokens/s) only its first window is timed.
+
 "median far/near" compares the median time per token in the two windows, which a brief burst of
 other work on the machine does not move. "other load" is the CPU time other processes used while
 a row ran, in cores (from /proc/stat): a row taken with more than ~0.05 of it shared the machine.
@@ -19,8 +24,12 @@ import time
 
 import torch
 
+from sqrllm.config import load_config
+from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
-from sqrllm.sampling import Sampler, SamplingParams
+from sqrllm.sampling import Sampler, SamplingParams, pick
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_seconds():
@@ -54,10 +63,33 @@ def measure(model, step, near, far, width, prompt_len):
             if start <= i <= start + width:
                 times.append(time.perf_counter())
 
-    def rates(times):
-        gaps = torch.tensor(times).diff()
-        return width / (times[-1] - times[0]), 1 / gaps.median().item()
-    return rates(windows[near]), rates(windows[far]), prefill
+    return rates(windows[near], width), rates(windows[far], width), prefill
+
+
+def rates(times, width):
+    """(tokens/s over the window, 1 / median time per token)."""
+    gaps = torch.tensor(times).diff()
+    return width / (times[-1] - times[0]), 1 / gaps.median().item()
+
+
+@torch.inference_mode()
+def measure_gpt(model, near, far, width):
+    """As `measure`, for a GPT generating nanoGPT's way (the context cropped to its block size);
+    far=None times the near window only."""
+    device = next(model.parameters()).device
+    idx = torch.randint(0, model.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    params = SamplingParams(temperature=0.8)
+    windows = {near: []} | ({far: []} if far is not None else {})
+    for i in range(1, max(windows) + width + 1):
+        logits = model(idx[:, -model.block_size :], last_only=True)[0][:, -1]
+        ids = pick(logits, params, generator)
+        idx = torch.cat([idx[:, -model.block_size :], ids[:, None]], dim=1)
+        ids.tolist()
+        for start, times in windows.items():
+            if start <= i <= start + width:
+                times.append(time.perf_counter())
+    return rates(windows[near], width), rates(windows[far], width) if far is not None else None
 
 
 def main():
@@ -70,6 +102,7 @@ def main():
     ap.add_argument("--width", type=int, default=500, help="tokens per window")
     ap.add_argument("--prompt_len", type=int, default=4096, help="prompt tokens for the prefill column")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
+    ap.add_argument("--gpt", type=int, default=1, help="1: also time the GPT baseline; 0: skip it")
     ap.add_argument("--n_ffn", type=int, default=1024)
     ap.add_argument("--mlp_every", type=int, default=2)
     args = ap.parse_args()
@@ -97,7 +130,20 @@ def main():
             others = ((all1 - all0) - (ours1 - ours0)) / (t1 - t0)  # cores' worth used by other processes
             print(f"{device:<8}{step:<8}{near[0]:>18,.0f}{far[0]:>20,.0f}{far[0] / near[0]:>10.3f}"
                   f"{far[1] / near[1]:>17.3f}{prefill:>24,.0f}{others:>12.2f}", flush=True)
-    print("GPT baseline: none in this repository yet (the GPU-training issue adds it); not compared.")
+        if args.gpt:
+            torch.manual_seed(0)
+            cfg = load_config([os.path.join(ROOT, "configs", "shakespeare_char_gpt.py")])
+            gpt = GPT.from_config(cfg, 65).eval().to(device)
+            (all0, ours0), t0 = cpu_seconds(), time.perf_counter()
+            near, far = measure_gpt(gpt, args.near, args.far if device != "cpu" else None, args.width)
+            (all1, ours1), t1 = cpu_seconds(), time.perf_counter()
+            others = ((all1 - all0) - (ours1 - ours0)) / (t1 - t0)
+            far_cols = (f"{far[0]:>20,.0f}{far[0] / near[0]:>10.3f}{far[1] / near[1]:>17.3f}" if far
+                        else f"{'-':>20}{'-':>10}{'-':>17}")
+            print(f"{device:<8}{'GPT':<8}{near[0]:>18,.0f}{far_cols}{'-':>24}{others:>12.2f}", flush=True)
+    if args.gpt:
+        print(f"GPT: {gpt.num_params() / 1e6:.2f}M parameters (configs/shakespeare_char_gpt.py), context cropped "
+              f"to its block size of {gpt.block_size} tokens, as nanoGPT samples")
 
 
 if __name__ == "__main__":

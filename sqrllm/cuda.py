@@ -213,3 +213,33 @@ def scan_bwd_baseline(dy, r, y, h0=None, reverse=False):
         )  # fmt: skip
         _baseline("bwd", dy.dtype, device)((-(-B * C // NT),), (NT,), args, stream=_stream(device))
     return dx, dr, dh0
+
+
+# --- one decoding step (kernels/decode_cuda.cu), for sqrllm.decode.KernelStep ---
+
+DEC_WARPS = 8  # warps per block, as in the .cu
+
+
+@functools.cache
+def _decode_function(name, device):
+    with _on(device):
+        source = (SOURCE_DIR / "decode_cuda.cu").read_text()
+        return _decode_module(source, device).get_function(name)
+
+
+@functools.cache
+def _decode_module(source, device):
+    import cupy
+
+    return cupy.RawModule(code=source, options=("-std=c++17",))
+
+
+def decode_launch(name, rows, batch, *args):
+    """Launch decode kernel `name` on PyTorch's current stream: a warp per one of `rows` outputs,
+    grid (ceil(rows / DEC_WARPS), batch); args: tensors (passed as pointers), ints, floats."""
+    device = torch.cuda.current_device()
+    packed = tuple(_ptr(a) if isinstance(a, torch.Tensor) else np.int32(a) if isinstance(a, int) else np.float32(a)
+                   for a in args)
+    with _on(device):
+        grid = (-(-rows // DEC_WARPS), batch) if rows else (batch,)
+        _decode_function(name, device)(grid, (32 * DEC_WARPS,), packed, stream=_stream(device))

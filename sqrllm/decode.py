@@ -6,8 +6,10 @@
   2-core CPU it is about 1.7x faster than `PlainStep` at batch 1 (docs/benchmarks.md).
 - `NativeStep`: the same again as one C++ call per token (kernels/decode_cpu.cpp), its matrix
   rows split among the CPU threads: float32 on the CPU, about 5x `PlainStep` on 2 cores.
-- `CudaGraphStep`: `FastStep` captured once in a CUDA graph and replayed, so one step costs one
-  launch instead of a hundred.
+- `KernelStep`: the same in float32 as two CUDA kernels per block (kernels/decode_cuda.cu).
+- `CudaGraphStep`: `KernelStep` (or `FastStep` without CuPy) captured once in a CUDA graph and
+  replayed, so one step costs one launch instead of a hundred; with KernelStep it can also draw
+  the next token inside the graph.
 
 Every step has the signature `step(ids, state) -> logits`: ids (B,) long, state a list of
 (B, n_mem) float tensors, one per sqrll layer, updated in place; logits (B, vocab).
@@ -114,34 +116,114 @@ def _bias(linear):
     return linear.bias.detach() if linear.bias is not None else w.new_zeros(w.shape[0]).detach()
 
 
+class KernelStep:
+    """`FastStep`'s arithmetic in float32 as 2 + 2 * n_blocks launches of kernels/decode_cuda.cu
+    (through CuPy), for float32 models on CUDA: each block's norm, input projection and gates in
+    one launch, its output projection and residual add in another. The logits land in a buffer
+    per batch size that the step owns (each call overwrites it), so a CUDA graph of the step can
+    be followed by another that reads them."""
+
+    def __init__(self, model):
+        param = next(model.parameters())
+        if not param.is_cuda or param.dtype != torch.float32:
+            raise ValueError(f"KernelStep runs float32 models on CUDA, not {param.dtype} on {param.device}")
+        from sqrllm import cuda
+
+        cuda.ensure_available()
+        self.launch = cuda.decode_launch
+        self.vocab_size, self.n_embd = model.vocab_size, model.wte.embedding_dim
+        self.wte = model.wte.weight.detach().contiguous()
+        self.eps_f = model.norm_f.eps
+        self.head = (model.lm_head.weight.detach() * model.norm_f.weight.detach()).contiguous()  # (V, E)
+        self.layers = []
+        for block in model.blocks:
+            inner = block.inner
+            if isinstance(inner, SqrllLayer):
+                kind, width = "dec_sqrll", inner.n_mem
+            elif isinstance(inner, GatedMLP):
+                kind, width = "dec_mlp", inner.out.in_features
+            else:
+                raise TypeError(f"KernelStep: unknown block {type(inner).__name__}")
+            w_in = (inner.proj.weight.detach() * block.norm.weight.detach()).contiguous()  # (out, E)
+            w_out = inner.out.weight.detach().contiguous()  # (E, width)
+            self.layers.append((kind, width, block.norm.eps, w_in, _bias(inner.proj).contiguous(), w_out,
+                                _bias(inner.out).contiguous()))
+        self._buffers = {}  # batch size -> (x, y, logits)
+
+    def bind(self, state):
+        return state
+
+    def __call__(self, ids, state):
+        B, E = ids.shape[0], self.n_embd
+        ids = ids.to(torch.long).contiguous()
+        if B not in self._buffers:
+            widest = max(width for _, width, *_ in self.layers) if self.layers else 1
+            self._buffers[B] = (self.wte.new_empty(B, E), self.wte.new_empty(B, widest),
+                                self.wte.new_empty(B, self.vocab_size))
+        x, y, logits = self._buffers[B]
+        self.launch("dec_embed", 0, B, ids, self.wte, x, E)
+        layer = 0
+        for kind, width, eps, w_in, b_in, w_out, b_out in self.layers:
+            if kind == "dec_sqrll":
+                h = state[layer]
+                if not (h.is_contiguous() and h.dtype == torch.float32 and h.shape == (B, width)):
+                    raise ValueError(f"KernelStep: state tensors must be contiguous float32 {(B, width)}")
+                self.launch(kind, width, B, x, w_in, b_in, h, y, E, width, eps)
+                layer += 1
+            else:
+                self.launch(kind, width, B, x, w_in, b_in, y, E, width, eps)
+            self.launch("dec_out", E, B, y, w_out, b_out, x, width, E)
+        self.launch("dec_head", self.vocab_size, B, x, self.head, logits, E, self.vocab_size, self.eps_f)
+        return logits
+
+
 class CudaGraphStep:
-    """`FastStep` replayed from a CUDA graph captured for one batch size.
+    """A step captured once in a CUDA graph for one batch size and replayed: `KernelStep` for
+    float32 models when CuPy is there, else `FastStep`.
 
     The graph reads ids and state from static buffers and updates the state there. `bind(state)`
     copies a state in and returns those buffers; a call with them costs one copy of the ids and
     one replay. A call with any other list copies it in and the result back out, so that callers
     see the in-place semantics of the other steps either way.
+
+    With KernelStep the sampling can go into the graph too (`draw`): one replay then picks the
+    next ids from the logits in `self.logits` and runs the step on them, so generating a token
+    costs one launch and one read of the ids.
     """
 
     def __init__(self, model, batch_size):
-        if not next(model.parameters()).is_cuda:
+        param = next(model.parameters())
+        if not param.is_cuda:
             raise ValueError("CudaGraphStep needs a model on a CUDA device")
-        self.fast = FastStep(model)
+        self.inner = None
+        if param.dtype == torch.float32:
+            try:
+                self.inner = KernelStep(model)
+            except ImportError:
+                pass  # no CuPy: FastStep below (the scan has warned already, or will)
+        self.inner = self.inner or FastStep(model)
         self.batch_size = batch_size
-        device, dtype = self.fast.wte.device, self.fast.wte.dtype
+        device, dtype = param.device, param.dtype
         self.ids = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.state = model.init_state(batch_size, device=device, dtype=dtype)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm up kernels and allocator outside the capture
-                self.fast(self.ids, self.state)
-        torch.cuda.current_stream(device).wait_stream(side)
+        self.rng = torch.zeros(2, dtype=torch.long, device=device)  # seed, draws so far: dec_draw's
+        self._draws = {}  # (temperature, top_k, top_p, min_p) -> graph of draw + step
+        self._warm_up(lambda: self.inner(self.ids, self.state))
         for h in self.state:
             h.zero_()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.fast(self.ids, self.state)
+            self.logits = self.inner(self.ids, self.state)
+
+    def _warm_up(self, fn):
+        """Run fn a few times on a side stream: kernels compiled, allocator primed, outside a capture."""
+        device = self.ids.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
 
     def bind(self, state):
         """Copy `state` into the graph's buffers and return them: pass the returned list to later
@@ -162,6 +244,50 @@ class CudaGraphStep:
             for h, s in zip(self.state, state):
                 s.copy_(h)
         return self.logits.clone()
+
+    @property
+    def can_draw(self):
+        return isinstance(self.inner, KernelStep)
+
+    def seed(self, generator=None):
+        """Start the in-graph draws from a seed taken from `generator` (None: torch's default)."""
+        device = self.ids.device
+        gen_device = generator.device if generator is not None else device
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device)
+        self.rng[0:1].copy_(seed)
+
+    def draw(self, params):
+        """Replay the graph that picks the next ids (B,) from `self.logits` by `params` (no
+        penalties) and steps the bound state on them; returns the ids' buffer, which the next
+        replay overwrites. `self.logits` then holds the logits after those ids."""
+        key = (params.temperature, params.top_k, params.top_p, params.min_p)
+        graph = self._draws.get(key)
+        if graph is None:
+            from sqrllm.sampling import filter_logits
+
+            def draw_and_step():
+                if params.temperature == 0:
+                    self.ids.copy_(self.logits.argmax(dim=-1))
+                else:
+                    logits = self.logits / params.temperature
+                    probs = torch.softmax(filter_logits(logits, params.top_k, params.top_p, params.min_p), dim=-1)
+                    self.inner.launch("dec_draw", 0, self.batch_size, probs, self.rng, self.ids, self.vocab_size)
+                    self.rng[1:].add_(1)
+                self.inner(self.ids, self.state)  # writes self.logits
+
+            saved = [self.logits.clone(), self.rng.clone()] + [h.clone() for h in self.state]
+            self._warm_up(draw_and_step)
+            for buffer, value in zip([self.logits, self.rng] + self.state, saved):
+                buffer.copy_(value)
+            graph = self._draws[key] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                draw_and_step()
+        graph.replay()
+        return self.ids
+
+    @property
+    def vocab_size(self):
+        return self.logits.shape[-1]
 
 
 class NativeStep:

@@ -305,10 +305,18 @@ class Sampler:
             self.state = self.model.init_state(self.batch_size, device=self.device, dtype=self.dtype)
         self.state = step.bind(self.state)
         recent = self.recent if params.penalized else None
+        in_graph = getattr(step, "can_draw", False) and not params.penalized
+        if in_graph:  # the draw and the step are one graph replay; its logits buffer is the position's
+            step.logits.copy_(self.logits)
+            self.logits = step.logits
+            step.seed(generator)
         seconds, t0 = self.stats.seconds, time.perf_counter()
         for _ in range(max_new_tokens):
-            ids = pick(self.logits, params, generator, recent)
-            self.logits = step(ids, self.state).float()
+            if in_graph:
+                ids = step.draw(params).clone()
+            else:
+                ids = pick(self.logits, params, generator, recent)
+                self.logits = step(ids, self.state).float()
             self._remember(ids[:, None])
             recent = self.recent if params.penalized else None
             self.stats.tokens += ids.shape[0]

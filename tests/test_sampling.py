@@ -13,7 +13,7 @@ import torch
 from sqrllm import checkpoint
 from sqrllm.config import Config
 from sqrllm import cpu
-from sqrllm.decode import CudaGraphStep, FastStep, NativeStep, PlainStep
+from sqrllm.decode import CudaGraphStep, FastStep, KernelStep, NativeStep, PlainStep
 from sqrllm.model import SqrLLM
 from sqrllm.sampling import (Sampler, SamplingParams, StateError, TextStream, apply_penalties, filter_logits,
                              generate, pick)
@@ -188,6 +188,91 @@ def test_cuda_graph_step_equals_plain_step():
         for t in range(20):
             ids = torch.tensor([t % 7, (3 * t) % 11], device="cuda")
             torch.testing.assert_close(graph(ids, bound), plain(ids, plain_state), rtol=1e-4, atol=1e-4)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("kw", [{}, {"bias": False, "tie_weights": False, "mlp_every": 1, "n_mem": 33, "n_embd": 30},
+                                {"n_layer": 8, "n_embd": 384, "n_ffn": 1024, "init_std": 0.02, "vocab_size": 65}])
+def test_kernel_step_equals_plain_step(B, kw):
+    """kernels/decode_cuda.cu, 16-byte and scalar loads (n_embd 30), against the model's forward."""
+    model = tiny_model(**kw).cuda()
+    plain_state, kernel_state = model.init_state(B, device="cuda"), model.init_state(B, device="cuda")
+    plain, kernel = PlainStep(model), KernelStep(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for _ in range(30):
+            ids = torch.randint(0, model.vocab_size, (B,), generator=g).cuda()
+            torch.testing.assert_close(kernel(ids, kernel_state).clone(), plain(ids, plain_state),
+                                       rtol=1e-4, atol=1e-4)
+        for a, b in zip(kernel_state, plain_state):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_graph_greedy_text_takes_the_argmax_of_the_model():
+    """Draw and step in one graph replay, greedy: each token is the argmax of the model's own full
+    forward over the text so far (up to float32 near-ties)."""
+    model = tiny_model(n_layer=4, n_embd=64, n_mem=48, n_ffn=96).cuda()
+    sampler = Sampler(model, step="graph")
+    sampler.feed([1, 2, 3])
+    out = torch.cat(list(sampler.tokens(120, SamplingParams(temperature=0))))
+    assert sampler._step().can_draw
+    seq = torch.cat([torch.tensor([1, 2, 3], device="cuda"), out])
+    with torch.inference_mode():
+        logits = model(seq[None, :-1])[0][0, 2:].float()  # (120, V): the logits each token was drawn from
+    top = logits.max(dim=-1).values
+    chosen = logits.gather(1, out[:, None])[:, 0]
+    assert (chosen >= top - 1e-4).all()
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_graph_draws_follow_the_distribution_and_never_leave_the_allowed_set():
+    from sqrllm import cuda
+
+    probs = torch.cat([PROBS, torch.zeros(1)]).repeat(2, 1).cuda()  # (2, 8): token 7 impossible
+    rng, ids = torch.tensor([1234, 0], device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda")
+    n, draws = 20000, []
+    for _ in range(n):
+        cuda.decode_launch("dec_draw", 0, 2, probs, rng, ids, 8)
+        draws.append(ids.clone())
+        rng[1:].add_(1)
+    draws = torch.stack(draws).cpu()  # (n, 2)
+    for row in draws.t():
+        freq = torch.bincount(row, minlength=8).float() / n
+        assert freq[7] == 0
+        torch.testing.assert_close(freq[:7], PROBS, atol=0.012, rtol=0)
+    assert (draws[:, 0] != draws[:, 1]).float().mean() > 0.5  # rows draw independently
+
+    model = tiny_model(n_layer=4, n_embd=64, n_mem=48, n_ffn=96).cuda()
+    sampler = Sampler(model, step="graph")
+    sampler.feed([5])
+    tokens = sampler.tokens(200, SamplingParams(temperature=2.0, top_k=3), num_samples=2,
+                            generator=torch.Generator(device="cuda").manual_seed(0))
+    for _ in range(200):
+        allowed = sampler.logits.topk(3, dim=-1).indices
+        ids = next(tokens)
+        assert (allowed == ids[:, None]).any(dim=-1).all()
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_graph_draws_repeat_with_the_seed():
+    model = tiny_model().cuda()
+
+    def run(seed):
+        sampler = Sampler(model, step="graph")
+        sampler.feed([1, 2])
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        return torch.cat(list(sampler.tokens(50, SamplingParams(temperature=1.0), generator=gen))).tolist()
+    assert run(3) == run(3)
+    assert run(3) != run(4)
 
 
 def test_chunked_prefill_equals_one_forward():
