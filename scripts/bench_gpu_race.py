@@ -11,6 +11,12 @@ Each run is a fresh process; its clock starts at the process's launch (sqrllm.tr
     python scripts/bench_gpu_race.py --variant mem768:--n_mem=768 --variant drop3:--dropout=0.3 \\
         --set=--max_iters=2000 --parallel 2                   # a sweep: compare losses, not times
 
+    python scripts/bench_gpu_race.py --budget 40 --variant mlp2:--mlp_every=2 ...   # ablations at equal time
+
+--budget S gives every run the same wall-clock: a probe run of --probe_iters steps times the run's
+start-up, step and final evaluation, and the run then gets as many steps as fit in S seconds from
+launch, its learning-rate schedule ending there (max_time=S stops it if the estimate was long).
+
 With --parallel above 1 the runs share the GPU, so their times and speeds mean nothing; compare
 them at a fixed step count. Prints one table row per run, from the runs' metrics.jsonl.
 """
@@ -67,6 +73,27 @@ def table(results):
     return "\n".join(lines)
 
 
+def fit_steps(label, config, overrides, args, out):
+    """Overrides that make one run end `args.budget` seconds after launch: max_iters from a probe run
+    of this config alone (start-up, seconds per step, the final evaluation), and max_time."""
+    probe_dir = out / f"{label}_probe"
+    (probe_dir / "metrics.jsonl").unlink(missing_ok=True)
+    first = max(1, args.probe_iters // 3)
+    cmd = [sys.executable, "train.py", config, f"--out_dir={probe_dir}", "--progress=false", *overrides, *args.set,
+           f"--max_iters={args.probe_iters}", "--eval_interval=0", f"--log_interval={first}", "--max_time=0"]
+    with open(out / f"{label}_probe.log", "w") as log:
+        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+    rows = [json.loads(line) for line in (probe_dir / "metrics.jsonl").read_text().splitlines()]
+    at = {r["step"]: r["elapsed"] for r in rows if "loss" in r}
+    per_step = (at[args.probe_iters] - at[first]) / (args.probe_iters - first)
+    start = at[first] - first * per_step
+    evaluation = next(r["elapsed"] for r in rows if "val_loss" in r) - at[args.probe_iters]
+    steps = int((args.budget - start - evaluation) / per_step * 0.97)
+    print(f"{label}: probe: start-up {start:.1f} s, {1000 * per_step:.1f} ms per step, evaluation {evaluation:.1f} s "
+          f"-> {steps} steps in {args.budget:.0f} s", flush=True)
+    return [f"--max_iters={steps}", f"--max_time={args.budget}"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", choices=list(RUNS), help="run only these of the two configs")
@@ -76,6 +103,8 @@ def main():
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (a sweep; times are then meaningless)")
     ap.add_argument("--out", default="out/bench_gpu_race", help="parent folder of the runs' out_dirs and logs")
     ap.add_argument("--table", help="also write the table to this file")
+    ap.add_argument("--budget", type=float, default=0.0, help="seconds from launch per run, steps fitted by a probe")
+    ap.add_argument("--probe_iters", type=int, default=150, help="steps of the --budget probe run")
     args = ap.parse_args()
 
     jobs = [(name, RUNS[name], []) for name in (args.only or ([] if args.variant else list(RUNS)))]
@@ -84,6 +113,9 @@ def main():
         jobs.append((label, RUNS["sqrllm"], overrides.split()))
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.budget:
+        jobs = [(label, config, overrides + fit_steps(label, config, overrides, args, out))
+                for label, config, overrides in jobs]
     done = []
     for label, config, overrides in jobs:
         while sum(proc.poll() is None for _, proc, _ in done) >= args.parallel:
