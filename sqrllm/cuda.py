@@ -5,6 +5,7 @@ launched on PyTorch's current stream, reading and writing the tensors' own memor
 arguments (contiguous (B, T, C), one dtype among float32, float16, bfloat16, one device), which
 `scan` has validated. How the kernel splits the work is described at the top of the .cu file.
 `scan_fwd_baseline` / `scan_bwd_baseline` run the one-thread-per-feature design, for the benchmark.
+`decode_launch` runs the kernels of one decoding step (`kernels/decode_cuda.cu`, for sqrllm.decode).
 """
 
 import contextlib
