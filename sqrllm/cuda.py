@@ -121,14 +121,25 @@ def _resident(device, min_blocks):
 _streams = {}
 
 
+class _Handle:
+    """A raw stream handle in the CUDA stream protocol, for CuPy's Stream.from_external."""
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
 def _stream(device):
-    """PyTorch's current stream on `device`, as a CuPy stream object."""
+    """PyTorch's current stream on `device`, as a CuPy stream object (not owning it)."""
     import cupy
 
     ptr = torch.cuda.current_stream(device).cuda_stream
     s = _streams.get(ptr)
     if s is None:
-        s = _streams[ptr] = cupy.cuda.ExternalStream(ptr)
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)  # CuPy >= 14; ExternalStream before
+        s = _streams[ptr] = from_external(_Handle(ptr)) if from_external else cupy.cuda.ExternalStream(ptr)
     return s
 
 
