@@ -88,8 +88,9 @@ def vector_width(C, element_size, ptrs):
 
 
 @functools.cache
-def _source():
-    return (SOURCE_DIR / "sqrll.cu").read_text()
+def _source(name="sqrll.cu"):
+    """kernels/<name> behind kernels/storage.cuh."""
+    return (SOURCE_DIR / "storage.cuh").read_text() + (SOURCE_DIR / name).read_text()
 
 
 @functools.cache
@@ -255,3 +256,57 @@ def decode_launch(name, rows, batch, *args):
     with _on(device):
         grid = (-(-rows // DEC_WARPS), batch) if rows else (batch,)
         _decode_function(name, device)(grid, (32 * DEC_WARPS,), packed, stream=_stream(device))
+
+
+# --- a QRNN layer's pooling with its gates (kernels/qrnn.cu), for sqrllm.qrnn ---
+
+QRNN_THREADS = 128  # threads per block, as in the .cu
+
+
+@functools.cache
+def _qrnn_function(name, device):
+    import cupy
+
+    with _on(device):
+        return cupy.RawModule(code=_source("qrnn.cu"), options=("-std=c++17",)).get_function(name)
+
+
+def _qrnn_launch(direction, g, args, B, H):
+    device = g.device.index
+    with _on(device):
+        fn = _qrnn_function(f"qrnn_{direction}_{STORAGE[g.dtype]}", device)
+        fn((-(-B * H // QRNN_THREADS),), (QRNN_THREADS,), args, stream=_stream(device))
+
+
+def qrnn_fwd(g, c0, H, gates, reverse, s, td, keep_c):
+    """The pooled QRNN layer from its gate pre-activations g, contiguous (T, B, gates * H) (td = 0)
+    or (B, T, gates * H) (td = 1): -> (h like g with H features, c of every step in float32 if
+    keep_c else None, the last c (B, H)). c0: (B, H) in g's dtype, or None."""
+    T, B = g.shape[td], g.shape[1 - td]
+    h = g.new_empty(*g.shape[:2], H)
+    c_all = torch.empty(h.shape, dtype=torch.float32, device=g.device) if keep_c else None
+    c_last = g.new_empty(B, H)
+    if h.numel():
+        sizes = (T, B, H, g.stride(td), g.stride(1 - td), h.stride(td), h.stride(1 - td))
+        args = (*map(_ptr, (g, c0, h, c_all, c_last)), *map(np.int64, sizes), np.int32(gates), np.int32(reverse),
+                np.float32(s))
+        _qrnn_launch("fwd", g, args, B, H)
+    else:  # no steps: the state passes through
+        c_last = c0.clone() if c0 is not None else c_last.zero_()
+    return h, c_all, c_last
+
+
+def qrnn_bwd(g, c_all, c0, dh, dc_last, H, gates, reverse, s, td):
+    """Gradients of qrnn_fwd: -> (dg like g, dc0 (B, H) or None without c0). dh like h, contiguous;
+    dc_last (B, H) or None."""
+    T, B = g.shape[td], g.shape[1 - td]
+    dg = torch.empty_like(g)
+    dc0 = g.new_empty(B, H) if c0 is not None else None
+    if dg.numel():
+        sizes = (T, B, H, g.stride(td), g.stride(1 - td), dh.stride(td), dh.stride(1 - td))
+        args = (*map(_ptr, (g, c_all, c0, dh, dc_last, dg, dc0)), *map(np.int64, sizes), np.int32(gates),
+                np.int32(reverse), np.float32(s))
+        _qrnn_launch("bwd", g, args, B, H)
+    elif dc0 is not None:
+        dc0 = dc_last.clone() if dc_last is not None else dc0.zero_()
+    return dg, dc0

@@ -4,6 +4,10 @@
   (one matrix multiply over the last `window` inputs): Z = tanh(W_z * X), F = sigmoid(W_f * X),
   O = sigmoid(W_o * X). fo-pooling c[t] = f[t] * z[t] + (1 - f[t]) * c[t-1] is one `scan` with
   x = f * z and r = 1 - f; the output is h[t] = o[t] * c[t] (c[t] without the output gate).
+- On CUDA a layer is its matrix multiply and one launch of kernels/qrnn.cu, which applies the gate
+  activations around the same recurrence (forward and backward), since at the sizes a QRNN serves
+  the count of launches, not the bytes, sets the speed; packed sequences, zoneout in training and
+  few very long sequences take the general path (the activations as tensor ops, then `scan`).
 - Beyond the original release: bidirectional layers (the scan's reverse direction, the mirror
   image of the forward one, including its window), packed variable-length sequences, any window,
   and no run-time compiler of its own.
@@ -11,6 +15,7 @@
   (num_layers * D, B, H). The state carried in h_n is c, the pooled memory.
 """
 
+import functools
 import math
 import warnings
 
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from sqrllm import cuda
 from sqrllm.scan import scan
 
 
@@ -55,6 +61,36 @@ def _fo_pool(f, x, h0, batch_first, reverse):
     # so no transpose is needed.
     h0 = None if h0 is None else h0.reshape(1, B * C)
     return scan(xs.reshape(1, T, B * C), r.reshape(1, T, B * C), h0, reverse).view(T, B, C)
+
+
+class _FusedPool(torch.autograd.Function):
+    """A layer's gates and fo-pooling from its pre-activations g, one CUDA launch each way
+    (kernels/qrnn.cu): g (T, B, gates * H) (td = 0) or (B, T, gates * H) (td = 1), contiguous,
+    c0 (B, H) or None -> (h, the last c (B, H))."""
+
+    @staticmethod
+    def forward(ctx, g, c0, H, gates, reverse, s, td):
+        keep = any(ctx.needs_input_grad[:2])
+        h, c_all, c_last = cuda.qrnn_fwd(g, c0, H, gates, reverse, s, td, keep)
+        if keep:
+            ctx.save_for_backward(g, c_all, c0)
+            ctx.args = (H, gates, reverse, s, td)
+        return h, c_last
+
+    @staticmethod
+    def backward(ctx, dh, dc_last):
+        g, c_all, c0 = ctx.saved_tensors
+        dg, dc0 = cuda.qrnn_bwd(g, c_all, c0, dh.contiguous(), dc_last.contiguous(), *ctx.args)
+        return dg, dc0, None, None, None, None, None
+
+
+@functools.cache
+def _fused_available():
+    try:
+        cuda.ensure_available()
+        return True
+    except ImportError:
+        return False
 
 
 class ForgetMult(nn.Module):
@@ -245,6 +281,15 @@ class QRNN(nn.Module):
             x = self._windows(x, layer, reverse, td)
         H = self.hidden_size
         g = F.linear(x, w, b)  # (.., gates * H)
+        if self._fuse(g, keep, td):
+            s = 1 - self.zoneout if self.zoneout else 1.0  # eval: f times its expectation
+            c0 = None if h0 is None else h0.to(g.dtype).contiguous()
+            gates = 3 if self.output_gate else 2
+            if g.requires_grad or (c0 is not None and c0.requires_grad):
+                h, c_last = _FusedPool.apply(g, c0, H, gates, reverse, s, td)
+            else:  # inference: no autograd node to build
+                h, _, c_last = cuda.qrnn_fwd(g, c0, H, gates, reverse, s, td, keep_c=False)
+            return h, c_last[None]
         if torch.is_grad_enabled():  # split's backward is one cat, narrow's a zero-fill, copy and add
             z, fo = g.split([H, g.shape[-1] - H], -1)
             fo = fo.sigmoid()  # f and o in one kernel
@@ -264,6 +309,16 @@ class QRNN(nn.Module):
         h = c * o if self.output_gate else c
         last = c.narrow(td, 0 if reverse else c.shape[td] - 1, 1)
         return h, (last.transpose(0, 1) if td else last)  # (1, B, H)
+
+    # CUDA layers run fused (kernels/qrnn.cu) unless they need what only the general path does:
+    # packed sequences (their padding), zoneout's random mask in training, or time split across
+    # blocks (a serial walk over T by B * H threads is too narrow for few, very long sequences)
+    FUSE = True
+
+    def _fuse(self, g, keep, td):
+        T, BH = g.shape[td], g.shape[1 - td] * self.hidden_size
+        return (g.is_cuda and self.FUSE and g.dtype in cuda.STORAGE and keep is None
+                and not (self.zoneout and self.training) and (T <= 4096 or BH >= 8192) and _fused_available())
 
     def _windows(self, x, layer, reverse, td):
         """(.., I) -> (.., I * k): each step's k inputs, oldest first in the direction of travel."""

@@ -340,3 +340,78 @@ def test_cpu_cuda_parity():
         out_d, h_d = md(x.cuda().to(dtype), h0.cuda())
         assert out_d.dtype == dtype and rel_err(out_d.cpu(), out) < 3 * RTOL[dtype]
         assert rel_err(h_d.cpu(), h_n) < 3 * RTOL[dtype]
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls that take the fused CUDA layer (kernels/qrnn.cu)."""
+    from sqrllm import qrnn
+
+    calls = []
+    apply = qrnn._FusedPool.apply
+    monkeypatch.setattr(qrnn._FusedPool, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("window", [1, 3])
+@pytest.mark.parametrize("output_gate", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_fused_cuda_layer_matches_paper_equations(window, output_gate, bidirectional, batch_first, fused_calls):
+    torch.manual_seed(window * 8 + output_gate * 4 + bidirectional * 2 + batch_first)
+    T, B, I, H, L = 37, 3, 5, 8, 2  # T: more than two of the kernel's 16-step loads, not a multiple
+    m = QRNN(I, H, num_layers=L, window=window, output_gate=output_gate, bidirectional=bidirectional,
+             batch_first=batch_first)
+    D = m.num_directions
+    ref = QRNN(I, H, num_layers=L, window=window, output_gate=output_gate, bidirectional=bidirectional).double()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(L * D, B, H, dtype=torch.float64, requires_grad=True)
+    w_out, w_h = torch.randn(T, B, D * H, dtype=torch.float64), torch.randn(L * D, B, H, dtype=torch.float64)
+    ref_out, ref_h = paper_qrnn(ref, x, h0)
+    ref_grads = torch.autograd.grad(loss_of(ref_out, ref_h, w_out, w_h), [x, h0, *ref.parameters()])
+
+    mc = m.cuda()
+    xc = x.detach().float().cuda().requires_grad_()
+    h0c = h0.detach().float().cuda().requires_grad_()
+    out, h_n = mc(xc.transpose(0, 1) if batch_first else xc, h0c)
+    out = out.transpose(0, 1) if batch_first else out
+    assert len(fused_calls) == L * D
+    assert rel_err(out.cpu(), ref_out) < RTOL[torch.float32] and rel_err(h_n.cpu(), ref_h) < RTOL[torch.float32]
+    grads = torch.autograd.grad(loss_of(out, h_n, w_out.float().cuda(), w_h.float().cuda()),
+                                [xc, h0c, *mc.parameters()])
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g.cpu(), rg) < 1e-4
+    with torch.no_grad():
+        out_ng, h_ng = mc(xc.transpose(0, 1) if batch_first else xc, h0c)
+    torch.testing.assert_close(out_ng.transpose(0, 1) if batch_first else out_ng, out, rtol=0, atol=0)
+    torch.testing.assert_close(h_ng, h_n, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@cuda
+def test_fused_cuda_layer_equals_the_general_path(fused_calls):
+    """Zoneout in eval, no h0, one step, low precision: fused and unfused agree; the shapes the fused
+    kernel does not take (packed, zoneout in training, few very long sequences) go the general way."""
+    torch.manual_seed(5)
+    m = QRNN(6, 16, num_layers=2, zoneout=0.3).cuda().eval()
+    general = QRNN(6, 16, num_layers=2, zoneout=0.3).cuda().eval()
+    general.load_state_dict(m.state_dict())
+    general.FUSE = False
+    for T in (1, 50):
+        x = torch.randn(T, 4, 6, device="cuda")
+        for (a, b) in zip(m(x), general(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(40, 4, 6, device="cuda")
+        with torch.autocast("cuda", dtype=dtype):
+            out, h_n = m(x)
+            out_g, h_g = general(x)
+        assert out.dtype == dtype and rel_err(out, out_g) < 3 * RTOL[dtype] and rel_err(h_n, h_g) < 3 * RTOL[dtype]
+    n = len(fused_calls)
+    m.train()(torch.randn(9, 4, 6, device="cuda"))  # zoneout's mask
+    m.eval()(pack_padded_sequence(torch.randn(9, 2, 6), torch.tensor([9, 4])).to("cuda"))
+    m(torch.randn(8192, 1, 6, device="cuda"))  # one sequence of 8192 steps: time split across blocks
+    assert len(fused_calls) == n

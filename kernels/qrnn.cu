@@ -1,0 +1,130 @@
+// A QRNN layer after its matrix multiply, forward and backward, for sqrllm/qrnn.py on CUDA:
+//
+//     z = tanh(gz), f = s * sigmoid(gf), o = sigmoid(go)
+//     c[t] = f[t] * z[t] + (1 - f[t]) * c[t-1]        (c[-1] = c0, or 0)
+//     h[t] = o[t] * c[t]                               (h = c without the output gate)
+//
+// This is the sqrll recurrence y[t] = r[t] * y[t-1] + x[t] with x = f * z and r = 1 - f, run with
+// the gate activations and the output gate fused around it: a layer is then its matrix multiply
+// and one launch (eight without fusing: activations, f * z, 1 - f, the scan, o * c, ...), which
+// is what decides its speed at the batch sizes and lengths the QRNN benchmark covers. One thread
+// per (b, j) walks time, reading U steps of gates at once so that their loads overlap; the
+// general scan (sqrll.cu) is what splits time across blocks, and sqrllm/qrnn.py sends the
+// shapes that need that (few sequences, very long) to it.
+//
+// g: the pre-activations [gz | gf | go] of every (t, b), G * H wide (G = 3, or 2 without the output
+// gate), element (t, b, k * H + j) at g[t * gt + b * gb + k * H + j]; h and dh: (t, b, j) at
+// t * ht + b * hb + j; c0, c_last, dc_last, dc0: (B, H). s scales the forget gate (1 - zoneout in
+// eval). reverse: time runs from T - 1 down to 0. Storage S is float, f16_t or bf16_t
+// (kernels/storage.cuh); arithmetic is float32, and the c kept for the backward is float32.
+//
+// Backward, walking the direction of travel backwards with dc the gradient reaching c[t] from
+// later steps (at the end, from c_last): dc_t = dc + dh[t] * o, dgo = dh[t] * c[t] * o (1 - o),
+// dgz = dc_t * f * (1 - z^2), dgf = dc_t * (z - c[t-1]) * s * sf (1 - sf) with sf = sigmoid(gf),
+// then dc = dc_t * (1 - f); dc0 is the last dc.
+
+#define QNT 128  // threads per block; sqrllm/cuda.py's QRNN_THREADS
+#define U 16     // time steps loaded at once
+
+__device__ __forceinline__ float sigmoidf_(float v) { return 1.f / (1.f + expf(-v)); }
+
+template <typename S>
+__device__ __forceinline__ void qrnn_fwd(const S* __restrict__ g, const S* __restrict__ c0, S* __restrict__ h,
+                                         float* __restrict__ c_all, S* __restrict__ c_last, long long T,
+                                         long long B, long long H, long long gt, long long gb, long long ht,
+                                         long long hb, int G, int reverse, float s) {
+    const long long i = blockIdx.x * (long long)QNT + threadIdx.x;  // b * H + j
+    if (i >= B * H) return;
+    const long long b = i / H, j = i - b * H;
+    const S* gp = g + b * gb + j;
+    const long long ho = b * hb + j;
+    float c = c0 ? to_f32(c0[i]) : 0.f;
+    for (long long p0 = 0; p0 < T; p0 += U) {
+        float gz[U], gf[U], go[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (p0 + u < T) {
+                const long long t = reverse ? T - 1 - (p0 + u) : p0 + u;
+                const S* q = gp + t * gt;
+                gz[u] = to_f32(q[0]);
+                gf[u] = to_f32(q[H]);
+                go[u] = G == 3 ? to_f32(q[2 * H]) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (p0 + u < T) {
+                const long long t = reverse ? T - 1 - (p0 + u) : p0 + u;
+                const float f = s * sigmoidf_(gf[u]);
+                c = f * tanhf(gz[u]) + (1.f - f) * c;
+                h[t * ht + ho] = from_f32<S>(G == 3 ? sigmoidf_(go[u]) * c : c);
+                if (c_all) c_all[t * ht + ho] = c;
+            }
+        }
+    }
+    if (c_last) c_last[i] = from_f32<S>(c);
+}
+
+template <typename S>
+__device__ __forceinline__ void qrnn_bwd(const S* __restrict__ g, const float* __restrict__ c_all,
+                                         const S* __restrict__ c0, const S* __restrict__ dh,
+                                         const S* __restrict__ dc_last, S* __restrict__ dg, S* __restrict__ dc0,
+                                         long long T, long long B, long long H, long long gt, long long gb,
+                                         long long ht, long long hb, int G, int reverse, float s) {
+    const long long i = blockIdx.x * (long long)QNT + threadIdx.x;
+    if (i >= B * H) return;
+    const long long b = i / H, j = i - b * H;
+    const long long go_ = b * gb + j, ho = b * hb + j;
+    const float first = c0 ? to_f32(c0[i]) : 0.f;  // c before the first step
+    float dc = dc_last ? to_f32(dc_last[i]) : 0.f;
+    for (long long p1 = T - 1; p1 >= 0; p1 -= U) {  // steps p1, p1 - 1, ..., p1 - U + 1
+        float gz[U], gf[U], go[U], ct[U], cp[U], dht[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const long long p = p1 - u;
+            if (p >= 0) {
+                const long long t = reverse ? T - 1 - p : p;
+                const S* q = g + t * gt + go_;
+                gz[u] = to_f32(q[0]);
+                gf[u] = to_f32(q[H]);
+                go[u] = G == 3 ? to_f32(q[2 * H]) : 0.f;
+                ct[u] = c_all[t * ht + ho];
+                cp[u] = p > 0 ? c_all[(reverse ? t + 1 : t - 1) * ht + ho] : first;
+                dht[u] = to_f32(dh[t * ht + ho]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const long long p = p1 - u;
+            if (p >= 0) {
+                const long long t = reverse ? T - 1 - p : p;
+                const float z = tanhf(gz[u]), sf = sigmoidf_(gf[u]), f = s * sf;
+                const float o = G == 3 ? sigmoidf_(go[u]) : 1.f;
+                const float dct = dc + dht[u] * o;
+                S* q = dg + t * gt + go_;
+                q[0] = from_f32<S>(dct * f * (1.f - z * z));
+                q[H] = from_f32<S>(dct * (z - cp[u]) * s * sf * (1.f - sf));
+                if (G == 3) q[2 * H] = from_f32<S>(dht[u] * ct[u] * o * (1.f - o));
+                dc = dct * (1.f - f);
+            }
+        }
+    }
+    if (dc0) dc0[i] = from_f32<S>(dc);
+}
+
+#define QRNN_KERNELS(S)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(QNT) qrnn_fwd_##S(                                          \
+        const S* g, const S* c0, S* h, float* c_all, S* c_last, long long T, long long B, long long H,         \
+        long long gt, long long gb, long long ht, long long hb, int G, int reverse, float s) {                 \
+        qrnn_fwd<S>(g, c0, h, c_all, c_last, T, B, H, gt, gb, ht, hb, G, reverse, s);                          \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(QNT) qrnn_bwd_##S(                                          \
+        const S* g, const float* c_all, const S* c0, const S* dh, const S* dc_last, S* dg, S* dc0,             \
+        long long T, long long B, long long H, long long gt, long long gb, long long ht, long long hb, int G,   \
+        int reverse, float s) {                                                                               \
+        qrnn_bwd<S>(g, c_all, c0, dh, dc_last, dg, dc0, T, B, H, gt, gb, ht, hb, G, reverse, s);               \
+    }
+
+QRNN_KERNELS(float)
+QRNN_KERNELS(f16_t)
+QRNN_KERNELS(bf16_t)
