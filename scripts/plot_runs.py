@@ -56,7 +56,7 @@ def main():
     by_time.set_ylabel(args.metric.replace("_", " "))
     for ax in (by_time, by_tokens):
         ax.grid(alpha=0.3)
-    by_time.legend()
+    by_time.legend(loc="upper right", fontsize="small")
     if args.title:
         fig.suptitle(args.title)
     fig.tight_layout()
