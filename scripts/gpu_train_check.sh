@@ -13,10 +13,12 @@ python3 data/shakespeare_char/prepare.py --input "$1" >"$OUT/prepare.log" 2>&1 |
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
 timeout 240 python3 scripts/bench_ddp.py --batch 64 512 2>&1 | tee "$OUT/bench_ddp.log"
 common=(--budget "$BUDGET")
-CUDA_VISIBLE_DEVICES=0 timeout 300 python3 scripts/bench_gpu_race.py --out out/ablate "${common[@]}" --only sqrllm \
-    --variant mlp_every2:--mlp_every=2 --variant mlp_every3:--mlp_every=3 --table "$OUT/ablate0.md" >"$OUT/ablate0.log" 2>&1 &
+# the README's table: configs/shakespeare_char.py at n_mem 384 (its value then), one more override per row
+CUDA_VISIBLE_DEVICES=0 timeout 300 python3 scripts/bench_gpu_race.py --out out/ablate "${common[@]}" \
+    --variant base:--n_mem=384 --variant mlp_every2:"--n_mem=384 --mlp_every=2" \
+    --variant mlp_every3:"--n_mem=384 --mlp_every=3" --table "$OUT/ablate0.md" >"$OUT/ablate0.log" 2>&1 &
 CUDA_VISIBLE_DEVICES=1 timeout 300 python3 scripts/bench_gpu_race.py --out out/ablate "${common[@]}" \
-    --variant n_mem192:--n_mem=192 --variant n_mem768:--n_mem=768 --variant carried:--batching=stream \
+    --variant n_mem192:--n_mem=192 --variant n_mem768:--n_mem=768 --variant carried:"--n_mem=384 --batching=stream" \
     --table "$OUT/ablate1.md" >"$OUT/ablate1.log" 2>&1 &
 wait
 cat "$OUT/ablate0.log" "$OUT/ablate1.log" | grep -v "^\$"
