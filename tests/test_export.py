@@ -1,6 +1,6 @@
-"""Export to C++ and WebAssembly: the native CLI, the wasm CLI under Node.js and the web page in
-headless Chromium print the same greedy text as sample.py; logits agree with PyTorch; models the
-exporter does not support are refused with a message that names the module.
+"""Export to C++ and WebAssembly: the native CLI (on 1 and on 2 threads), the wasm CLI under Node.js
+and the web page in headless Chromium print the same greedy text as sample.py; logits agree with
+PyTorch; models the exporter does not support are refused with a message that names the module.
 
 Which weights are compared. The exporter rounds weights to bfloat16, so the exported model is the
 checkpoint with rounded weights. Comparing it with a float32 checkpoint would mix two things: the
@@ -149,6 +149,28 @@ def test_native_greedy_text_is_byte_identical_to_sample_py(byte_build, sample_py
     assert b"tokens/s" in run.stderr and b"tokens/s" not in run.stdout
 
 
+def test_two_threads_give_the_same_text_and_logits_as_one(byte_build, lib, sample_py_text):
+    """Native builds split each matrix's rows between two threads; every row is still summed by one
+    thread in one order, so the text (sample.py's) and the logits are the same bits on 1 and 2 threads."""
+    for n in (1, 2):
+        run = subprocess.run([str(byte_build / "sqrllm"), "--threads", str(n), "-n", str(N_TOKENS), "-t", "0", PROMPT],
+                             capture_output=True)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == sample_py_text
+        assert f"tokens/s) on {n} thread".encode() in run.stderr
+    ids = list(PROMPT.encode() + b" the quick brown fox")
+    logits = {}
+    for n in (1, 2):
+        lib.sq_set_threads(n)
+        lib.sq_reset()
+        logits[n] = [np.array(lib.sq_feed(t)[:256], dtype=np.float32) for t in ids]
+        assert lib.sq_threads_used() == n
+    lib.sq_set_threads(0)
+    assert all(np.array_equal(a, b) for a, b in zip(logits[1], logits[2]))
+    bad = subprocess.run([str(byte_build / "sqrllm"), "--threads", "3", PROMPT], capture_output=True)
+    assert bad.returncode == 2 and b"--threads needs a number in [1, 2]" in bad.stderr
+
+
 def test_logits_agree_with_pytorch_step_by_step(byte_build, byte_ckpt, tmp_path):
     dump = tmp_path / "logits.bin"
     out = subprocess.run([str(byte_build / "sqrllm"), "-n", "32", "-t", "0", "--dump-logits", str(dump), PROMPT],
@@ -201,7 +223,7 @@ def test_vector_hot_loops_are_bit_identical_to_the_plain_loop(byte_build, lib, t
     the baseline x86-64 version alone) against the plain C++ loop they stand for."""
     flags = {"plain": ["-DSQ_PLAIN"], "baseline": ["-DSQ_HOT="]}
     builds = {name: subprocess.Popen(["c++", "-O1", *extra, "-std=c++17", "-ffp-contract=off", "-fno-trapping-math",
-                                      "-shared", "-fPIC", "-o", str(tmp_path / f"lib{name}.so"),
+                                      "-pthread", "-shared", "-fPIC", "-o", str(tmp_path / f"lib{name}.so"),
                                       str(byte_build / "model.cpp")]) for name, extra in flags.items()}
     assert all(b.wait() == 0 for b in builds.values())
     libs = [lib] + [ctypes.CDLL(str(tmp_path / f"lib{name}.so")) for name in flags]

@@ -24,6 +24,8 @@ static const char* USAGE =
     "  -k, --top-k K        sample among the K most likely tokens; 0 = all (default 200)\n"
     "  -p, --top-p P        sample from the smallest set of tokens with mass >= P (default 1 = off)\n"
     "  -s, --seed S         random seed (default 1337)\n"
+    "  --threads N          1 or 2; default: 2 on a machine with 2 or more cores, falling back to 1\n"
+    "                       while that is faster (another process is busy); the text is the same\n"
     "  --dump-logits FILE   write to FILE, as float32 rows, the logits each generated token was\n"
     "                       chosen from\n"
     "  -q, --quiet          no speed report on stderr\n";
@@ -54,7 +56,7 @@ static bool parse_number(const char* flag, const char* text, double lo, double h
 }
 
 int main(int argc, char** argv) {
-    double n_new = 500, temperature = 0.8, top_k = 200, top_p = 1.0, seed = 1337;
+    double n_new = 500, temperature = 0.8, top_k = 200, top_p = 1.0, seed = 1337, threads = 0;
     const char* dump_path = nullptr;
     const char* prompt_arg = nullptr;
     bool quiet = false;
@@ -69,6 +71,7 @@ int main(int argc, char** argv) {
         else if (f == "-k" || f == "--top-k") ok = parse_number("-k", v, 0, 1e9, &top_k);
         else if (f == "-p" || f == "--top-p") ok = parse_number("-p", v, 0, 1, &top_p);
         else if (f == "-s" || f == "--seed") ok = parse_number("-s", v, 0, 4294967295.0, &seed);
+        else if (f == "--threads") ok = parse_number("--threads", v, 1, 2, &threads);
         else if (f == "--dump-logits") { if (!(ok = v != nullptr)) fputs("sqrllm: --dump-logits needs a file\n", stderr); else dump_path = v; }
         else if (f.size() > 1 && f[0] == '-') { fprintf(stderr, "sqrllm: unknown option %s\n%s", f.c_str(), USAGE); return 2; }
         else if (prompt_arg) { fprintf(stderr, "sqrllm: one prompt only; quote it\n%s", USAGE); return 2; }
@@ -109,6 +112,7 @@ int main(int argc, char** argv) {
     sq_set_top_k((int)top_k);
     sq_set_top_p((float)top_p);
     sq_set_seed((uint32_t)seed);
+    sq_set_threads((int)threads);
     sq_reset();
     write_text(prompt.data(), (int)prompt.size());
 
@@ -119,7 +123,7 @@ int main(int argc, char** argv) {
     double t1 = now();
     const long n_gen = (long)n_new;
     const int eot = sq_eot_id();
-    long i = 0;
+    long i = 0, on_two = 0;
     for (; i < n_gen; i++) {
         if (dump) fwrite(logits, sizeof(float), V, dump);
         int token = sq_sample();
@@ -128,6 +132,7 @@ int main(int argc, char** argv) {
         const char* text = sq_decode(token, &n);
         write_text(text, n);
         logits = sq_feed(token);
+        on_two += sq_threads_used() == 2;
     }
     double t2 = now();
     int n;
@@ -135,8 +140,12 @@ int main(int argc, char** argv) {
     write_text(tail, n);
     write_text("\n", 1, true);
     if (dump) fclose(dump);
-    if (!quiet)
-        fprintf(stderr, "sqrllm: prompt %d tokens in %.4f s (%.1f tokens/s), generated %ld tokens in %.4f s (%.1f tokens/s)\n",
-                n_ids, t1 - t0, n_ids / (t1 - t0), i, t2 - t1, i > 0 ? i / (t2 - t1) : 0.0);
+    if (!quiet) {
+        char threads_note[64];
+        if (on_two == 0 || on_two == i) snprintf(threads_note, sizeof threads_note, "on %d thread%s", on_two ? 2 : 1, on_two ? "s" : "");
+        else snprintf(threads_note, sizeof threads_note, "on 2 threads for %.0f%% of them", 100.0 * on_two / i);
+        fprintf(stderr, "sqrllm: prompt %d tokens in %.4f s (%.1f tokens/s), generated %ld tokens in %.4f s (%.1f tokens/s) %s\n",
+                n_ids, t1 - t0, n_ids / (t1 - t0), i, t2 - t1, i > 0 ? i / (t2 - t1) : 0.0, threads_note);
+    }
     return 0;
 }

@@ -36,6 +36,13 @@ void sq_set_top_p(float top_p);
 void sq_set_seed(uint32_t seed);
 int sq_sample(void);
 
+/* Threads for sq_feed: 1 or 2 (each matrix's rows split between two); anything else = automatic:
+   2 on a machine with 2 or more cores while that is faster than 1 (see pick_threads in
+   sqrllm_runtime.h). The numbers do not depend on it. WebAssembly builds compute on 1 always.
+   sq_threads_used: what the last sq_feed ran on (0 before any). */
+void sq_set_threads(int n);
+int sq_threads_used(void);
+
 /* The state: every sqrll layer's memory, then the current logits; sq_state_size() floats.
    Restoring it resumes generation exactly where it was saved. */
 int sq_state_size(void);

@@ -3,7 +3,8 @@
 // model.cpp (written by sqrllm.export) holds the weights and a description of the blocks, then
 // includes this header once. Weights are bfloat16 bit patterns; everything is computed in float32
 // in a fixed order (no fast-math, no fused multiply-add), so the native and WebAssembly builds
-// produce the same numbers.
+// produce the same numbers. Native builds split each matrix's rows between two threads (see Pool);
+// every row is still summed by one thread in one order, so the bits do not depend on it.
 //
 // One step for token t (names as in sqrllm/model.py):
 //   x = wte[t]                                                     # (C,)
@@ -16,15 +17,27 @@
 #define SQRLLM_RUNTIME_H
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <string>
 #include <unordered_map>
 #include <vector>
 #if defined(__wasm_simd128__)
 #include <wasm_simd128.h>
+#endif
+// WebAssembly runs on one thread (no SharedArrayBuffer needed); -DSQ_ONE_THREAD does so natively.
+#if !defined(__EMSCRIPTEN__) && !defined(SQ_ONE_THREAD)
+#define SQ_THREADS 1
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <system_error>
+#include <thread>
 #endif
 
 #include "sqrllm.h"
@@ -202,33 +215,32 @@ static SQ_INLINE void split_columns(float* xe, float* xo, const float* x, int n)
 #define SQ_HOT
 #endif
 
-// One step of a sqrll layer after its projection z = (f, i, ig, og), each (n,): the scan's
-// y[t] = r[t] * y[t-1] + x[t] with r = sigmoid(f), x = i * sigmoid(ig), on the memory y in place;
-// then g = softsign(y) * sigmoid(og), the input of the layer's out projection.
-SQ_HOT static void sqrll_gates(float* __restrict g, float* __restrict y, const float* __restrict z, int n) {
+// One step of a sqrll layer after its projection z = (f, i, ig, og), each (n,), for columns
+// [c0, c1): the scan's y[t] = r[t] * y[t-1] + x[t] with r = sigmoid(f), x = i * sigmoid(ig), on the
+// memory y in place; then g = softsign(y) * sigmoid(og), the input of the layer's out projection.
+SQ_HOT static void sqrll_gates(float* __restrict g, float* __restrict y, const float* __restrict z, int n, int c0,
+                               int c1) {
     const float *f = z, *in = z + n, *ig = z + 2 * n, *og = z + 3 * n;
-    for (int c = 0; c < n; c++) {
+    for (int c = c0; c < c1; c++) {
         const float r = sigmoid(f[c]);
         y[c] = r * y[c] + in[c] * sigmoid(ig[c]);
         g[c] = (y[c] / (1.0f + std::fabs(y[c]))) * sigmoid(og[c]);
     }
 }
 
-// The gated MLP's hidden layer from its projection z = (a, g), each (n,): a * sigmoid(g).
-SQ_HOT static void mlp_gates(float* __restrict h, const float* __restrict z, int n) {
-    for (int c = 0; c < n; c++) h[c] = z[c] * sigmoid(z[n + c]);
+// The gated MLP's hidden layer from its projection z = (a, g), each (n,), for columns [c0, c1): a * sigmoid(g).
+SQ_HOT static void mlp_gates(float* __restrict h, const float* __restrict z, int n, int c0, int c1) {
+    for (int c = c0; c < c1; c++) h[c] = z[c] * sigmoid(z[n + c]);
 }
 
-// y = W x + b. scratch: room for n_in floats.
-SQ_HOT static void linear(float* y, const Linear& L, const float* x, float* scratch) {
+// Rows [o0, o1) of y = W x + b; xe, xo: x split by split_columns.
+SQ_HOT static void rows(float* y, const Linear& L, const float* x, const float* xe, const float* xo, int o0, int o1) {
     const int n = L.n_in;
-    float *xe = scratch, *xo = scratch + n / 2;
-    split_columns(xe, xo, x, n);
-    int o = 0;
-    for (; o + 4 <= L.n_out; o += 4) dot_rows<4>(y + o, L.w + (size_t)o * n, n, x, xe, xo);
-    for (; o < L.n_out; o++) dot_rows<1>(y + o, L.w + (size_t)o * n, n, x, xe, xo);
+    int o = o0;
+    for (; o + 4 <= o1; o += 4) dot_rows<4>(y + o, L.w + (size_t)o * n, n, x, xe, xo);
+    for (; o < o1; o++) dot_rows<1>(y + o, L.w + (size_t)o * n, n, x, xe, xo);
     if (L.b)
-        for (o = 0; o < L.n_out; o++) y[o] += bf16(L.b[o]);
+        for (o = o0; o < o1; o++) y[o] += bf16(L.b[o]);
 }
 
 static void rmsnorm(float* h, const float* x, const uint16_t* weight, float eps, int C) {
@@ -288,11 +300,160 @@ static inline int utf8_len(unsigned char b) {
     return b < 0xC0 ? 1 : b < 0xE0 ? 2 : b < 0xF0 ? 3 : 4;
 }
 
+static double seconds() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// A phase of a step (one matrix and what goes with it) covers a range [0, n) of rows or columns,
+// cut into CHUNKS parts at multiples of 16 (a 64-byte line of floats). Two, one per thread: more
+// would balance a slow core better but cost more hand-overs; four measured no faster on 2 vCPUs.
+static constexpr int CHUNKS = 2;
+static inline int chunk_start(int n, int k) { return k == CHUNKS ? n : (int)((int64_t)n * k / CHUNKS) & ~15; }
+
+#if defined(SQ_THREADS)
+static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+// Two threads, the caller (thread 0) and one worker (thread 1), run the same step program: phase
+// after phase, each claims chunks, waits for the previous phase to be done (by both) before its first
+// chunk, and computes its own copy of the phase's input (an RMSNorm, the column split), which costs
+// less than handing it over. Thread 0 claims from the first chunk up and thread 1 from the last down,
+// so each keeps its half of the weights in its own cache, and either takes all the chunks when the
+// other is late: a worker that the OS has not scheduled (the other core is busy) does not stall the
+// step; one put aside in the middle of a chunk still does, which Runtime::pick_threads answers.
+// Between steps the worker spins (the next comes within microseconds while tokens are generated);
+// after SPIN_S without one it sleeps, so that it leaves the core to others while one thread runs.
+class Pool {
+  public:
+    typedef void (*Program)(void* ctx, Pool& pool, int thread);
+
+    // Runs program(ctx, pool, 0) here and program(ctx, pool, 1) on the worker, over n_phases phases;
+    // returns when all are done. program and ctx must be the same at every call. Without a worker
+    // (the system would not start one) the caller does every chunk.
+    void run(Program program, void* ctx, int n_phases) {
+        if (!claims) {
+            program_ = program, ctx_ = ctx, n_phases_ = n_phases;
+            claims.reset(new Slot[n_phases]);
+            done.reset(new Slot[n_phases]);
+            try {
+                worker = std::thread([this] { work(); });
+            } catch (const std::system_error&) {
+            }
+        }
+        const uint64_t s = ++current;
+        for (int p = 0; p < n_phases_; p++) claims[p].v.store(s << 16 | CHUNKS, std::memory_order_relaxed);
+        step.store(s);                // publishes; sequentially consistent with the worker's `sleeping`
+        if (sleeping.load()) wake();  // store, so that no wake-up is lost
+        program(ctx, *this, 0);
+        wait(n_phases_ - 1, 0);
+    }
+
+    // A chunk of the phase for this thread, or -1: none left (or the step is over).
+    int claim(int phase, int thread) {
+        const uint64_t s = thread ? joined : current;
+        std::atomic<uint64_t>& c = claims[phase].v;
+        uint64_t w = c.load(std::memory_order_acquire);  // step << 16 | first unclaimed << 8 | last + 1
+        for (;;) {
+            const int front = (int)(w >> 8 & 255), back = (int)(w & 255);
+            if (w >> 16 != s || front >= back) return -1;
+            if (c.compare_exchange_weak(w, thread ? w - 1 : w + 256, std::memory_order_acq_rel,
+                                        std::memory_order_acquire))
+                return thread ? back - 1 : front;
+        }
+    }
+
+    void finish(int phase) { done[phase].v.fetch_add(1, std::memory_order_release); }
+
+    // Until every chunk of the phase is done in this thread's step (done counts across steps).
+    void wait(int phase, int thread) {
+        const uint64_t target = (thread ? joined : current) * CHUNKS;
+        const double t0 = seconds();
+        for (int i = 0; done[phase].v.load(std::memory_order_acquire) < target; i++) {
+            cpu_relax();
+            if (i >= 64 && seconds() - t0 > SPIN_S) std::this_thread::yield();  // the other was put aside
+        }
+    }
+
+    ~Pool() {
+        if (!worker.joinable()) return;
+        stop.store(true);
+        wake();
+        worker.join();
+    }
+
+  private:
+    static constexpr double SPIN_S = 50e-6;
+    struct alignas(64) Slot { std::atomic<uint64_t> v{0}; };  // one per cache line
+    std::unique_ptr<Slot[]> claims, done;  // per phase
+    alignas(64) std::atomic<uint64_t> step{0};  // the latest step, 1, 2, ...
+    uint64_t current = 0;                       // the caller's step
+    alignas(64) uint64_t joined = 0;            // the worker's
+    Program program_ = nullptr;
+    void* ctx_ = nullptr;
+    int n_phases_ = 0;
+    std::atomic<bool> sleeping{false}, stop{false};
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::thread worker;
+
+    void wake() {
+        { std::lock_guard<std::mutex> lock(mutex); }
+        cv.notify_one();
+    }
+
+    void work() {
+        auto has_step = [this] { return step.load() != joined; };
+        for (;;) {
+            const double t0 = seconds();
+            for (int i = 0; !has_step() && !stop.load(std::memory_order_relaxed); i++) {
+                cpu_relax();
+                if (i >= 64 && seconds() - t0 > SPIN_S) {
+                    std::unique_lock<std::mutex> lock(mutex);
+                    sleeping.store(true);
+                    cv.wait(lock, [&] { return stop.load() || has_step(); });
+                    sleeping.store(false);
+                }
+            }
+            if (stop.load()) return;
+            joined = step.load(std::memory_order_acquire);  // a late worker joins the latest step
+            program_(ctx_, *this, 1);
+        }
+    }
+};
+#endif
+
+// Storage on 64-byte boundaries: two threads writing neighbouring ranges of an array (cut at
+// multiples of 16 floats) then share no cache line, which would bounce between their cores.
+template <class T>
+struct CacheLines {
+    typedef T value_type;
+    CacheLines() = default;
+    template <class U>
+    CacheLines(const CacheLines<U>&) {}
+    T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+    bool operator==(const CacheLines&) const { return true; }
+    bool operator!=(const CacheLines&) const { return false; }
+};
+typedef std::vector<float, CacheLines<float>> Floats;
+
+// What each thread of a step has to itself: the input of the current phase's matrix.
+struct Lane {
+    Floats h;        // (C,) the RMSNorm of x, for a projection from the residual stream
+    Floats columns;  // the matrix's input split by split_columns: xe, then xo
+    const float *xe = nullptr, *xo = nullptr;
+};
+
 struct Runtime {
     bool ready = false;
-    std::vector<float> x, h, z, g, tmp;  // activations of one step
-    std::vector<float> scratch;          // for linear
-    std::vector<float> state;            // every sqrll layer's y, then the logits
+    Floats x, z, g, tmp;  // activations of one step, shared by its threads
+    Lane lanes[2];
+    Floats state;         // every sqrll layer's y, then the logits
     float* logits = nullptr;
     std::vector<int> mem_offset;  // per block: offset of its y in state (sqrll blocks only)
     float temperature = 0.8f, top_p = 1.0f;
@@ -305,6 +466,15 @@ struct Runtime {
     std::vector<int> encoded;  // encode's scratch
     Utf8Stream utf8;
     std::string text;  // sq_decode's output
+    int threads = 0;   // 0: 1 or 2, whichever has been faster lately (see pick_threads); 1, 2: fixed
+    int last_threads = 0;  // what the last step ran on
+    int run_threads = 1, run_steps = 0, run_length = SAMPLE, pause = PAUSE;  // pick_threads' state:
+    double run_seconds = 0.0, half_seconds = 0.0;  // the run's time (and its first half's)
+    double one_thread[3] = {};  // seconds per step of the last 3 runs on one thread
+    long n_one_thread = 0;
+#if defined(SQ_THREADS)
+    Pool pool;
+#endif
 
     void init() {
         const Model& M = MODEL;
@@ -315,8 +485,9 @@ struct Runtime {
             widest = std::max(widest, std::max(B.proj.n_out, B.out.n_in));
             if (B.kind == SQRLL) mem_offset[b] = n_state, n_state += B.out.n_in;
         }
-        x.assign(M.n_embd, 0.0f), h.assign(M.n_embd, 0.0f), tmp.assign(M.n_embd, 0.0f);
-        z.assign(widest, 0.0f), g.assign(widest, 0.0f), scratch.assign(widest, 0.0f);
+        x.assign(M.n_embd, 0.0f), tmp.assign(M.n_embd, 0.0f);
+        z.assign(widest, 0.0f), g.assign(widest, 0.0f);
+        for (Lane& lane : lanes) lane.h.assign(M.n_embd, 0.0f), lane.columns.assign(widest, 0.0f);
         state.assign(n_state + M.vocab_size, 0.0f);
         logits = state.data() + n_state;
         if (M.tokenizer.kind == CHAR)
@@ -344,26 +515,133 @@ struct Runtime {
         return (double)((rng * 0x2545F4914F6CDD1Dull) >> 11) * (1.0 / 9007199254740992.0);
     }
 
+    // One token through the model, as 2 phases per block (its input projection with the gates; its
+    // output projection into the residual stream x) and the head. Each phase is split over a range of
+    // rows or columns; each row of a matrix is summed whole by one thread (dot_rows), so the number
+    // of threads changes no bits.
     const float* step(int t) {
         const Model& M = MODEL;
-        const int C = M.n_embd;
-        for (int c = 0; c < C; c++) x[c] = bf16(M.wte[(size_t)t * C + c]);
-        for (int b = 0; b < M.n_blocks; b++) {
-            const Block& B = M.blocks[b];
-            rmsnorm(h.data(), x.data(), B.norm, B.eps, C);
-            linear(z.data(), B.proj, h.data(), scratch.data());
-            if (B.kind == SQRLL) {
-                const int n = B.out.n_in;  // n_mem
-                sqrll_gates(g.data(), state.data() + mem_offset[b], z.data(), n);
-            } else {
-                mlp_gates(g.data(), z.data(), B.out.n_in);
+        const bool adaptive = threads == 0 && cores() >= 2;
+        const int n_threads = adaptive ? pick_threads() : threads ? threads : 1;
+        last_threads = n_threads;
+        const double t0 = adaptive ? seconds() : 0.0;
+        for (int c = 0; c < M.n_embd; c++) x[c] = bf16(M.wte[(size_t)t * M.n_embd + c]);
+#if defined(SQ_THREADS)
+        if (n_threads > 1) pool.run(program, this, n_phases());
+        else
+#endif
+            for (int p = 0; p < n_phases(); p++) {
+                prepare(p, lanes[0]);
+                part(p, lanes[0], 0, phase_size(p));
             }
-            linear(tmp.data(), B.out, g.data(), scratch.data());
-            for (int c = 0; c < C; c++) x[c] += tmp[c];
+        if (adaptive && run_steps > 1) {
+            run_seconds += seconds() - t0;
+            if (run_steps == WINDOW / 2) half_seconds = run_seconds;
         }
-        rmsnorm(h.data(), x.data(), M.norm_f, M.eps_f, C);
-        linear(logits, M.lm_head, h.data(), scratch.data());
         return logits;
+    }
+
+    int n_phases() const { return 2 * MODEL.n_blocks + 1; }
+
+    // Phase 2b: block b's input projection and gates, over its inner width's columns; phase 2b + 1:
+    // its output projection, over C rows; the last: the head, over the vocabulary.
+    int phase_size(int p) const {
+        const Model& M = MODEL;
+        return p == 2 * M.n_blocks ? M.vocab_size : p % 2 ? M.n_embd : M.blocks[p / 2].out.n_in;
+    }
+
+    // A thread's own copy of the phase's input: the same arithmetic on every thread.
+    void prepare(int p, Lane& lane) {
+        const Model& M = MODEL;
+        if (p == 2 * M.n_blocks) rmsnorm(lane.h.data(), x.data(), M.norm_f, M.eps_f, M.n_embd);
+        else if (p % 2 == 0) rmsnorm(lane.h.data(), x.data(), M.blocks[p / 2].norm, M.blocks[p / 2].eps, M.n_embd);
+        const float* v = p % 2 ? g.data() : lane.h.data();
+        const int n = p % 2 ? M.blocks[p / 2].out.n_in : M.n_embd;
+        lane.xe = lane.columns.data(), lane.xo = lane.columns.data() + n / 2;
+        split_columns(lane.columns.data(), lane.columns.data() + n / 2, v, n);
+    }
+
+    // Phase p over [begin, end) of its range.
+    void part(int p, const Lane& lane, int begin, int end) {
+        const Model& M = MODEL;
+        if (p == 2 * M.n_blocks) return rows(logits, M.lm_head, lane.h.data(), lane.xe, lane.xo, begin, end);
+        const Block& B = M.blocks[p / 2];
+        if (p % 2) {  // x += out(g), rows [begin, end)
+            rows(tmp.data(), B.out, g.data(), lane.xe, lane.xo, begin, end);
+            for (int c = begin; c < end; c++) x[c] += tmp[c];
+            return;
+        }
+        // columns [begin, end) of the inner width n: those rows of each of the projection's 4 (sqrll)
+        // or 2 (MLP) stacked matrices, then the gates on those columns
+        const int n = B.out.n_in;
+        for (int j = 0; j < (B.kind == SQRLL ? 4 : 2); j++)
+            rows(z.data(), B.proj, lane.h.data(), lane.xe, lane.xo, j * n + begin, j * n + end);
+        if (B.kind == SQRLL) sqrll_gates(g.data(), state.data() + mem_offset[p / 2], z.data(), n, begin, end);
+        else mlp_gates(g.data(), z.data(), n, begin, end);
+    }
+
+#if defined(SQ_THREADS)
+    // A step on one of two threads (see Pool): phase by phase, the chunks this thread claims; before
+    // its first chunk of a phase, the previous phase must be done and the thread prepares its input.
+    static void program(void* ctx, Pool& pool, int thread) {
+        Runtime& r = *(Runtime*)ctx;
+        for (int p = 0; p < r.n_phases(); p++) {
+            const int n = r.phase_size(p);
+            bool prepared = false;
+            for (int k; (k = pool.claim(p, thread)) >= 0; pool.finish(p)) {
+                const int begin = chunk_start(n, k), end = chunk_start(n, k + 1);
+                if (begin == end) continue;
+                if (!prepared) {
+                    if (p > 0) pool.wait(p - 1, thread);
+                    r.prepare(p, r.lanes[thread]);
+                    prepared = true;
+                }
+                r.part(p, r.lanes[thread], begin, end);
+            }
+        }
+    }
+#endif
+
+    static int cores() {
+#if defined(SQ_THREADS)
+        static const int n = (int)std::thread::hardware_concurrency();
+        return n;
+#else
+        return 1;
+#endif
+    }
+
+    // The automatic thread count (threads == 0, 2 or more cores). Two threads meet twice per block:
+    // when the OS puts one aside (another process wants its core), the other waits for it, for a
+    // whole time slice at worst. On a busy machine that comes every few milliseconds and makes two
+    // threads slower than one, yet a sample of a few steps rarely sees it. So two threads are judged
+    // by their mean time per step over a window of WINDOW steps, against one thread's over a sample
+    // of SAMPLE steps after each window (the median of the last 3 samples). A lone stall (a virtual
+    // machine's core taken away for a few milliseconds) or a lucky sample must not decide it: two
+    // threads lose only when both halves of their window are over 10% slower. Then one thread runs
+    // for `pause` steps (from PAUSE), two are tried again, and the pause doubles each time they lose
+    // (up to MAX_PAUSE). A run's first step, which wakes or parks the worker, is not counted.
+    static constexpr int SAMPLE = 16, WINDOW = 256, PAUSE = 1024, MAX_PAUSE = 4096;
+
+    int pick_threads() {
+        if (run_steps == run_length) {
+            if (run_threads == 1) {
+                one_thread[n_one_thread++ % 3] = run_seconds / (run_steps - 1);
+                run_threads = 2, run_length = WINDOW;
+            } else {
+                const int n = (int)std::min(n_one_thread, 3L);
+                double sorted[3];
+                std::partial_sort_copy(one_thread, one_thread + n, sorted, sorted + n);
+                const double bar = 1.1 * sorted[n / 2];
+                const double first = half_seconds / (WINDOW / 2 - 1), second = (run_seconds - half_seconds) / (WINDOW / 2);
+                const bool lost = first > bar && second > bar;
+                run_threads = 1, run_length = lost ? pause : SAMPLE;
+                pause = lost ? std::min(2 * pause, MAX_PAUSE) : PAUSE;
+            }
+            run_steps = 0, run_seconds = 0.0;
+        }
+        run_steps++;
+        return run_threads;
     }
 
     int sample() {
@@ -462,6 +740,14 @@ void sq_set_temperature(float temperature) { sq::rt().temperature = temperature;
 void sq_set_top_k(int top_k) { sq::rt().top_k = top_k; }
 void sq_set_top_p(float top_p) { sq::rt().top_p = top_p; }
 void sq_set_seed(uint32_t seed) { sq::rt().seed(seed); }
+void sq_set_threads(int n) {
+#if defined(SQ_THREADS)
+    sq::rt().threads = n == 1 || n == 2 ? n : 0;
+#else
+    (void)n;
+#endif
+}
+int sq_threads_used(void) { return sq::rt().last_threads; }
 int sq_sample(void) { return sq::rt().sample(); }
 
 int sq_state_size(void) { return (int)sq::rt().state.size(); }
