@@ -16,16 +16,14 @@
 // - loop mode (n_chunks == 1): one block walks all of T tile by tile, carrying the state in a
 //   register, with two half-size tile buffers so that the next tile's copies are in flight while
 //   this one is worked on. Used when the (sequence, feature tile) columns alone fill the GPU.
-// - chunk mode (n_chunks > 1): tiles along time too, so long sequences with few features still
-//   fill the GPU. Tiles publish maps in global memory as the nodes of a tree of radix R over time:
-//   tile k writes its own map, and the map of every node that ends at it (built from the R children
+// - chunk mode (n_chunks > 1): one block per tile, so long sequences with few features still fill
+//   the GPU. Tiles publish maps in global memory as the nodes of a tree of radix R over time: tile k
+//   writes its own map, and the map of every node that ends at it (built from the R children
 //   before), then folds h0 through the nodes that cover [0, k), longest first. Which nodes, and in
 //   what order, depends on k alone, so results are bitwise reproducible (a first-come look-back is
-//   not); a tile reads at most (R - 1) log_R(k) nodes, all published by tiles with lower numbers,
+//   not); a tile reads at most (R - 1) log_R(k) nodes, all published by blocks with lower indices,
 //   and a node of level j is ready j hops after its last tile is. Every input is read once and
-//   every output written once. Either one block per tile, or (pipe) a resident grid of blocks that
-//   take tiles by ticket with two half-size buffers: while a tile waits for its carry-in, the next
-//   tile's copies are already in flight, so the wait no longer idles the memory system.
+//   every output written once.
 //
 // Backward (see sqrllm/scan.py): g[t] = dy[t] + r[t+1] * g[t+1], dx = g, dr[t] = g[t] * y[t-1],
 // dh0 = r[0] * g[0]. It is the same scan run the other way, at position p reading the multiplier
@@ -171,63 +169,47 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
     typedef typename RawOf<sizeof(S) * V>::T Raw;
     // per thread and feature, [ty][v][cx]: the thread's map (sA, sB), then the state entering it (sA)
     __shared__ float sA[NT * V], sB[NT * V];
-    __shared__ long long s_ticket[2];
     Raw* const tile_in = (Raw*)dyn_smem;  // (BWD ? 3 : 2) * L * NT vectors, filled by cp.async
 
     const int tid = threadIdx.x;
     const int TT = NT / CT, cx = tid % CT, ty = tid / CT, CW = CT * V;
-    const bool chunks = n_chunks > 1;
-    // chunk-mode scratch: a ticket counter (16 bytes), then the tree's nodes
-    unsigned* const counter = (unsigned*)nodes;
-    ulonglong2* const tree = nodes + 1;
 
-    // Each thread owns lr <= L positions of a tile. With pipe set, lr = L / 2 and two buffers
-    // alternate: the next tile's copies are in flight while this one is worked on (and, in chunk
-    // mode, while this one waits for its carry-in).
+    // Chunk mode numbers tiles time-major, so that every tile a block waits on has a lower block
+    // index: blocks start in index order, so those are running or done.
+    const unsigned k = n_chunks > 1 ? blockIdx.x / ncol : 0;  // tile index along time
+    const int col = blockIdx.x - (int)k * ncol;
+    const long long bi = col / n_ct;                          // sequence
+    const long long c0 = (long long)(col - bi * n_ct) * CW;  // first feature of the tile
+    const long long cv = c0 + (long long)cx * V;  // this thread's first feature; V divides C
+    const bool v_ok = cv < C;
+    const long long seq = bi * T * C;
+    // Per-feature steps run on thread f < CW for feature c0 + (f % CT) * V + f / CT, so that
+    // consecutive threads touch consecutive shared-memory words.
+    const bool f_ok = tid < CW && c0 + (long long)(tid % CT) * V < C;
+
+    float carry = 0.f;  // per-feature thread: the state entering the next tile
+    if (!BWD && h0 != nullptr && f_ok) carry = to_f32(h0[bi * C + c0 + (tid % CT) * V + tid / CT]);
+
+    // Each thread owns lr <= L positions of a tile. In loop mode with pipe set, lr = L / 2 and two
+    // buffers alternate: the next tile's copies are in flight while this one is worked on.
     const long long Tc = (long long)TT * lr;
-    // Tiles are numbered u: in loop mode the block's tiles along time; in chunk mode time-major over
-    // all columns, so that every tile a tile waits on has a lower number.
-    const long long n_tiles = chunks ? (long long)n_chunks * ncol : (T + Tc - 1) / Tc;
-    struct Where {
-        long long k;    // tile index along time
-        long long col;  // (sequence, feature tile) column
-        long long bi, c0, cv, seq;  // sequence, its first feature in the tile, this thread's, sequence offset
-    };
-    auto where = [&](long long u) {
-        Where w;
-        w.k = chunks ? u / ncol : u;
-        w.col = chunks ? u - w.k * ncol : (long long)blockIdx.x;
-        w.bi = w.col / n_ct;
-        w.c0 = (w.col - w.bi * n_ct) * CW;
-        w.cv = w.c0 + (long long)cx * V;  // V divides C
-        w.seq = w.bi * T * C;
-        return w;
-    };
-    // Chunk mode with pipe: a grid of resident blocks takes tiles in ticket order (an atomic
-    // counter), so a tile only waits on tiles taken before it, by blocks that are running: no
-    // deadlock whatever the residency. Without pipe, block u works tile u alone; blocks start in
-    // index order, so the tiles it waits on are running or done.
-    const bool tickets = chunks && pipe;
-    auto take = [&](int slot) -> long long {  // the next tile by ticket, or -1
-        if (tid == 0) s_ticket[slot] = atomicAdd(counter, 1u);
-        __syncthreads();
-        const long long u = s_ticket[slot];
-        return u < n_tiles ? u : -1;
-    };
+    const long long n_tiles = n_chunks > 1 ? 1 : (T + Tc - 1) / Tc;
     const long long step = flip ? -C : C;  // one scan position on, in elements
     constexpr int ARRAYS = BWD ? 3 : 2;
+    auto first_position = [&](long long tile) {  // this thread's first position in the tile
+        return (n_chunks > 1 ? (long long)k : tile) * Tc + (long long)ty * lr;
+    };
     auto buffer = [&](int b) { return tile_in + (long long)b * ARRAYS * lr * NT + tid; };  // [array][l][tid]
-    auto issue = [&](long long u, int b) {  // copy this thread's rows of tile u's a, r (and y) into buffer b
-        const Where w = where(u);
-        const long long p0 = w.k * Tc + (long long)ty * lr;
+    auto issue = [&](long long tile, int b) {  // copy this thread's rows of a, r (and y) into buffer b
+        const long long p0 = first_position(tile);
         const long long rows = min((long long)lr, T - p0);
-        const long long at0 = w.seq + (flip ? T - 1 - p0 : p0) * C + w.cv;
+        const long long at0 = seq + (flip ? T - 1 - p0 : p0) * C + cv;
         Raw* ra = buffer(b);
         Raw* rm = ra + lr * NT;
         Raw* ry = rm + lr * NT;
 #pragma unroll
         for (int l = 0; l < L; ++l) {
-            if (w.cv < C && l < rows) {
+            if (v_ok && l < rows) {
                 const long long at = at0 + l * step;
                 copy_async<sizeof(Raw)>(ra + l * NT, a + at);
                 if (!BWD) {
@@ -236,7 +218,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
                     if (p0 + l > 0) copy_async<sizeof(Raw)>(rm + l * NT, r + at - step);
                     else rm[l * NT] = raw_zero<Raw>();
                     if (p0 + l + 1 < T) copy_async<sizeof(Raw)>(ry + l * NT, y + at + step);
-                    else if (h0 != nullptr) copy_async<sizeof(Raw)>(ry + l * NT, h0 + w.bi * C + w.cv);
+                    else if (h0 != nullptr) copy_async<sizeof(Raw)>(ry + l * NT, h0 + bi * C + cv);
                     else ry[l * NT] = raw_zero<Raw>();
                 }
             }
@@ -244,32 +226,18 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         copy_async_commit();
     };
 
-    // per-feature steps run on thread f < CW for feature c0 + (f % CT) * V + f / CT, so that
-    // consecutive threads touch consecutive shared-memory words
-    const long long f_off = (long long)(tid % CT) * V + tid / CT;
-    auto initial = [&](const Where& w) {  // the state entering the sequence, for the per-feature thread
-        const bool f_ok = tid < CW && w.c0 + f_off < C;
-        return !BWD && h0 != nullptr && f_ok ? to_f32(h0[w.bi * C + w.c0 + f_off]) : 0.f;
-    };
-
-    long long u = tickets ? take(0) : chunks ? (long long)blockIdx.x : 0;
-    float carry = u >= 0 ? initial(where(u)) : 0.f;  // loop mode: the state entering the next tile
-    if (u >= 0) issue(u, 0);
-    for (int it = 0; u >= 0; ++it) {
-        const int b = pipe ? (it & 1) : 0;
-        const long long next = tickets ? take((it + 1) & 1) : (!chunks && u + 1 < n_tiles) ? u + 1 : -1;
-        if (pipe && next >= 0) {
-            issue(next, b ^ 1);
+    issue(0, 0);
+    for (long long tile = 0; tile < n_tiles; ++tile) {
+        const int b = pipe ? (int)(tile & 1) : 0;
+        if (pipe && tile + 1 < n_tiles) {
+            issue(tile + 1, b ^ 1);
             copy_async_wait<1>();  // all but the copies just issued; each thread reads back only its own
         } else {
             copy_async_wait<0>();
         }
-        const Where w = where(u);
-        const bool v_ok = w.cv < C;
-        const bool f_ok = tid < CW && w.c0 + f_off < C;
-        const long long p0 = w.k * Tc + (long long)ty * lr;
+        const long long p0 = first_position(tile);
         const long long rows = min((long long)lr, T - p0);  // positions p0 + l exist for l < rows
-        const long long at0 = w.seq + (flip ? T - 1 - p0 : p0) * C + w.cv;
+        const long long at0 = seq + (flip ? T - 1 - p0 : p0) * C + cv;
         const Raw* ra = buffer(b);
         const Raw* rm = ra + lr * NT;
         const Raw* ry = rm + lr * NT;
@@ -309,10 +277,9 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
                 tA *= sA[i];
             }
         }
-        float h = chunks ? initial(w) : carry;
-        if (chunks && f_ok)
-            h = chunk_carry_in(tA, tB, h, (unsigned)w.k, n_chunks, lg, (long long)ncol * CW,
-                               tree + w.col * CW + tid);
+        float h = carry;
+        if (n_chunks > 1 && f_ok)
+            h = chunk_carry_in(tA, tB, h, k, n_chunks, lg, (long long)ncol * CW, nodes + (long long)col * CW + tid);
         if (f_ok) {
             for (int i = tid; i < NT * V; i += CW) {
                 const float m = sA[i];
@@ -351,14 +318,13 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
                         pr.raw = *(const Raw*)(r + at);
 #pragma unroll
                         for (int v = 0; v < V; ++v) pz.e[v] = from_f32<S>(to_f32(pr.e[v]) * g[v]);
-                        *(Raw*)(dh0 + w.bi * C + w.cv) = pz.raw;
+                        *(Raw*)(dh0 + bi * C + cv) = pz.raw;
                     }
                 }
             }
         }
         __syncthreads();  // the next tile reuses the shared buffers
-        if (!pipe && next >= 0) issue(next, 0);
-        u = next;
+        if (!pipe && tile + 1 < n_tiles) issue(tile + 1, 0);
     }
 }
 

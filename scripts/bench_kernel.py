@@ -138,7 +138,6 @@ def main():
     ap.add_argument("--tiles", help="sqrllm forward and backward tiles as L,blocks,L,blocks (default: sqrllm.cuda's)")
     ap.add_argument("--loop-min-fill", type=float, help="sqrllm.cuda.LOOP_MIN_FILL (default: sqrllm.cuda's)")
     ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
-    ap.add_argument("--chunk-pipe", type=int, choices=[0, 1], help="sqrllm.cuda.CHUNK_PIPE (default: sqrllm.cuda's)")
     ap.add_argument("--out", help="also write the table to this markdown file, row by row")
     ap.add_argument("--append", action="store_true", help="add rows to --out without a new header")
     args = ap.parse_args()
@@ -149,8 +148,6 @@ def main():
         cuda.LOOP_MIN_FILL = args.loop_min_fill
     if args.tree_log2 is not None:
         cuda.TREE_LOG2 = args.tree_log2
-    if args.chunk_pipe is not None:
-        cuda.CHUNK_PIPE = bool(args.chunk_pipe)
 
     device = torch.cuda.get_device_name()
     copy = copy_bandwidth()
@@ -159,8 +156,7 @@ def main():
     lines = [
         f"Device: {device}; device-to-device copy: {copy:.0f} GB/s (read + write). "
         f"sqrllm tiles: forward (L, blocks/SM) = {cuda.FWD_TILE}, backward = {cuda.BWD_TILE}; "
-        f"loop mode from a fill of {cuda.LOOP_MIN_FILL}; tree radix {2 ** cuda.TREE_LOG2}; "
-        f"chunk mode {'by ticket, next tile in flight' if cuda.CHUNK_PIPE else 'one block per tile'}. "
+        f"loop mode from a fill of {cuda.LOOP_MIN_FILL}; tree radix {2 ** cuda.TREE_LOG2}. "
         f"Host floor here: {floor:.0f} us for the autograd forward+backward of a tiny x * x.",
         "",
         "| shape (B, T, C) | dtype | impl | fwd ms | fwd GB/s | fwd % copy | fwd+bwd ms | fwd+bwd GB/s "

@@ -28,9 +28,6 @@ BWD_TILE = (8, 2)
 LOOP_MIN_FILL = 0.8
 # chunk mode: log2 of the radix of the tree of tile maps (wider: fewer hops to wait, more nodes to read)
 TREE_LOG2 = 3
-# chunk mode: a resident grid takes tiles by ticket, the next tile's copies in flight while one waits
-# for its carry-in (else one block per tile, which holds its inputs while it waits)
-CHUNK_PIPE = True
 
 
 def ensure_available():
@@ -51,18 +48,17 @@ class Plan(NamedTuple):
     CT: int  # threads across features; NT // CT across time
     n_ct: int  # feature tiles per sequence
     ncol: int  # (sequence, feature tile) columns
-    n_chunks: int  # tiles along time: 1 = one block walks all of T
+    n_chunks: int  # blocks along time: 1 = one block walks all of T
     grid: int
     slots: int  # chunk mode: nodes of the tree per column
     rows: int  # positions per thread and tile
-    pipe: int  # two half-size buffers, the next tile loading while this one is worked on
+    pipe: int  # loop mode: two half-size buffers, the next tile loading while this one is worked on
 
 
-def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, chunk_pipe=None):
+def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None):
     """How to cut a (B, T, C) scan moving V features per thread; `resident` blocks fit on the GPU."""
     min_fill = LOOP_MIN_FILL if min_fill is None else min_fill
     lg = TREE_LOG2 if tree_log2 is None else tree_log2
-    chunk_pipe = CHUNK_PIPE if chunk_pipe is None else chunk_pipe
     nvec = C // V
     CT = min(32, 1 << (nvec - 1).bit_length())
     while CT > 8 and (-nvec % CT) * 8 > nvec:  # don't leave most of a last feature tile idle
@@ -76,13 +72,11 @@ def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, chunk_pipe=None
             return Plan(ct, n_ct, ncol, 1, ncol, 0, L // 2, 1)
     n_ct = -(-nvec // CT)
     ncol = B * n_ct
-    rows = L // 2 if chunk_pipe else L
-    n_tiles = -(-T // (NT // CT * rows))
+    n_tiles = -(-T // (NT // CT * L))
     if ncol * n_tiles >= 2**31:
-        raise ValueError(f"scan: (B, T, C) = {(B, T, C)} needs more than 2^31 tiles")
+        raise ValueError(f"scan: (B, T, C) = {(B, T, C)} needs more than 2^31 blocks")
     slots = sum(n_tiles >> (lg * j) for j in range(32 // lg))  # level j holds floor(n / R^j) nodes
-    grid = min(ncol * n_tiles, resident) if chunk_pipe else ncol * n_tiles
-    return Plan(CT, n_ct, ncol, n_tiles, grid, slots, rows, int(chunk_pipe))
+    return Plan(CT, n_ct, ncol, n_tiles, ncol * n_tiles, slots, L, 0)
 
 
 def vector_width(C, element_size, ptrs):
@@ -162,13 +156,12 @@ def _on(device):
 
 
 @functools.lru_cache(maxsize=1024)
-def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2, chunk_pipe):
+def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2):
     """What a launch needs besides the pointers: kernel, grid, shared memory, scratch bytes, last args."""
     L, min_blocks = tile
     fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, min_blocks, device)
-    p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, chunk_pipe)
-    # chunk mode: a ticket counter (16 bytes), then a tagged map per node and feature
-    scratch_bytes = 16 + p.slots * p.ncol * p.CT * V * 16 if p.n_chunks > 1 else 0
+    p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2)
+    scratch_bytes = p.slots * p.ncol * p.CT * V * 16 if p.n_chunks > 1 else 0  # a tagged map per node and feature
     ints = (p.CT, p.n_ct, p.ncol, p.n_chunks, p.rows, p.pipe, tree_log2)
     tail = (np.int64(T), np.int64(C), *map(np.int32, ints))
     return fn, (p.grid,), dyn_smem, scratch_bytes, tail
@@ -183,7 +176,7 @@ def _launch(bwd, a, r, y, h0, out, dr, dh0, flip):
     V = vector_width(C, a.element_size(), [t.data_ptr() for t in tensors if t is not None])
     with _on(device):
         fn, grid, dyn_smem, scratch_bytes, tail = _recipe(
-            bwd, a.dtype, B, T, C, V, device, BWD_TILE if bwd else FWD_TILE, LOOP_MIN_FILL, TREE_LOG2, CHUNK_PIPE
+            bwd, a.dtype, B, T, C, V, device, BWD_TILE if bwd else FWD_TILE, LOOP_MIN_FILL, TREE_LOG2
         )
         nodes = torch.zeros(scratch_bytes, dtype=torch.uint8, device=a.device) if scratch_bytes else None
         args = (*map(_ptr, tensors), _ptr(nodes), *tail, np.int32(flip))

@@ -78,21 +78,19 @@ def test_reverse_and_no_initial_state_match_reference(dtype, T, with_h0):
     assert_matches_reference(got, reference(x, r, h0, dy, reverse=True), dtype)
 
 
-@pytest.mark.parametrize("time_split", ["chunks", "chunks-per-block", "loop"])
+@pytest.mark.parametrize("time_split", ["chunks", "loop"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_way_of_splitting_time_matches_reference(monkeypatch, time_split, reverse, dtype):
-    # chunk mode (tiles along time, carry-in through the range tree; taken by ticket with the next
-    # tile loading, or one block per tile) or loop mode (one block walks T)
+def test_both_ways_of_splitting_time_match_reference(monkeypatch, time_split, reverse, dtype):
+    # chunk mode (blocks along time, carry-in through the range tree) or loop mode (one block walks T)
     monkeypatch.setattr(cuda, "LOOP_MIN_FILL", 0 if time_split == "loop" else 2)
-    monkeypatch.setattr(cuda, "CHUNK_PIPE", time_split == "chunks")
     x, r, h0, dy = inputs(3, 1000, 72, dtype, seed=1)
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy, reverse), reference(x, r, h0, dy, reverse), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_more_tiles_than_resident_blocks_match_reference(dtype):
-    # (1, 200000, 64): thousands of tiles along time, so each resident block takes many by ticket
+    # (1, 200000, 64): thousands of blocks along time, many times what the GPU holds at once
     x, r, h0, dy = inputs(1, 200000, 64, dtype, seed=3)
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
 
@@ -170,11 +168,10 @@ def test_runs_on_the_current_stream():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("chunk_pipe", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_five_runs_are_bitwise_identical(monkeypatch, dtype, chunk_pipe):
-    # (1, 65536, 256): over a thousand tiles along time, whose carry-ins meet in the range tree
-    monkeypatch.setattr(cuda, "CHUNK_PIPE", chunk_pipe)
+def test_five_runs_are_bitwise_identical(dtype):
+    # (1, 65536, 256): over a thousand blocks along time, more than fit at once, whose carry-ins
+    # meet in the range tree
     x, r, h0, dy = inputs(1, 65536, 256, dtype, seed=8)
     first = kernel_nan_filled(x, r, h0, dy)
     for _ in range(4):

@@ -93,17 +93,10 @@ def test_plan_covers_every_feature_and_fills_the_gpu(B, T, C, V):
     if p.n_chunks == 1:  # one block walks each column, pipelined when there is more than one tile
         assert p.grid == p.ncol and p.pipe == (T > Tc * 2) and p.rows == (4 if p.pipe else 8)
         assert T <= Tc or p.ncol / (-(-p.ncol // resident) * resident) >= cuda.LOOP_MIN_FILL
-    else:  # tiles along time, taken by a resident grid with the next tile's copies in flight
-        assert p.n_chunks == -(-T // Tc) and p.grid == min(p.ncol * p.n_chunks, resident)
-        assert p.pipe and p.rows == 4
+    else:  # one block per tile
+        assert p.n_chunks == -(-T // Tc) and p.grid == p.ncol * p.n_chunks and not p.pipe
     if B * T * C >= 2**24:  # a benchmark-sized scan gets blocks for every multiprocessor, whatever its shape
         assert p.grid >= 132
-
-
-def test_chunk_mode_without_pipe_gives_each_tile_a_block():
-    p = cuda.plan(1, 131072, 256, 8, L=8, resident=264, chunk_pipe=False)
-    assert p.n_chunks == -(-131072 // (cuda.NT // p.CT * 8)) and p.grid == p.ncol * p.n_chunks
-    assert not p.pipe and p.rows == 8
 
 
 @pytest.mark.parametrize("lg", [1, 2, 3])
