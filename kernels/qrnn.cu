@@ -112,6 +112,171 @@ __device__ __forceinline__ void qrnn_bwd(const S* __restrict__ g, const float* _
     if (dc0) dc0[i] = from_f32<S>(dc);
 }
 
+// Few (b, j) pairs (small batches): one thread per pair leaves most of the GPU idle and walks T
+// alone. The segmented variant gives each pair nseg threads, each owning a segment of about
+// T / nseg steps: a block is 32 pairs (x) by nseg segments (y), so that a warp reads 32 adjacent
+// features of one step. Pass 1: each thread's segment as an affine map of the state entering it;
+// the maps meet in shared memory, each thread folding the segments before its own (in a fixed
+// order: bitwise reproducible); pass 2 replays the segment from that state, as the kernels above.
+#define MAX_SEG 8
+
+template <typename S>
+__device__ __forceinline__ void qrnn_fwd_seg(const S* __restrict__ g, const S* __restrict__ c0, S* __restrict__ h,
+                                             float* __restrict__ c_all, S* __restrict__ c_last, long long T,
+                                             long long B, long long H, long long gt, long long gb, long long ht,
+                                             long long hb, int G, int reverse, float s) {
+    __shared__ float sA[MAX_SEG][32], sB[MAX_SEG][32];
+    const int x = threadIdx.x, y = threadIdx.y, nseg = blockDim.y;
+    const long long i = blockIdx.x * 32LL + x;  // b * H + j
+    const bool ok = i < B * H;
+    const long long b = ok ? i / H : 0, j = ok ? i - b * H : 0;
+    const S* gp = g + b * gb + j;
+    const long long ho = b * hb + j;
+    const long long len = (T + nseg - 1) / nseg, p_begin = min(T, y * len), p_end = min(T, p_begin + len);
+    auto at = [&](long long p) { return reverse ? T - 1 - p : p; };
+
+    // pass 1: c leaving the segment = A * c entering it + m
+    float A = 1.f, m = 0.f;
+    if (ok) {
+        for (long long p0 = p_begin; p0 < p_end; p0 += U) {
+            float gz[U], gf[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (p0 + u < p_end) {
+                    const S* q = gp + at(p0 + u) * gt;
+                    gz[u] = to_f32(q[0]);
+                    gf[u] = to_f32(q[H]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (p0 + u < p_end) {
+                    const float f = s * sigmoidf_(gf[u]);
+                    m = f * tanhf(gz[u]) + (1.f - f) * m;
+                    A *= 1.f - f;
+                }
+            }
+        }
+    }
+    sA[y][x] = A;
+    sB[y][x] = m;
+    __syncthreads();
+    float c = ok && c0 ? to_f32(c0[i]) : 0.f;
+    for (int k = 0; k < y; k++) c = fmaf(sA[k][x], c, sB[k][x]);
+
+    // pass 2: replay from the state entering the segment
+    if (!ok) return;
+    for (long long p0 = p_begin; p0 < p_end; p0 += U) {
+        float gz[U], gf[U], go[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (p0 + u < p_end) {
+                const S* q = gp + at(p0 + u) * gt;
+                gz[u] = to_f32(q[0]);
+                gf[u] = to_f32(q[H]);
+                go[u] = G == 3 ? to_f32(q[2 * H]) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (p0 + u < p_end) {
+                const long long t = at(p0 + u);
+                const float f = s * sigmoidf_(gf[u]);
+                c = f * tanhf(gz[u]) + (1.f - f) * c;
+                h[t * ht + ho] = from_f32<S>(G == 3 ? sigmoidf_(go[u]) * c : c);
+                if (c_all) c_all[t * ht + ho] = c;
+            }
+        }
+    }
+    if (c_last && y == nseg - 1) c_last[i] = from_f32<S>(c);
+}
+
+template <typename S>
+__device__ __forceinline__ void qrnn_bwd_seg(const S* __restrict__ g, const float* __restrict__ c_all,
+                                             const S* __restrict__ c0, const S* __restrict__ dh,
+                                             const S* __restrict__ dc_last, S* __restrict__ dg, S* __restrict__ dc0,
+                                             long long T, long long B, long long H, long long gt, long long gb,
+                                             long long ht, long long hb, int G, int reverse, float s) {
+    __shared__ float sA[MAX_SEG][32], sB[MAX_SEG][32];
+    const int x = threadIdx.x, y = threadIdx.y, nseg = blockDim.y;
+    const long long i = blockIdx.x * 32LL + x;
+    const bool ok = i < B * H;
+    const long long b = ok ? i / H : 0, j = ok ? i - b * H : 0;
+    const long long go_ = b * gb + j, ho = b * hb + j;
+    const long long len = (T + nseg - 1) / nseg, p_begin = min(T, y * len), p_end = min(T, p_begin + len);
+    auto at = [&](long long p) { return reverse ? T - 1 - p : p; };
+
+    // pass 1, walking the segment backwards: dc leaving it (towards earlier steps) = A * dc entering + m,
+    // one step being dc -> (1 - f) * (dc + dh * o)
+    float A = 1.f, m = 0.f;
+    if (ok) {
+        for (long long p1 = p_end - 1; p1 >= p_begin; p1 -= U) {
+            float gf[U], go[U], dht[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (p1 - u >= p_begin) {
+                    const long long t = at(p1 - u);
+                    const S* q = g + t * gt + go_;
+                    gf[u] = to_f32(q[H]);
+                    go[u] = G == 3 ? to_f32(q[2 * H]) : 0.f;
+                    dht[u] = to_f32(dh[t * ht + ho]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (p1 - u >= p_begin) {
+                    const float a = 1.f - s * sigmoidf_(gf[u]);
+                    const float o = G == 3 ? sigmoidf_(go[u]) : 1.f;
+                    m = a * (m + dht[u] * o);
+                    A *= a;
+                }
+            }
+        }
+    }
+    sA[y][x] = A;
+    sB[y][x] = m;
+    __syncthreads();
+    float dc = ok && dc_last ? to_f32(dc_last[i]) : 0.f;
+    for (int k = nseg - 1; k > y; k--) dc = fmaf(sA[k][x], dc, sB[k][x]);
+
+    // pass 2: as qrnn_bwd over the segment, from the dc entering it
+    if (!ok) return;
+    const float first = c0 ? to_f32(c0[i]) : 0.f;
+    for (long long p1 = p_end - 1; p1 >= p_begin; p1 -= U) {
+        float gz[U], gf[U], go[U], ct[U], cp[U], dht[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const long long p = p1 - u;
+            if (p >= p_begin) {
+                const long long t = at(p);
+                const S* q = g + t * gt + go_;
+                gz[u] = to_f32(q[0]);
+                gf[u] = to_f32(q[H]);
+                go[u] = G == 3 ? to_f32(q[2 * H]) : 0.f;
+                ct[u] = c_all[t * ht + ho];
+                cp[u] = p > 0 ? c_all[(reverse ? t + 1 : t - 1) * ht + ho] : first;
+                dht[u] = to_f32(dh[t * ht + ho]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const long long p = p1 - u;
+            if (p >= p_begin) {
+                const long long t = at(p);
+                const float z = tanhf(gz[u]), sf = sigmoidf_(gf[u]), f = s * sf;
+                const float o = G == 3 ? sigmoidf_(go[u]) : 1.f;
+                const float dct = dc + dht[u] * o;
+                S* q = dg + t * gt + go_;
+                q[0] = from_f32<S>(dct * f * (1.f - z * z));
+                q[H] = from_f32<S>(dct * (z - cp[u]) * s * sf * (1.f - sf));
+                if (G == 3) q[2 * H] = from_f32<S>(dht[u] * ct[u] * o * (1.f - o));
+                dc = dct * (1.f - f);
+            }
+        }
+    }
+    if (dc0 && y == 0) dc0[i] = from_f32<S>(dc);
+}
+
 #define QRNN_KERNELS(S)                                                                                     \
     extern "C" __global__ void __launch_bounds__(QNT) qrnn_fwd_##S(                                          \
         const S* g, const S* c0, S* h, float* c_all, S* c_last, long long T, long long B, long long H,         \
@@ -123,6 +288,17 @@ __device__ __forceinline__ void qrnn_bwd(const S* __restrict__ g, const float* _
         long long T, long long B, long long H, long long gt, long long gb, long long ht, long long hb, int G,   \
         int reverse, float s) {                                                                               \
         qrnn_bwd<S>(g, c_all, c0, dh, dc_last, dg, dc0, T, B, H, gt, gb, ht, hb, G, reverse, s);               \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * MAX_SEG) qrnn_fwd_seg_##S(                             \
+        const S* g, const S* c0, S* h, float* c_all, S* c_last, long long T, long long B, long long H,         \
+        long long gt, long long gb, long long ht, long long hb, int G, int reverse, float s) {                 \
+        qrnn_fwd_seg<S>(g, c0, h, c_all, c_last, T, B, H, gt, gb, ht, hb, G, reverse, s);                      \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * MAX_SEG) qrnn_bwd_seg_##S(                             \
+        const S* g, const float* c_all, const S* c0, const S* dh, const S* dc_last, S* dg, S* dc0,             \
+        long long T, long long B, long long H, long long gt, long long gb, long long ht, long long hb, int G,   \
+        int reverse, float s) {                                                                               \
+        qrnn_bwd_seg<S>(g, c_all, c0, dh, dc_last, dg, dc0, T, B, H, gt, gb, ht, hb, G, reverse, s);           \
     }
 
 QRNN_KERNELS(float)

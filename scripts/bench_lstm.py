@@ -102,6 +102,8 @@ def main():
     p.add_argument("--window", type=int, default=1, help="QRNN convolution width")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--tf32", action="store_true", help="let both use TF32 for float32 matrix products")
+    p.add_argument("--qrnn-min-threads", type=int,
+                   help="sqrllm.cuda.QRNN_MIN_THREADS: split walks over time while fewer threads (0: never)")
     p.add_argument("--markdown", help="also write the tables to this file")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -110,9 +112,11 @@ def main():
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cudnn.benchmark = False
     try:
-        import sqrllm.cuda  # noqa: F401
+        import sqrllm.cuda
 
-        backend = "CUDA kernel"
+        if args.qrnn_min_threads is not None:
+            sqrllm.cuda.QRNN_MIN_THREADS = args.qrnn_min_threads
+        backend = f"CUDA kernel, walks split while under {sqrllm.cuda.QRNN_MIN_THREADS} threads"
     except ImportError as e:
         backend = f"pure-PyTorch loop ({e})"
 

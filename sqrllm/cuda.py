@@ -261,6 +261,20 @@ def decode_launch(name, rows, batch, *args):
 # --- a QRNN layer's pooling with its gates (kernels/qrnn.cu), for sqrllm.qrnn ---
 
 QRNN_THREADS = 128  # threads per block, as in the .cu
+QRNN_MAX_SEG = 8  # the .cu's MAX_SEG
+# Few (b, j) pairs: split each one's walk over time into segments (the .cu's segmented kernels), up
+# to QRNN_MAX_SEG, while there are fewer than this many threads and each segment keeps at least
+# QRNN_SEG_STEPS steps; 0 turns segments off.
+QRNN_MIN_THREADS = 32768
+QRNN_SEG_STEPS = 32
+
+
+def qrnn_segments(B, T, H):
+    """Threads per (b, j) pair walking its T steps: 1, or a power of two up to QRNN_MAX_SEG."""
+    n = 1
+    while n < QRNN_MAX_SEG and B * H * n < QRNN_MIN_THREADS and T >= 2 * n * QRNN_SEG_STEPS:
+        n *= 2
+    return n
 
 
 @functools.cache
@@ -271,11 +285,16 @@ def _qrnn_function(name, device):
         return cupy.RawModule(code=_source("qrnn.cu"), options=("-std=c++17",)).get_function(name)
 
 
-def _qrnn_launch(direction, g, args, B, H):
+def _qrnn_launch(direction, g, args, B, T, H):
     device = g.device.index
+    n = qrnn_segments(B, T, H)
     with _on(device):
-        fn = _qrnn_function(f"qrnn_{direction}_{STORAGE[g.dtype]}", device)
-        fn((-(-B * H // QRNN_THREADS),), (QRNN_THREADS,), args, stream=_stream(device))
+        if n == 1:
+            fn = _qrnn_function(f"qrnn_{direction}_{STORAGE[g.dtype]}", device)
+            fn((-(-B * H // QRNN_THREADS),), (QRNN_THREADS,), args, stream=_stream(device))
+        else:  # blocks of 32 pairs by n segments
+            fn = _qrnn_function(f"qrnn_{direction}_seg_{STORAGE[g.dtype]}", device)
+            fn((-(-B * H // 32),), (32, n), args, stream=_stream(device))
 
 
 def qrnn_fwd(g, c0, H, gates, reverse, s, td, keep_c):
@@ -290,7 +309,7 @@ def qrnn_fwd(g, c0, H, gates, reverse, s, td, keep_c):
         sizes = (T, B, H, g.stride(td), g.stride(1 - td), h.stride(td), h.stride(1 - td))
         args = (*map(_ptr, (g, c0, h, c_all, c_last)), *map(np.int64, sizes), np.int32(gates), np.int32(reverse),
                 np.float32(s))
-        _qrnn_launch("fwd", g, args, B, H)
+        _qrnn_launch("fwd", g, args, B, T, H)
     else:  # no steps: the state passes through
         c_last = c0.clone() if c0 is not None else c_last.zero_()
     return h, c_all, c_last
@@ -306,7 +325,7 @@ def qrnn_bwd(g, c_all, c0, dh, dc_last, H, gates, reverse, s, td):
         sizes = (T, B, H, g.stride(td), g.stride(1 - td), dh.stride(td), dh.stride(1 - td))
         args = (*map(_ptr, (g, c_all, c0, dh, dc_last, dg, dc0)), *map(np.int64, sizes), np.int32(gates),
                 np.int32(reverse), np.float32(s))
-        _qrnn_launch("bwd", g, args, B, H)
+        _qrnn_launch("bwd", g, args, B, T, H)
     elif dc0 is not None:
         dc0 = dc_last.clone() if dc_last is not None else dc0.zero_()
     return dg, dc0

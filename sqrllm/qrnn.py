@@ -75,12 +75,16 @@ class _FusedPool(torch.autograd.Function):
         if keep:
             ctx.save_for_backward(g, c_all, c0)
             ctx.args = (H, gates, reverse, s, td)
+        ctx.set_materialize_grads(False)  # an unused h_n (the usual case) costs no zero-filled gradient
         return h, c_last
 
     @staticmethod
     def backward(ctx, dh, dc_last):
         g, c_all, c0 = ctx.saved_tensors
-        dg, dc0 = cuda.qrnn_bwd(g, c_all, c0, dh.contiguous(), dc_last.contiguous(), *ctx.args)
+        if dh is None:
+            dh = torch.zeros(c_all.shape, dtype=g.dtype, device=g.device)
+        dc_last = None if dc_last is None else dc_last.contiguous()
+        dg, dc0 = cuda.qrnn_bwd(g, c_all, c0, dh.contiguous(), dc_last, *ctx.args)
         return dg, dc0, None, None, None, None, None
 
 
