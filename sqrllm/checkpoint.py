@@ -3,6 +3,7 @@
 A checkpoint is a dict: model, optimizer and grad-scaler state, the resolved config, the tokenizer
 description, step, best val loss, tokens seen, every RNG state, the data cursor, the carried recurrent
 state and the running loss sums: all a resumed run needs to go on bitwise as if it had not stopped.
+With ema_decay, "model" is the average of the weights and "model_raw" the weights that train (sqrllm/ema.py).
 
 A training run's out_dir holds its last `keep_checkpoints` checkpoints and a pointer to the newest:
 

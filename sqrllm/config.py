@@ -71,6 +71,8 @@ class Config:
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.99  # AdamW second-moment decay
     grad_clip: float = 1.0  # clip the global gradient norm; 0 = off
+    ema_decay: float = 0.0  # evaluate and save the weights' average, ema = decay*ema + (1-decay)*w a step; 0 = off
+    ema_start: int = 0  # step up to which the average copies the weights, then averages
     max_bad_steps: int = 10  # stop after this many consecutive non-finite (skipped) steps; 0 = no guard
     allow_batch_change: bool = False  # resume with another batch_size/batching/world size: streams restart
     # --- system ---
@@ -108,13 +110,16 @@ class Config:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("n_mem", "n_ffn", "mlp_every", "max_iters", "reset_every", "eval_interval", "warmup_iters",
-                    "max_bad_steps"):
+                    "max_bad_steps", "ema_start"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.model == "gpt" and (self.n_head < 1 or self.n_embd % self.n_head):
             raise ConfigError(f"model='gpt' needs n_embd ({self.n_embd}) to be a multiple of n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}; 0 turns the average off, "
+                              "0.99 averages over about the last 100 steps")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
         return self

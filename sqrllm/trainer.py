@@ -29,6 +29,7 @@ from sqrllm import checkpoint, distributed, tracking
 from sqrllm.config import Config, ConfigError
 from sqrllm.data import (DataError, RandomBatches, StreamBatches, copy_tokenizer_files, read_meta, read_split,
                          reset_token)
+from sqrllm.ema import ema_for_run
 from sqrllm.faults import (EXIT_DIVERGED, EXIT_NO_WRITE, EXIT_PREEMPTED, RunStopped, StopSignals, check_model_keys,
                            check_resume, nonfinite, restart_data)
 from sqrllm.flops import flops_per_token, mfu, peak_flops
@@ -260,8 +261,9 @@ def _train(cfg, launched):
     loss_sum, loss_n = 0.0, 0  # this rank's train loss summed over micro-batches since the last log line
     notes = []
     if ckpt is not None:
-        check_model_keys(model, ckpt["model"], ckpt_path)
-        model.load_state_dict(ckpt["model"])
+        raw = ckpt.get("model_raw", ckpt["model"])  # with EMA, "model" is the average and "model_raw" trains
+        check_model_keys(model, raw, ckpt_path)
+        model.load_state_dict(raw)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step, best_val, tokens_seen = ckpt["step"], ckpt["best_val"], ckpt["tokens_seen"]
@@ -279,6 +281,8 @@ def _train(cfg, launched):
         if changed and dd.enabled:
             torch.manual_seed(cfg.seed + dd.rank + step)  # the saved ranks no longer match: fresh dropout per rank
         notes.append(f"resuming {ckpt_path} at step {step}")
+    ema = ema_for_run(model, cfg, ckpt, notes)  # None unless ema_decay
+    averaged = ema.averaged if ema else contextlib.nullcontext  # evaluations see the average
 
     wandb_run = tracking.WandbRun(cfg, enabled=dd.is_main)  # no-op unless wandb_log; checks wandb is installed
     # Everything is checked: from here on, out_dir is written.
@@ -328,7 +332,9 @@ def _train(cfg, launched):
         own = {"data": run["data"], "rng": {**checkpoint.rng_state(), **run["rng"]},
                "loss_sum": torch.as_tensor(run["loss_sum"]).detach().cpu(), "loss_n": run["loss_n"]}
         ckpt = {
-            "format": checkpoint.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "format": checkpoint.FORMAT, "model": ema.state_dict(model) if ema else model.state_dict(),
+            **({"model_raw": model.state_dict()} if ema else {}),  # sample.py and export read "model"
+            "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "config": cfg.to_dict(), "vocab_size": meta["vocab_size"],
             "wandb_run_id": wandb_run.id,  # a resumed run continues this wandb run
             "tokenizer": meta["tokenizer"], "world_size": dd.world_size, "step": run["step"],
@@ -357,7 +363,8 @@ def _train(cfg, launched):
         row = {"step": step, "tokens": tokens_seen}
         # eager: the compiled blocks are for the training shapes, and new shapes would recompile
         # (without compile, nullcontext spares the CPU runs the 2 s import of torch._dynamo)
-        with torch.compiler.set_stance("force_eager") if cfg.compile and cuda else contextlib.nullcontext():
+        eager = torch.compiler.set_stance("force_eager") if cfg.compile and cuda else contextlib.nullcontext()
+        with eager, averaged():
             row["val_loss"] = evaluate(model, val_tokens, cfg, device, dtype, stream=False)
             if cfg.eval_stream:
                 row["val_loss_stream"] = evaluate(model, val_tokens, cfg, device, dtype, stream=True)
@@ -371,7 +378,8 @@ def _train(cfg, launched):
         row["elapsed"] = time.time() - launched
         metrics.log(**row)
         wandb_run.log(row)
-        wandb_run.log_sample(model, step)
+        with averaged():
+            wandb_run.log_sample(model, step)
         text = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val"))
         if dd.is_main:
             tqdm.write(f"step {step}: {text} ({row['elapsed']:.1f}s)")
@@ -456,6 +464,8 @@ def _train(cfg, launched):
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
+                    if ema:
+                        ema.update(step + 1)
                     loss_sum, loss_n = loss_sum + step_loss, loss_n + cfg.gradient_accumulation_steps
                 step += 1
                 tokens_seen += tokens_per_step
