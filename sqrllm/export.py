@@ -49,7 +49,7 @@ CONFIG_KEYS = {
         "batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "max_time", "learning_rate",
         "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip", "device",
         "dtype", "compile", "num_threads", "seed", "keep_checkpoints", "max_bad_steps", "allow_batch_change",
-        "deterministic", "peak_flops", "wandb_log", "wandb_project", "wandb_run_name"),
+        "deterministic", "peak_flops", "ema_decay", "ema_start", "wandb_log", "wandb_project", "wandb_run_name"),
     "memory restarts at end-of-text (refused when true: the runtime keeps its memory there)": ("reset_at_eot",),
 }
 

@@ -463,6 +463,14 @@ def test_unsupported_config_or_tokenizer_is_refused(tmp_path):
         export(model, {"kind": "wordpiece"}, tmp_path)
 
 
+def test_every_training_config_key_is_known_to_the_exporter(tmp_path):
+    # A checkpoint's config holds every Config field; a field the exporter does not know makes it
+    # refuse every checkpoint, so a new training option must be classified in CONFIG_KEYS.
+    model = SqrLLM(256, n_layer=1, n_embd=16, n_mem=16, n_ffn=32)
+    export(model, {"kind": "byte"}, tmp_path, config=load_config(["--n_layer=1"]).to_dict())
+    assert (tmp_path / "model.cpp").exists()
+
+
 def test_export_script_reports_errors_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="^error: checkpoint .*nope.pt not found"):
         export_script([f"--ckpt={tmp_path}/nope.pt", f"--out={tmp_path}/b"])
