@@ -95,8 +95,8 @@ def measure_gpt(model, near, far, width):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", default="auto", help="comma-separated, e.g. cpu,cuda; auto = cpu and cuda if present")
-    ap.add_argument("--steps", default="plain,fast,native,graph",
-                    help="decode steps to time (native: CPU only; graph: CUDA only)")
+    ap.add_argument("--steps", default="plain,fast,native,native_bf16,graph",
+                    help="decode steps to time (native, native_bf16: CPU only; graph: CUDA only)")
     ap.add_argument("--near", type=int, default=100, help="first window starts after this many tokens")
     ap.add_argument("--far", type=int, default=10000, help="second window starts after this many tokens")
     ap.add_argument("--width", type=int, default=500, help="tokens per window")
@@ -115,20 +115,20 @@ def main():
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, 8 sqrll layers, width 384, n_ffn {args.n_ffn}, "
           f"mlp_every {args.mlp_every}; batch 1; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     near_head, far_head = f"{args.near}-{args.near + args.width}", f"{args.far}-{args.far + args.width}"
-    head = (f"{'device':<8}{'step':<8}{'tok/s ' + near_head:>18}{'tok/s ' + far_head:>20}{'far/near':>10}"
+    head = (f"{'device':<8}{'step':<13}{'tok/s ' + near_head:>18}{'tok/s ' + far_head:>20}{'far/near':>10}"
             f"{'median far/near':>17}{f'prefill tok/s ({args.prompt_len})':>24}{'other load':>12}")
     print(head)
     print("-" * len(head))
     for device in devices:
         model.to(device)
         for step in args.steps.split(","):
-            if (step == "native" and device != "cpu") or (step == "graph" and device == "cpu"):
+            if (step.startswith("native") and device != "cpu") or (step == "graph" and device == "cpu"):
                 continue
             (all0, ours0), t0 = cpu_seconds(), time.perf_counter()
             near, far, prefill = measure(model, step, args.near, args.far, args.width, args.prompt_len)
             (all1, ours1), t1 = cpu_seconds(), time.perf_counter()
             others = ((all1 - all0) - (ours1 - ours0)) / (t1 - t0)  # cores' worth used by other processes
-            print(f"{device:<8}{step:<8}{near[0]:>18,.0f}{far[0]:>20,.0f}{far[0] / near[0]:>10.3f}"
+            print(f"{device:<8}{step:<13}{near[0]:>18,.0f}{far[0]:>20,.0f}{far[0] / near[0]:>10.3f}"
                   f"{far[1] / near[1]:>17.3f}{prefill:>24,.0f}{others:>12.2f}", flush=True)
         if args.gpt:
             torch.manual_seed(0)
@@ -140,7 +140,7 @@ def main():
             others = ((all1 - all0) - (ours1 - ours0)) / (t1 - t0)
             far_cols = (f"{far[0]:>20,.0f}{far[0] / near[0]:>10.3f}{far[1] / near[1]:>17.3f}" if far
                         else f"{'-':>20}{'-':>10}{'-':>17}")
-            print(f"{device:<8}{'GPT':<8}{near[0]:>18,.0f}{far_cols}{'-':>24}{others:>12.2f}", flush=True)
+            print(f"{device:<8}{'GPT':<13}{near[0]:>18,.0f}{far_cols}{'-':>24}{others:>12.2f}", flush=True)
     if args.gpt:
         print(f"GPT: {gpt.num_params() / 1e6:.2f}M parameters (configs/shakespeare_char_gpt.py), context cropped "
               f"to its block size of {gpt.block_size} tokens, as nanoGPT samples")

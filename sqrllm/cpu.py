@@ -84,8 +84,8 @@ def _build_and_load():
     except OSError as e:
         raise ImportError(f"loading {lib_path} failed: {e}") from None
     p, f, i, vp = ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-    lib.sq_plan_new.argtypes, lib.sq_plan_new.restype = [i, i, p, p, f], vp
-    lib.sq_plan_add.argtypes, lib.sq_plan_add.restype = [vp, i, i, f, p, p, p, p], None
+    lib.sq_plan_new.argtypes, lib.sq_plan_new.restype = [i, i, i, p, p, p, f], vp
+    lib.sq_plan_add.argtypes, lib.sq_plan_add.restype = [vp, i, i, f, p, p, p, p, p], None
     lib.sq_plan_free.argtypes, lib.sq_plan_free.restype = [vp], None
     lib.sq_step.argtypes, lib.sq_step.restype = [vp, i, p, p, p, i], i
     return lib

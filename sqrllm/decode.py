@@ -295,6 +295,10 @@ class NativeStep:
     sqrllm.cpu): float32 models on the CPU. Every matrix's rows are split among CPU threads, so
     that a batch-1 step, which is bound by memory bandwidth, draws on more than one core.
 
+    bf16=True computes the model with every parameter rounded to bfloat16 (what the exported C++
+    computes), keeping the matrices as 16 bits: half the bytes per step. The arithmetic and the
+    state stay float32.
+
     Threads meet at two barriers per block, so one thread that the OS has put aside (the machine
     is busy with other work) stalls them all: a step can then take several times longer than on
     one thread. So the step times itself on 1 thread and on torch.get_num_threads(), keeps to the
@@ -305,13 +309,14 @@ class NativeStep:
 
     PROBE_EVERY = 48
 
-    def __init__(self, model, threads=None):
+    def __init__(self, model, threads=None, bf16=False):
         self.lib = cpu.load()
         param = next(model.parameters())
         if param.device.type != "cpu" or param.dtype != torch.float32:
             raise ValueError(f"NativeStep runs float32 models on the CPU, not {param.dtype} on {param.device}")
         self.vocab_size = model.vocab_size
         self.n_mem = model.n_mem
+        self.bf16 = bf16
         self._keep = []  # the tensors whose memory the kernel reads
         self.threads = threads
         self._seconds = {}  # (batch, threads) -> wall-clock seconds of its last 5 steps
@@ -319,16 +324,27 @@ class NativeStep:
         self._calls = 0
         self._bound = None  # (state list from bind, its data pointers, as a ctypes array)
 
-        def ptr(t):
+        def ptr(t, matrix=False):
+            if t is None:
+                return None
             t = t.detach().contiguous()
+            if bf16:  # every parameter rounded to bfloat16: matrices kept as its 16 bits, the rest as float32
+                t = t.to(torch.bfloat16)
+                t = t.view(torch.int16) if matrix else t.float()
             self._keep.append(t)
             return t.data_ptr()
 
-        def folded(norm, linear):  # (out, in): the norm's weight folded into the columns
+        def matrix(norm, linear):  # float32: (out, in) with the norm's weight folded into the columns
+            if bf16:
+                return ptr(linear.weight, matrix=True)
             return ptr(linear.weight.detach() * norm.weight.detach()[None, :])
 
-        plan = self.lib.sq_plan_new(model.wte.embedding_dim, model.vocab_size, ptr(model.wte.weight),
-                                    folded(model.norm_f, model.lm_head), model.norm_f.eps)
+        def norm_weight(norm):  # bf16: applied to the normalized input; float32: folded, so None
+            return ptr(norm.weight) if bf16 else None
+
+        plan = self.lib.sq_plan_new(model.wte.embedding_dim, model.vocab_size, int(bf16), ptr(model.wte.weight),
+                                    matrix(model.norm_f, model.lm_head), norm_weight(model.norm_f),
+                                    model.norm_f.eps)
         self._free = weakref.finalize(self, self.lib.sq_plan_free, plan)
         self.plan = plan
         for block in model.blocks:
@@ -339,8 +355,8 @@ class NativeStep:
                 kind, m = 1, inner.out.in_features
             else:
                 raise TypeError(f"NativeStep: unknown block {type(inner).__name__}")
-            self.lib.sq_plan_add(plan, kind, m, block.norm.eps, folded(block.norm, inner.proj),
-                                 ptr(_bias(inner.proj)), ptr(inner.out.weight), ptr(_bias(inner.out)))
+            self.lib.sq_plan_add(plan, kind, m, block.norm.eps, norm_weight(block.norm), matrix(block.norm, inner.proj),
+                                 ptr(_bias(inner.proj)), ptr(inner.out.weight, matrix=True), ptr(_bias(inner.out)))
 
     def bind(self, state):
         """Contiguous copies where needed; calls with the returned list (its tensors untouched) skip
@@ -392,7 +408,8 @@ class NativeStep:
 
 
 def make_step(model, kind="auto", batch_size=1):
-    """A step for `model`. kind: "plain", "fast", "native" (float32 on the CPU), "graph" (CUDA), or
+    """A step for `model`. kind: "plain", "fast", "native" (float32 on the CPU), "native_bf16" (the
+    same with every parameter rounded to bfloat16, matrices read as 16 bits), "graph" (CUDA), or
     "auto": graph on CUDA, native for float32 on the CPU (fast, with a warning, if the kernel
     cannot be built), fast otherwise."""
     param = next(model.parameters())
@@ -412,9 +429,11 @@ def make_step(model, kind="auto", batch_size=1):
         return FastStep(model)
     if kind == "native":
         return NativeStep(model)
+    if kind == "native_bf16":
+        return NativeStep(model, bf16=True)
     if kind == "graph":
         return CudaGraphStep(model, batch_size)
-    raise ValueError(f"unknown step kind {kind!r}; use 'auto', 'plain', 'fast', 'native' or 'graph'")
+    raise ValueError(f"unknown step kind {kind!r}; use 'auto', 'plain', 'fast', 'native', 'native_bf16' or 'graph'")
 
 
 @functools.cache

@@ -18,6 +18,7 @@ tokens, prompt included), then greedy argmax if temperature == 0, else logits / 
 top-k, top-p and min-p in that order, each on what the one before kept, then one draw.
 """
 
+import copy
 import pickle
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch
 
 from sqrllm import checkpoint
 from sqrllm.decode import make_step
+from sqrllm.export import round_to_bf16
 from sqrllm.model import SqrllLayer
 from sqrllm.tokenizer import StreamDecoder
 
@@ -201,12 +203,15 @@ class Sampler:
     """A model, its tokenizer and a position: feed text, generate from it, keep or restore it.
 
     model: a SqrLLM in eval mode. step: "auto" (a CUDA graph on a GPU, the C++ step for float32
-    on a CPU), "native", "fast", "graph" or "plain" (the model's own forward, the reference); see
+    on a CPU), "native", "native_bf16" (weights rounded to bfloat16), "fast", "graph" or "plain"
+    (the model's own forward, the reference); see
     sqrllm.decode. prefill_chunk: prompt tokens per parallel forward (memory stays constant
     however long the prompt).
     """
 
     def __init__(self, model, tokenizer=None, step="auto", prefill_chunk=1024):
+        if step == "native_bf16":  # the prompt's forward, too, runs the model with bfloat16 weights
+            model = round_to_bf16(copy.deepcopy(model))
         self.model = model
         self.tokenizer = tokenizer
         self.step_kind = step

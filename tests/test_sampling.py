@@ -1,6 +1,7 @@
 """Sampling: the controls keep to their allowed sets, the fast decode step computes what the model
 does, text streams whole and stops where asked, and a saved state resumes exactly."""
 
+import copy
 import dataclasses
 import os
 import subprocess
@@ -14,6 +15,7 @@ from sqrllm import checkpoint
 from sqrllm.config import Config
 from sqrllm import cpu
 from sqrllm.decode import CudaGraphStep, FastStep, KernelStep, NativeStep, PlainStep
+from sqrllm.export import round_to_bf16
 from sqrllm.model import SqrLLM
 from sqrllm.sampling import (Sampler, SamplingParams, StateError, TextStream, apply_penalties, filter_logits,
                              generate, pick)
@@ -150,6 +152,39 @@ def test_fast_greedy_text_equals_plain_greedy_text():
         sampler.feed([1, 2, 3])
         texts.append(torch.cat(list(sampler.tokens(300, SamplingParams(temperature=0)))).tolist())
     assert all(t == texts[0] for t in texts[1:])
+
+
+@NATIVE
+@pytest.mark.parametrize("kw", [{}, {"bias": False, "tie_weights": False, "mlp_every": 1, "n_mem": 32, "n_embd": 30},
+                                {"mlp_every": 0, "n_layer": 1}])
+def test_native_bf16_step_is_the_model_with_bfloat16_weights(kw):
+    # The bf16 step reads 16-bit matrices; it must compute what the float32 model computes once
+    # every parameter is rounded to bfloat16 (the exported C++'s model), not something near it.
+    model = tiny_model(**kw)
+    rounded = round_to_bf16(copy.deepcopy(model))
+    B = 3
+    ref, half = PlainStep(rounded), NativeStep(model, bf16=True)
+    ref_state, half_state = rounded.init_state(B), half.bind(model.init_state(B))
+    ids = torch.randint(0, model.vocab_size, (30, B), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for t in range(30):
+            a, b = ref(ids[t], ref_state), half(ids[t], half_state)
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5 * a.abs().max())
+            for h_a, h_b in zip(ref_state, half_state):
+                torch.testing.assert_close(h_b, h_a, rtol=2e-5, atol=2e-5)
+    assert not torch.equal(ref(ids[0], rounded.init_state(B)), PlainStep(model)(ids[0], model.init_state(B)))
+
+
+@NATIVE
+def test_sample_py_native_bf16_prints_the_rounded_models_greedy_text(char_ckpt, capsys):
+    model, tok, _ = checkpoint.load_model(char_ckpt)
+    prompt = TEXT[:40]
+    sampler = Sampler(round_to_bf16(model), tok, step="plain")
+    sampler.feed(tok.encode(prompt))
+    want = tok.decode(torch.cat(list(sampler.tokens(200, SamplingParams(temperature=0)))).tolist())
+    out = main_stdout(capsys, f"--ckpt={char_ckpt}", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=200",
+                      "--step=native_bf16", "--quiet")
+    assert out == prompt + want + "\n"
 
 
 @NATIVE
