@@ -20,7 +20,7 @@ N = 8  # the resume runs: 2N steps in one go == N, then N more resumed (N a mult
 ARGS = ["--dataset=tiny", "--n_layer=2", "--n_embd=16", "--batch_size=4", "--block_size=16", "--dropout=0.1",
         "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=2", f"--lr_decay_iters={2 * N}", "--log_interval=2",
         "--eval_interval=4", "--eval_max_tokens=200", "--eval_batch_size=8", "--deterministic=true",
-        "--progress=false", "--num_threads=1"]
+        "--progress=false", "--num_threads=1", "--device=cpu"]
 EMA = ["--ema_decay=0.8", "--ema_start=1"]
 NOISE = ("elapsed", "tok_per_s", "mfu", "mem_gib")  # timing columns of metrics.jsonl
 
