@@ -1,10 +1,12 @@
 """QRNN vs cuDNN LSTM in the QRNN paper's Figure 4 setting: one layer of 320 units, float32.
 
-    python scripts/bench_lstm.py [--batch 8 16 ...] [--length 32 64 ...] [--tf32] [--markdown FILE]
+    python scripts/bench_lstm.py [--batch 8 16 ...] [--length 32 64 ...] [--tf32] [--graphs] [--markdown FILE]
 
 For every (batch, length) cell both layers run on the same (T, B, 320) input in the same process:
 inference (forward under torch.no_grad) and training (forward + backward of the output, weight
-gradients accumulating as in a training step). Both run eagerly: no torch.compile, no CUDA graphs.
+gradients accumulating as in a training step). Both run eagerly: no torch.compile, no CUDA graphs;
+with --graphs both are captured instead, each call (forward, or forward + backward with the gradient
+accumulation) one CUDA graph per cell, so that neither pays host-side dispatch per operation.
 Times are CUDA-event medians over repeats of back-to-back calls, after warm-up. Matrix products use
 strict float32 in both unless --tf32 (then both, cuDNN and cuBLAS, may use TF32).
 Prints speedup = LSTM time / QRNN time, both times, and the scan op alone on the same shape.
@@ -45,7 +47,21 @@ def time_ms(fn, repeats, min_ms=2.0):
     return statistics.median(times)
 
 
-def bench_cell(qrnn, lstm, B, T, repeats):
+def graphed(fn):
+    """fn() captured as one CUDA graph (after warm-up on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench_cell(qrnn, lstm, B, T, repeats, graphs=False):
     """{'inference': (qrnn ms, lstm ms), 'training': (...), 'scan': ms} for one (B, T)."""
     H = qrnn.hidden_size
     x = torch.randn(T, B, qrnn.input_size, device="cuda")
@@ -64,9 +80,10 @@ def bench_cell(qrnn, lstm, B, T, repeats):
         return fn
 
     res = {}
+    wrap = graphed if graphs else (lambda fn: fn)
     for mode, make in (("inference", infer), ("training", train)):
-        lstm_ms = time_ms(make(lstm), repeats)
-        qrnn_ms = time_ms(make(qrnn), repeats)
+        lstm_ms = time_ms(wrap(make(lstm)), repeats)
+        qrnn_ms = time_ms(wrap(make(qrnn)), repeats)
         res[mode] = (qrnn_ms, lstm_ms)
     xs, r = torch.randn(1, T, B * H, device="cuda"), torch.rand(1, T, B * H, device="cuda")
     res["scan"] = time_ms(lambda: scan(xs, r), repeats)
@@ -104,6 +121,7 @@ def main():
     p.add_argument("--tf32", action="store_true", help="let both use TF32 for float32 matrix products")
     p.add_argument("--qrnn-min-threads", type=int,
                    help="sqrllm.cuda.QRNN_MIN_THREADS: split walks over time while fewer threads (0: never)")
+    p.add_argument("--graphs", action="store_true", help="capture each call of both layers as a CUDA graph")
     p.add_argument("--markdown", help="also write the tables to this file")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -128,7 +146,8 @@ def main():
         f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
         f"cuDNN {torch.backends.cudnn.version()}; scan: {backend}.",
         f"One layer, input {H}, hidden {H}, float32 ({'TF32 allowed' if args.tf32 else 'strict, no TF32'} "
-        f"for both), time-major input; QRNN window {args.window} with output gate; both eager. "
+        f"for both), time-major input; QRNN window {args.window} with output gate; "
+        f"{'both captured as CUDA graphs, one per call' if args.graphs else 'both eager'}. "
         f"CUDA-event medians of {args.repeats} repeats.",
     ]
     print("\n".join(header), flush=True)
@@ -143,7 +162,7 @@ def main():
     results = {}
     for b in args.batch:
         for t in args.length:
-            results[b, t] = r = bench_cell(qrnn, lstm, b, t, args.repeats)
+            results[b, t] = r = bench_cell(qrnn, lstm, b, t, args.repeats, args.graphs)
             print(
                 f"B={b:4d} T={t:4d}  inference {r['inference'][0]:.3f} / {r['inference'][1]:.3f} ms "
                 f"({r['inference'][1] / r['inference'][0]:.1f}x)  training {r['training'][0]:.3f} / "
