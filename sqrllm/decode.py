@@ -316,7 +316,6 @@ class NativeStep:
             raise ValueError(f"NativeStep runs float32 models on the CPU, not {param.dtype} on {param.device}")
         self.vocab_size = model.vocab_size
         self.n_mem = model.n_mem
-        self.bf16 = bf16
         self._keep = []  # the tensors whose memory the kernel reads
         self.threads = threads
         self._seconds = {}  # (batch, threads) -> wall-clock seconds of its last 5 steps

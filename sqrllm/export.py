@@ -15,7 +15,7 @@ The architecture is read from the module tree, module by module, against what th
 key, a tokenizer kind) is refused with an ExportError that names it.
 
 Weights are rounded to bfloat16, to nearest even: the exported model is the checkpoint with rounded
-weights. `round_to_bf16(model)` turns a PyTorch model into exactly that model.
+weights. `round_to_bf16(model)` (sqrllm.model) turns a PyTorch model into exactly that model.
 """
 
 import json
@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from sqrllm import spm_model, tokenizer
 from sqrllm.checkpoint import load_model
-from sqrllm.model import Block, GatedMLP, SqrLLM, SqrllLayer
+from sqrllm.model import Block, GatedMLP, SqrLLM, SqrllLayer, round_to_bf16
 
 RUNTIME = Path(__file__).resolve().parent / "export_runtime"
 RUNTIME_FILES = ("sqrllm.h", "sqrllm_runtime.h", "sqrllm_sentencepiece.h", "cli.cpp", "Makefile", "node_cli.js", "web/index.html",
@@ -56,17 +56,6 @@ CONFIG_KEYS = {
 
 class ExportError(ValueError):
     """A model, config or tokenizer that the exporter does not support; the message names it."""
-
-
-def round_to_bf16(model):
-    """Round every parameter of `model` in place to the nearest bfloat16 (ties to even); returns it.
-
-    The rounded model computes what the exported C++ computes, up to float32 summation order.
-    """
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).to(p.dtype))
-    return model
 
 
 def bf16_bits(t):

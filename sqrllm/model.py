@@ -175,3 +175,14 @@ class SqrLLM(nn.Module):
         if device_type == "cuda":
             return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
         return AdamW(groups, lr=learning_rate, betas=betas)
+
+
+def round_to_bf16(model):
+    """Round every parameter of `model` in place to the nearest bfloat16 (ties to even); returns it.
+
+    The rounded model computes what the exported C++ computes, up to float32 summation order.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(p.dtype))
+    return model

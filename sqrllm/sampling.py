@@ -28,8 +28,7 @@ import torch
 
 from sqrllm import checkpoint
 from sqrllm.decode import make_step
-from sqrllm.export import round_to_bf16
-from sqrllm.model import SqrllLayer
+from sqrllm.model import SqrllLayer, round_to_bf16
 from sqrllm.tokenizer import StreamDecoder
 
 HISTORY = 1024  # recent tokens kept per row (and saved with a state) for the penalties

@@ -15,8 +15,7 @@ from sqrllm import checkpoint
 from sqrllm.config import Config
 from sqrllm import cpu
 from sqrllm.decode import CudaGraphStep, FastStep, KernelStep, NativeStep, PlainStep
-from sqrllm.export import round_to_bf16
-from sqrllm.model import SqrLLM
+from sqrllm.model import SqrLLM, round_to_bf16
 from sqrllm.sampling import (Sampler, SamplingParams, StateError, TextStream, apply_penalties, filter_logits,
                              generate, pick)
 from sqrllm.tokenizer import ByteTokenizer, CharTokenizer
