@@ -8,7 +8,7 @@
 // the gate activations and the output gate fused around it: a layer is then its matrix multiply
 // and one launch (eight without fusing: activations, f * z, 1 - f, the scan, o * c, ...), which
 // is what decides its speed at the batch sizes and lengths the QRNN benchmark covers. One thread
-// per (b, j) walks time, reading U steps of gates at once so that their loads overlap; the
+// per (b, j) walks time, reading QU steps of gates at once so that their loads overlap; the
 // general scan (sqrll.cu) is what splits time across blocks, and sqrllm/qrnn.py sends the
 // shapes that need that (few sequences, very long) to it.
 //
@@ -24,7 +24,14 @@
 // then dc = dc_t * (1 - f); dc0 is the last dc.
 
 #define QNT 128  // threads per block; sqrllm/cuda.py's QRNN_THREADS
-#define U 16     // time steps loaded at once
+// Time steps whose loads are issued at once, forward and backward (which holds six values a step).
+// Each can be set at compile time (scripts/qrnn_variants.py compares settings).
+#ifndef QU
+#define QU 16
+#endif
+#ifndef QU_BWD
+#define QU_BWD 8
+#endif
 
 __device__ __forceinline__ float sigmoidf_(float v) { return 1.f / (1.f + expf(-v)); }
 
@@ -39,10 +46,10 @@ __device__ __forceinline__ void qrnn_fwd(const S* __restrict__ g, const S* __res
     const S* gp = g + b * gb + j;
     const long long ho = b * hb + j;
     float c = c0 ? to_f32(c0[i]) : 0.f;
-    for (long long p0 = 0; p0 < T; p0 += U) {
-        float gz[U], gf[U], go[U];
+    for (long long p0 = 0; p0 < T; p0 += QU) {
+        float gz[QU], gf[QU], go[QU];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < QU; u++) {
             if (p0 + u < T) {
                 const long long t = reverse ? T - 1 - (p0 + u) : p0 + u;
                 const S* q = gp + t * gt;
@@ -52,7 +59,7 @@ __device__ __forceinline__ void qrnn_fwd(const S* __restrict__ g, const S* __res
             }
         }
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < QU; u++) {
             if (p0 + u < T) {
                 const long long t = reverse ? T - 1 - (p0 + u) : p0 + u;
                 const float f = s * sigmoidf_(gf[u]);
@@ -77,10 +84,10 @@ __device__ __forceinline__ void qrnn_bwd(const S* __restrict__ g, const float* _
     const long long go_ = b * gb + j, ho = b * hb + j;
     const float first = c0 ? to_f32(c0[i]) : 0.f;  // c before the first step
     float dc = dc_last ? to_f32(dc_last[i]) : 0.f;
-    for (long long p1 = T - 1; p1 >= 0; p1 -= U) {  // steps p1, p1 - 1, ..., p1 - U + 1
-        float gz[U], gf[U], go[U], ct[U], cp[U], dht[U];
+    for (long long p1 = T - 1; p1 >= 0; p1 -= QU_BWD) {  // steps p1, p1 - 1, ..., p1 - QU_BWD + 1
+        float gz[QU_BWD], gf[QU_BWD], go[QU_BWD], ct[QU_BWD], cp[QU_BWD], dht[QU_BWD];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < QU_BWD; u++) {
             const long long p = p1 - u;
             if (p >= 0) {
                 const long long t = reverse ? T - 1 - p : p;
@@ -94,7 +101,7 @@ __device__ __forceinline__ void qrnn_bwd(const S* __restrict__ g, const float* _
             }
         }
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < QU_BWD; u++) {
             const long long p = p1 - u;
             if (p >= 0) {
                 const long long t = reverse ? T - 1 - p : p;
@@ -118,14 +125,19 @@ __device__ __forceinline__ void qrnn_bwd(const S* __restrict__ g, const float* _
 // features of one step. Pass 1: each thread's segment as an affine map of the state entering it;
 // the maps meet in shared memory, each thread folding the segments before its own (in a fixed
 // order: bitwise reproducible); pass 2 replays the segment from that state, as the kernels above.
-#define MAX_SEG 8
+#ifndef QMAX_SEG
+#define QMAX_SEG 16  // sqrllm/cuda.py's QRNN_MAX_SEG
+#endif
+#ifndef QSEG_U
+#define QSEG_U 8  // steps loaded at once here: up to 512 threads a block leave 128 registers each
+#endif
 
 template <typename S>
 __device__ __forceinline__ void qrnn_fwd_seg(const S* __restrict__ g, const S* __restrict__ c0, S* __restrict__ h,
                                              float* __restrict__ c_all, S* __restrict__ c_last, long long T,
                                              long long B, long long H, long long gt, long long gb, long long ht,
                                              long long hb, int G, int reverse, float s) {
-    __shared__ float sA[MAX_SEG][32], sB[MAX_SEG][32];
+    __shared__ float sA[QMAX_SEG][32], sB[QMAX_SEG][32];
     const int x = threadIdx.x, y = threadIdx.y, nseg = blockDim.y;
     const long long i = blockIdx.x * 32LL + x;  // b * H + j
     const bool ok = i < B * H;
@@ -138,10 +150,10 @@ __device__ __forceinline__ void qrnn_fwd_seg(const S* __restrict__ g, const S* _
     // pass 1: c leaving the segment = A * c entering it + m
     float A = 1.f, m = 0.f;
     if (ok) {
-        for (long long p0 = p_begin; p0 < p_end; p0 += U) {
-            float gz[U], gf[U];
+        for (long long p0 = p_begin; p0 < p_end; p0 += QSEG_U) {
+            float gz[QSEG_U], gf[QSEG_U];
 #pragma unroll
-            for (int u = 0; u < U; u++) {
+            for (int u = 0; u < QSEG_U; u++) {
                 if (p0 + u < p_end) {
                     const S* q = gp + at(p0 + u) * gt;
                     gz[u] = to_f32(q[0]);
@@ -149,7 +161,7 @@ __device__ __forceinline__ void qrnn_fwd_seg(const S* __restrict__ g, const S* _
                 }
             }
 #pragma unroll
-            for (int u = 0; u < U; u++) {
+            for (int u = 0; u < QSEG_U; u++) {
                 if (p0 + u < p_end) {
                     const float f = s * sigmoidf_(gf[u]);
                     m = f * tanhf(gz[u]) + (1.f - f) * m;
@@ -166,10 +178,10 @@ __device__ __forceinline__ void qrnn_fwd_seg(const S* __restrict__ g, const S* _
 
     // pass 2: replay from the state entering the segment
     if (!ok) return;
-    for (long long p0 = p_begin; p0 < p_end; p0 += U) {
-        float gz[U], gf[U], go[U];
+    for (long long p0 = p_begin; p0 < p_end; p0 += QSEG_U) {
+        float gz[QSEG_U], gf[QSEG_U], go[QSEG_U];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < QSEG_U; u++) {
             if (p0 + u < p_end) {
                 const S* q = gp + at(p0 + u) * gt;
                 gz[u] = to_f32(q[0]);
@@ -178,7 +190,7 @@ __device__ __forceinline__ void qrnn_fwd_seg(const S* __restrict__ g, const S* _
             }
         }
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < QSEG_U; u++) {
             if (p0 + u < p_end) {
                 const long long t = at(p0 + u);
                 const float f = s * sigmoidf_(gf[u]);
@@ -197,7 +209,7 @@ __device__ __forceinline__ void qrnn_bwd_seg(const S* __restrict__ g, const floa
                                              const S* __restrict__ dc_last, S* __restrict__ dg, S* __restrict__ dc0,
                                              long long T, long long B, long long H, long long gt, long long gb,
                                              long long ht, long long hb, int G, int reverse, float s) {
-    __shared__ float sA[MAX_SEG][32], sB[MAX_SEG][32];
+    __shared__ float sA[QMAX_SEG][32], sB[QMAX_SEG][32];
     const int x = threadIdx.x, y = threadIdx.y, nseg = blockDim.y;
     const long long i = blockIdx.x * 32LL + x;
     const bool ok = i < B * H;
@@ -210,10 +222,10 @@ __device__ __forceinline__ void qrnn_bwd_seg(const S* __restrict__ g, const floa
     // one step being dc -> (1 - f) * (dc + dh * o)
     float A = 1.f, m = 0.f;
     if (ok) {
-        for (long long p1 = p_end - 1; p1 >= p_begin; p1 -= U) {
-            float gf[U], go[U], dht[U];
+        for (long long p1 = p_end - 1; p1 >= p_begin; p1 -= QSEG_U) {
+            float gf[QSEG_U], go[QSEG_U], dht[QSEG_U];
 #pragma unroll
-            for (int u = 0; u < U; u++) {
+            for (int u = 0; u < QSEG_U; u++) {
                 if (p1 - u >= p_begin) {
                     const long long t = at(p1 - u);
                     const S* q = g + t * gt + go_;
@@ -223,7 +235,7 @@ __device__ __forceinline__ void qrnn_bwd_seg(const S* __restrict__ g, const floa
                 }
             }
 #pragma unroll
-            for (int u = 0; u < U; u++) {
+            for (int u = 0; u < QSEG_U; u++) {
                 if (p1 - u >= p_begin) {
                     const float a = 1.f - s * sigmoidf_(gf[u]);
                     const float o = G == 3 ? sigmoidf_(go[u]) : 1.f;
@@ -242,10 +254,10 @@ __device__ __forceinline__ void qrnn_bwd_seg(const S* __restrict__ g, const floa
     // pass 2: as qrnn_bwd over the segment, from the dc entering it
     if (!ok) return;
     const float first = c0 ? to_f32(c0[i]) : 0.f;
-    for (long long p1 = p_end - 1; p1 >= p_begin; p1 -= U) {
-        float gz[U], gf[U], go[U], ct[U], cp[U], dht[U];
+    for (long long p1 = p_end - 1; p1 >= p_begin; p1 -= QSEG_U) {
+        float gz[QSEG_U], gf[QSEG_U], go[QSEG_U], ct[QSEG_U], cp[QSEG_U], dht[QSEG_U];
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < QSEG_U; u++) {
             const long long p = p1 - u;
             if (p >= p_begin) {
                 const long long t = at(p);
@@ -259,7 +271,7 @@ __device__ __forceinline__ void qrnn_bwd_seg(const S* __restrict__ g, const floa
             }
         }
 #pragma unroll
-        for (int u = 0; u < U; u++) {
+        for (int u = 0; u < QSEG_U; u++) {
             const long long p = p1 - u;
             if (p >= p_begin) {
                 const long long t = at(p);
@@ -289,12 +301,12 @@ __device__ __forceinline__ void qrnn_bwd_seg(const S* __restrict__ g, const floa
         int reverse, float s) {                                                                               \
         qrnn_bwd<S>(g, c_all, c0, dh, dc_last, dg, dc0, T, B, H, gt, gb, ht, hb, G, reverse, s);               \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(32 * MAX_SEG) qrnn_fwd_seg_##S(                             \
+    extern "C" __global__ void __launch_bounds__(32 * QMAX_SEG) qrnn_fwd_seg_##S(                             \
         const S* g, const S* c0, S* h, float* c_all, S* c_last, long long T, long long B, long long H,         \
         long long gt, long long gb, long long ht, long long hb, int G, int reverse, float s) {                 \
         qrnn_fwd_seg<S>(g, c0, h, c_all, c_last, T, B, H, gt, gb, ht, hb, G, reverse, s);                      \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(32 * MAX_SEG) qrnn_bwd_seg_##S(                             \
+    extern "C" __global__ void __launch_bounds__(32 * QMAX_SEG) qrnn_bwd_seg_##S(                             \
         const S* g, const float* c_all, const S* c0, const S* dh, const S* dc_last, S* dg, S* dc0,             \
         long long T, long long B, long long H, long long gt, long long gb, long long ht, long long hb, int G,   \
         int reverse, float s) {                                                                               \

@@ -261,7 +261,7 @@ def decode_launch(name, rows, batch, *args):
 # --- a QRNN layer's pooling with its gates (kernels/qrnn.cu), for sqrllm.qrnn ---
 
 QRNN_THREADS = 128  # threads per block, as in the .cu
-QRNN_MAX_SEG = 8  # the .cu's MAX_SEG
+QRNN_MAX_SEG = 16  # the .cu's QMAX_SEG
 # Few (b, j) pairs: split each one's walk over time into segments (the .cu's segmented kernels), up
 # to QRNN_MAX_SEG, while there are fewer than this many threads and each segment keeps at least
 # QRNN_SEG_STEPS steps; 0 turns segments off.

@@ -345,12 +345,12 @@ def test_cpu_cuda_parity():
 def test_qrnn_segments_split_few_long_walks_only():
     from sqrllm import cuda as sq_cuda
 
-    assert sq_cuda.qrnn_segments(8, 512, 320) == sq_cuda.QRNN_MAX_SEG  # 2,560 pairs: each walk in 8
+    assert sq_cuda.qrnn_segments(8, 512, 320) == sq_cuda.QRNN_MAX_SEG  # 2,560 pairs: each walk in 16
     assert sq_cuda.qrnn_segments(8, 32, 320) == 1  # too short to split
     assert sq_cuda.qrnn_segments(256, 512, 320) == 1  # 81,920 pairs fill the GPU alone
     for B, T, H in [(1, 1, 1), (3, 100, 7), (64, 128, 320), (16, 4096, 64)]:
         n = sq_cuda.qrnn_segments(B, T, H)
-        assert n in (1, 2, 4, 8) and (n == 1 or T // n >= sq_cuda.QRNN_SEG_STEPS)
+        assert n in (1, 2, 4, 8, 16) and (n == 1 or T // n >= sq_cuda.QRNN_SEG_STEPS)
 
 
 @pytest.fixture
@@ -370,16 +370,17 @@ def fused_calls(monkeypatch):
 @pytest.mark.parametrize("output_gate", [True, False])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("segments", [1, 8])
+@pytest.mark.parametrize("segments", [1, 8, 16])
 def test_fused_cuda_layer_matches_paper_equations(window, output_gate, bidirectional, batch_first, segments,
                                                   fused_calls, monkeypatch):
     from sqrllm import cuda as sq_cuda
 
     torch.manual_seed(window * 8 + output_gate * 4 + bidirectional * 2 + batch_first)
     T, B, I, H, L = 37, 3, 5, 8, 2  # T: more than two of the kernel's 16-step loads, not a multiple
-    # segments 8: each pair's 37 steps walked by 8 threads, 5 steps each and 2 in the last
+    # segments 8: each pair's 37 steps walked by 8 threads, 5 steps each and 2 in the last;
+    # 16: 3 steps each, 1 in the 13th thread, none in the last three
     monkeypatch.setattr(sq_cuda, "QRNN_MIN_THREADS", 10**9 if segments > 1 else 0)
-    monkeypatch.setattr(sq_cuda, "QRNN_SEG_STEPS", 4)
+    monkeypatch.setattr(sq_cuda, "QRNN_SEG_STEPS", 4 if segments <= 8 else 1)
     assert sq_cuda.qrnn_segments(B, T, H) == segments
     m = QRNN(I, H, num_layers=L, window=window, output_gate=output_gate, bidirectional=bidirectional,
              batch_first=batch_first)

@@ -1,0 +1,153 @@
+"""Compile-time variants of the QRNN kernels (kernels/qrnn.cu) side by side, on a CUDA machine.
+
+    python scripts/qrnn_variants.py [--cell 8x512 256x64 ...] [--variant NAME:KEY=VALUE,...] [--profile] [--gemm]
+
+For each (batch x length) cell of scripts/bench_lstm.py's setting (one layer of 320 units, float32,
+strict), times the QRNN's inference and training calls as CUDA graphs under every variant, beside
+cuDNN's LSTM timed in the same run, and prints how far each variant's outputs and input gradient
+are from the default's. A variant sets .cu macros (QMAX_SEG, QSEG_U, QU, QU_BWD) and sqrllm.cuda's
+min_threads / seg_steps, e.g. `seg8:QMAX_SEG=8,QSEG_U=16`. --profile prints, per cell, the GPU
+kernels of one eager training call under torch.profiler, microseconds each. --gemm times the
+layer's input projection alone, with the weight as stored (F.linear: x @ W^T) and held transposed.
+"""
+
+import argparse
+import functools
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_lstm import graphed, time_ms  # noqa: E402
+
+import sqrllm.cuda as cuda  # noqa: E402
+from sqrllm.qrnn import QRNN  # noqa: E402
+
+DEFAULTS = {"MAX_SEG": cuda.QRNN_MAX_SEG, "min_threads": cuda.QRNN_MIN_THREADS, "seg_steps": cuda.QRNN_SEG_STEPS}
+
+
+def apply(settings):
+    """Point sqrllm.cuda at the kernels compiled with these settings' macros."""
+    import cupy
+
+    macros = {k: v for k, v in settings.items() if k.isupper()}
+    options = ("-std=c++17", *(f"-D{k}={v}" for k, v in macros.items()))
+
+    @functools.cache
+    def compiled(name, device):
+        with cuda._on(device):
+            return cupy.RawModule(code=cuda._source("qrnn.cu"), options=options).get_function(name)
+
+    cuda._qrnn_function = compiled
+    cuda.QRNN_MAX_SEG = int(macros.get("QMAX_SEG", DEFAULTS["MAX_SEG"]))
+    cuda.QRNN_MIN_THREADS = int(settings.get("min_threads", DEFAULTS["min_threads"]))
+    cuda.QRNN_SEG_STEPS = int(settings.get("seg_steps", DEFAULTS["seg_steps"]))
+
+
+def parse_variant(text):
+    name, _, spec = text.partition(":")
+    return name, dict(kv.split("=") for kv in spec.split(",") if kv)
+
+
+def run_once(m, x, gy):
+    """The training call's output and input gradient, then the inference call's output and state."""
+    xr = x.detach().requires_grad_()
+    out, _ = m(xr)
+    out.backward(gy)
+    with torch.no_grad():
+        y, h = m(x)
+    return out.detach(), xr.grad, y, h
+
+
+def profile(m, x, gy, calls=20):
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    def train():
+        out, _ = m(x)
+        out.backward(gy)
+
+    for _ in range(3):
+        train()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(calls):
+            train()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in p.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            rows.setdefault(e.name, []).append(e.device_time)
+    total = sum(sum(v) for v in rows.values()) / calls
+    print(f"  kernels of one eager training call: {total:.1f} us on the GPU")
+    for name, ts in sorted(rows.items(), key=lambda kv: -sum(kv[1])):
+        print(f"    {sum(ts) / calls:8.1f} us  x{len(ts) / calls:.0f}  {name[:110]}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cell", nargs="+", default=["8x512", "256x64"], help="BATCHxLENGTH")
+    p.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,...")
+    p.add_argument("--hidden", type=int, default=320)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--gemm", action="store_true")
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    H = args.hidden
+    variants = [("default", {})] + [parse_variant(v) for v in args.variant]
+    torch.manual_seed(0)
+    qrnn, lstm = QRNN(H, H).cuda(), nn.LSTM(H, H).cuda()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms per call as CUDA graphs, strict fp32")
+    for cell in args.cell:
+        B, T = map(int, cell.split("x"))
+        x, gy = torch.randn(T, B, H, device="cuda"), torch.randn(T, B, H, device="cuda")
+
+        def infer(m):
+            def fn():
+                with torch.no_grad():
+                    m(x)
+            return fn
+
+        def train(m):
+            def fn():
+                out, _ = m(x)
+                out.backward(gy)
+            return fn
+
+        lstm_ms = {mode: time_ms(graphed(make(lstm)), args.repeats) for mode, make in
+                   (("inference", infer), ("training", train))}
+        print(f"B={B} T={T}: LSTM inference {lstm_ms['inference']:.4f} ms, training {lstm_ms['training']:.4f} ms")
+        if args.gemm:
+            w, b = qrnn.weight_ih_l0.detach(), qrnn.bias_ih_l0.detach()
+            wt = w.t().contiguous().t()  # same values, column-major
+            for label, weight in (("W (3H, in) row-major", w), ("W column-major", wt)):
+                with torch.no_grad():
+                    ms = time_ms(graphed(lambda: torch.nn.functional.linear(x, weight, b)), args.repeats)
+                print(f"  projection, {label}: {ms:.4f} ms")
+            qrnn.weight_ih_l0.data = wt
+            ms = time_ms(graphed(infer(qrnn)), args.repeats)
+            print(f"  QRNN inference with the weight column-major: {ms:.4f} ms "
+                  f"({lstm_ms['inference'] / ms:5.2f}x)")
+            qrnn.weight_ih_l0.data = w.clone()
+        reference = None
+        for name, settings in variants:
+            apply(settings)
+            got = run_once(qrnn, x, gy)
+            reference = reference or got
+            err = max((a - b).abs().max().item() for a, b in zip(got, reference))
+            segs = cuda.qrnn_segments(B, T, H)
+            ms = {mode: time_ms(graphed(make(qrnn)), args.repeats) for mode, make in
+                  (("inference", infer), ("training", train))}
+            print(f"  {name:>12} ({segs:2d} segs): inference {ms['inference']:.4f} ms "
+                  f"({lstm_ms['inference'] / ms['inference']:5.2f}x)  training {ms['training']:.4f} ms "
+                  f"({lstm_ms['training'] / ms['training']:5.2f}x)  max |diff| vs default {err:.1e}", flush=True)
+            if args.profile:
+                profile(qrnn, x, gy)
+        apply({})
+
+
+if __name__ == "__main__":
+    main()
