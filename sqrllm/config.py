@@ -30,6 +30,7 @@ class Config:
     eval_stream: bool = True  # also evaluate with state streamed through the whole val split
     eval_max_tokens: int = 0  # cap on val tokens per evaluation; 0 = the whole split
     eval_batch_size: int = 64  # windows (or streams) per evaluation forward
+    eval_block_size: int = 0  # tokens per window of the window-reset val loss (memory reset at each); 0 = block_size
     always_save_checkpoint: bool = True  # save at every eval, not only when val improves
     keep_checkpoints: int = 3  # newest checkpoints kept in out_dir as ckpt-<step>.pt (latest.json lists them)
     progress: bool = True  # tqdm progress bar
@@ -110,11 +111,14 @@ class Config:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("n_mem", "n_ffn", "mlp_every", "max_iters", "reset_every", "eval_interval", "warmup_iters",
-                    "max_bad_steps", "ema_start"):
+                    "max_bad_steps", "ema_start", "eval_block_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.model == "gpt" and (self.n_head < 1 or self.n_embd % self.n_head):
             raise ConfigError(f"model='gpt' needs n_embd ({self.n_embd}) to be a multiple of n_head ({self.n_head})")
+        if self.model == "gpt" and self.eval_block_size > self.block_size:
+            raise ConfigError(f"eval_block_size={self.eval_block_size} is longer than the GPT's context "
+                              f"(block_size={self.block_size}); use at most {self.block_size}, or 0 for block_size")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.ema_decay < 1.0:

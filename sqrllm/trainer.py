@@ -109,11 +109,12 @@ def load_dataset(cfg):
 def evaluate(model, tokens, cfg, device, dtype, stream):
     """Mean loss (nats/token) over the val tokens (or the first eval_max_tokens of them).
 
-    stream=False: windows of block_size, memory reset at each (the context a GPT of that block sees).
-    stream=True: eval_batch_size contiguous streams, memory carried through each.
+    stream=False: windows of eval_block_size (or block_size), memory reset at each (the context a GPT
+    of that block sees).
+    stream=True: eval_batch_size contiguous streams, memory carried through each, block_size at a time.
     """
     n = len(tokens) if cfg.eval_max_tokens <= 0 else min(len(tokens), cfg.eval_max_tokens + 1)
-    T, B = cfg.block_size, cfg.eval_batch_size
+    T, B = (cfg.block_size if stream else cfg.eval_block_size or cfg.block_size), cfg.eval_batch_size
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

@@ -32,6 +32,7 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("--batching=sequential", "batching='sequential' is not one of 'stream', 'random'"),
     ("--dropout=1.5", "dropout must be in \\[0, 1\\)"),
     ("--n_layer=0", "n_layer must be at least 1"),
+    ("--eval_block_size=-1", "eval_block_size must be >= 0"),
 ])
 def test_bad_overrides_name_the_field(arg, message):
     with pytest.raises(ConfigError, match=message):
@@ -55,6 +56,12 @@ def test_missing_or_broken_file(tmp_path):
     f.write_text("n_layer = (\n")
     with pytest.raises(ConfigError, match="failed to run: SyntaxError"):
         load_config([str(f)])
+
+
+def test_gpt_is_not_evaluated_past_its_context():
+    with pytest.raises(ConfigError, match=r"eval_block_size=512 is longer than the GPT's context \(block_size=256\)"):
+        load_config(["--model=gpt", "--n_head=4", "--block_size=256", "--eval_block_size=512"])
+    assert load_config(["--model=gpt", "--n_head=4", "--block_size=256", "--eval_block_size=128"]).eval_block_size == 128
 
 
 def test_shipped_configs_load():

@@ -1,6 +1,7 @@
 """End to end on a tiny corpus: train lowers the loss, writes what it promises, resumes where it
 stopped; sample.py streams reproducible text from the checkpoint."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from sqrllm import checkpoint
 from sqrllm.config import ConfigError, load_config
 from sqrllm.data import DataError
 from sqrllm.prepare import prepare_text
-from sqrllm.trainer import train
+from sqrllm.trainer import evaluate, load_dataset, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
@@ -54,6 +55,21 @@ def test_training_lowers_loss_and_writes_outputs(data_dir, tmp_path):
     ckpt = checkpoint.load(out / "ckpt.pt")
     assert ckpt["step"] == 60 and ckpt["config"]["n_layer"] == 2 and len(ckpt["state"]) == 2
     assert result["step"] == 60
+
+
+def test_eval_block_size_sets_the_windows_of_the_reset_val_loss(data_dir, tmp_path):
+    """Trained on rows of 32 tokens, evaluated in windows of 8: the logged val loss is that of windows
+    of 8 (what block_size=8 alone would evaluate), not of 32; the streamed loss does not depend on it."""
+    out = tmp_path / "run"
+    cfg = tiny_config(data_dir, out, "--max_iters=20", "--eval_block_size=8")
+    train(cfg)
+    last = [r for r in read_metrics(out) if "val_loss" in r][-1]
+    model, _, _ = checkpoint.load_model(out)
+    _, _, val = load_dataset(cfg)
+    windows = {T: evaluate(model, val, dataclasses.replace(cfg, block_size=T, eval_block_size=0), "cpu",
+                           torch.float32, stream=False) for T in (8, 32)}
+    assert last["val_loss"] == windows[8] and windows[8] > windows[32]  # shorter contexts predict worse
+    assert last["val_loss_stream"] == evaluate(model, val, cfg, "cpu", torch.float32, stream=True)
 
 
 def test_resume_continues_from_saved_step(data_dir, tmp_path):
