@@ -61,11 +61,9 @@ def graphed(fn):
     return graph.replay
 
 
-def bench_cell(qrnn, lstm, B, T, repeats, graphs=False):
-    """{'inference': (qrnn ms, lstm ms), 'training': (...), 'scan': ms} for one (B, T)."""
-    H = qrnn.hidden_size
-    x = torch.randn(T, B, qrnn.input_size, device="cuda")
-    gy = torch.randn(T, B, H, device="cuda")
+def calls(x, gy):
+    """{mode: make}, make(layer) -> a no-argument call of the layer on x: 'inference' (forward under
+    no_grad) and 'training' (forward, then backward of the output with gradient gy)."""
 
     def infer(m):
         def fn():
@@ -79,9 +77,17 @@ def bench_cell(qrnn, lstm, B, T, repeats, graphs=False):
             out.backward(gy)
         return fn
 
+    return {"inference": infer, "training": train}
+
+
+def bench_cell(qrnn, lstm, B, T, repeats, graphs=False):
+    """{'inference': (qrnn ms, lstm ms), 'training': (...), 'scan': ms} for one (B, T)."""
+    H = qrnn.hidden_size
+    x = torch.randn(T, B, qrnn.input_size, device="cuda")
+    gy = torch.randn(T, B, H, device="cuda")
     res = {}
     wrap = graphed if graphs else (lambda fn: fn)
-    for mode, make in (("inference", infer), ("training", train)):
+    for mode, make in calls(x, gy).items():
         lstm_ms = time_ms(wrap(make(lstm)), repeats)
         qrnn_ms = time_ms(wrap(make(qrnn)), repeats)
         res[mode] = (qrnn_ms, lstm_ms)

@@ -7,8 +7,9 @@ strict), times the QRNN's inference and training calls as CUDA graphs under ever
 cuDNN's LSTM timed in the same run, and prints how far each variant's outputs and input gradient
 are from the default's. A variant sets .cu macros (QMAX_SEG, QSEG_U, QU, QU_BWD) and sqrllm.cuda's
 min_threads / seg_steps, e.g. `seg8:QMAX_SEG=8,QSEG_U=16`. --profile prints, per cell, the GPU
-kernels of one eager training call under torch.profiler, microseconds each. --gemm times the
-layer's input projection alone, with the weight as stored (F.linear: x @ W^T) and held transposed.
+kernels of one eager call of each mode under torch.profiler, microseconds each. --gemm times the
+layer's input projection alone: with the weight as stored (F.linear: x @ W^T), held transposed, and
+without the bias.
 """
 
 import argparse
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_lstm import graphed, time_ms  # noqa: E402
+from bench_lstm import calls, graphed, time_ms  # noqa: E402
 
 import sqrllm.cuda as cuda  # noqa: E402
 from sqrllm.qrnn import QRNN  # noqa: E402
@@ -61,28 +62,27 @@ def run_once(m, x, gy):
     return out.detach(), xr.grad, y, h
 
 
-def profile(m, x, gy, calls=20):
+def profile(m, x, gy, n=20):
+    """Print the GPU kernels of one eager call of each mode, microseconds each, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile as prof
 
-    def train():
-        out, _ = m(x)
-        out.backward(gy)
-
-    for _ in range(3):
-        train()
-    torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(calls):
-            train()
+    for mode, make in calls(x, gy).items():
+        fn = make(m)
+        for _ in range(3):
+            fn()
         torch.cuda.synchronize()
-    rows = {}
-    for e in p.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            rows.setdefault(e.name, []).append(e.device_time)
-    total = sum(sum(v) for v in rows.values()) / calls
-    print(f"  kernels of one eager training call: {total:.1f} us on the GPU")
-    for name, ts in sorted(rows.items(), key=lambda kv: -sum(kv[1])):
-        print(f"    {sum(ts) / calls:8.1f} us  x{len(ts) / calls:.0f}  {name[:110]}")
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        rows = {}
+        for e in p.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                rows.setdefault(e.name, []).append(e.device_time)
+        total = sum(sum(v) for v in rows.values()) / n
+        print(f"  kernels of one eager {mode} call: {total:.1f} us on the GPU")
+        for name, ts in sorted(rows.items(), key=lambda kv: -sum(kv[1])):
+            print(f"    {sum(ts) / n:8.1f} us  x{len(ts) / n:.0f}  {name[:110]}")
 
 
 def main():
@@ -104,31 +104,19 @@ def main():
     for cell in args.cell:
         B, T = map(int, cell.split("x"))
         x, gy = torch.randn(T, B, H, device="cuda"), torch.randn(T, B, H, device="cuda")
-
-        def infer(m):
-            def fn():
-                with torch.no_grad():
-                    m(x)
-            return fn
-
-        def train(m):
-            def fn():
-                out, _ = m(x)
-                out.backward(gy)
-            return fn
-
-        lstm_ms = {mode: time_ms(graphed(make(lstm)), args.repeats) for mode, make in
-                   (("inference", infer), ("training", train))}
+        modes = calls(x, gy)
+        lstm_ms = {mode: time_ms(graphed(make(lstm)), args.repeats) for mode, make in modes.items()}
         print(f"B={B} T={T}: LSTM inference {lstm_ms['inference']:.4f} ms, training {lstm_ms['training']:.4f} ms")
         if args.gemm:
             w, b = qrnn.weight_ih_l0.detach(), qrnn.bias_ih_l0.detach()
             wt = w.t().contiguous().t()  # same values, column-major
-            for label, weight in (("W (3H, in) row-major", w), ("W column-major", wt)):
+            for label, weight, bias in (("W (3H, in) row-major", w, b), ("W column-major", wt, b),
+                                        ("no bias", w, None)):
                 with torch.no_grad():
-                    ms = time_ms(graphed(lambda: torch.nn.functional.linear(x, weight, b)), args.repeats)
+                    ms = time_ms(graphed(lambda: torch.nn.functional.linear(x, weight, bias)), args.repeats)
                 print(f"  projection, {label}: {ms:.4f} ms")
             qrnn.weight_ih_l0.data = wt
-            ms = time_ms(graphed(infer(qrnn)), args.repeats)
+            ms = time_ms(graphed(modes["inference"](qrnn)), args.repeats)
             print(f"  QRNN inference with the weight column-major: {ms:.4f} ms "
                   f"({lstm_ms['inference'] / ms:5.2f}x)")
             qrnn.weight_ih_l0.data = w.clone()
@@ -139,8 +127,7 @@ def main():
             reference = reference or got
             err = max((a - b).abs().max().item() for a, b in zip(got, reference))
             segs = cuda.qrnn_segments(B, T, H)
-            ms = {mode: time_ms(graphed(make(qrnn)), args.repeats) for mode, make in
-                  (("inference", infer), ("training", train))}
+            ms = {mode: time_ms(graphed(make(qrnn)), args.repeats) for mode, make in modes.items()}
             print(f"  {name:>12} ({segs:2d} segs): inference {ms['inference']:.4f} ms "
                   f"({lstm_ms['inference'] / ms['inference']:5.2f}x)  training {ms['training']:.4f} ms "
                   f"({lstm_ms['training'] / ms['training']:5.2f}x)  max |diff| vs default {err:.1e}", flush=True)
