@@ -11,12 +11,7 @@ from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_block_is_one_graph():

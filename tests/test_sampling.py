@@ -81,13 +81,7 @@ def char_ckpt(tmp_path_factory):
     return write_ckpt(tmp_path_factory.mktemp("ckpt") / "ckpt.pt", MODEL_KW, CHARS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models step fastest on one thread, and a busy machine does not stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_sample(*args, stdin=None):
