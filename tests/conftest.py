@@ -12,3 +12,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A data_dir with a tiny corpus (corpus.txt) prepared as datasets 'tiny' (characters) and 'bytes'."""
+    from sqrllm.prepare import prepare_text
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "corpus.txt").write_text(TEXT)
+    prepare_text(root / "tiny", [root / "corpus.txt"], level="char", val_fraction=0.1)
+    prepare_text(root / "bytes", [root / "corpus.txt"], level="byte", val_fraction=0.1)
+    return root

@@ -13,11 +13,9 @@ import torch
 
 from sqrllm import checkpoint
 from sqrllm.config import load_config
-from sqrllm.prepare import prepare_text
 from sqrllm.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
 STEPS = 6
 
 # Runs train() in each torchrun process and saves that rank's final weights beside the run.
@@ -57,11 +55,7 @@ def losses(out_dir):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(tmp_path):
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "corpus.txt").write_text(TEXT)
-    prepare_text(data_dir / "tiny", [data_dir / "corpus.txt"], level="char", val_fraction=0.1)
+def test_two_gloo_ranks_match_one_process(data_dir, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
 

@@ -11,10 +11,8 @@ import torch
 from sqrllm import checkpoint, optim, trainer
 from sqrllm.config import ConfigError, load_config
 from sqrllm.model import SqrLLM
-from sqrllm.prepare import prepare_text
 from sqrllm.trainer import train
 
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
 N = 8  # the resume runs: 2N steps in one go == N, then N more resumed (N a multiple of eval_interval)
 # dropout on, memory carried across batches, deterministic mode, evaluations (and checkpoints) mid-run
 ARGS = ["--dataset=tiny", "--n_layer=2", "--n_embd=16", "--batch_size=4", "--block_size=16", "--dropout=0.1",
@@ -23,14 +21,6 @@ ARGS = ["--dataset=tiny", "--n_layer=2", "--n_embd=16", "--batch_size=4", "--blo
         "--progress=false", "--num_threads=1", "--device=cpu"]
 EMA = ["--ema_decay=0.8", "--ema_start=1"]
 NOISE = ("elapsed", "tok_per_s", "mfu", "mem_gib")  # timing columns of metrics.jsonl
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "corpus.txt").write_text(TEXT)
-    prepare_text(root / "tiny", [root / "corpus.txt"], level="char", val_fraction=0.1)
-    return root
 
 
 def config(data_dir, out_dir, *extra):

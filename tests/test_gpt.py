@@ -7,11 +7,7 @@ import torch
 
 from sqrllm.config import ConfigError, load_config
 from sqrllm.gpt import GPT
-from sqrllm.prepare import prepare_text
 from sqrllm.trainer import train
-
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,11 +36,9 @@ def test_gpt_config_needs_heads_that_divide_the_width():
         load_config(["--model=lstm"])
 
 
-def test_trainer_trains_the_gpt(tmp_path):
-    (tmp_path / "corpus.txt").write_text(TEXT)
-    prepare_text(tmp_path / "tiny", [tmp_path / "corpus.txt"], level="char", val_fraction=0.1)
+def test_trainer_trains_the_gpt(data_dir, tmp_path):
     out = tmp_path / "run"
-    train(load_config([f"--data_dir={tmp_path}", "--dataset=tiny", f"--out_dir={out}", "--model=gpt", "--n_head=2",
+    train(load_config([f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}", "--model=gpt", "--n_head=2",
                        "--n_layer=2", "--n_embd=32", "--batch_size=8", "--block_size=32", "--max_iters=60",
                        "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=5", "--log_interval=10",
                        "--eval_interval=0", "--progress=false", "--num_threads=1"]))

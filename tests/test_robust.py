@@ -22,11 +22,9 @@ from sqrllm import checkpoint, trainer
 from sqrllm.checkpoint import CheckpointError
 from sqrllm.config import load_config
 from sqrllm.model import SqrLLM
-from sqrllm.prepare import prepare_text
 from sqrllm.trainer import EXIT_DIVERGED, EXIT_NO_WRITE, EXIT_PREEMPTED, RunStopped, train
 
 ROOT = Path(__file__).resolve().parent.parent
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 N = 30  # the exact-resume runs: 2N steps in one process == N, then N more in another
 # dropout on, memory carried across batches (stream batching), deterministic mode, checkpoints rotating
@@ -35,15 +33,6 @@ ARGS = ["--dataset=tiny", "--n_layer=2", "--n_embd=16", "--batch_size=4", "--blo
         "--eval_interval=10", "--eval_max_tokens=200", "--eval_batch_size=8", "--keep_checkpoints=2",
         "--deterministic=true", "--progress=false", "--num_threads=1"]
 NOISE = ("elapsed", "tok_per_s", "mfu", "mem_gib")  # timing columns of metrics.jsonl
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "corpus.txt").write_text(TEXT)
-    prepare_text(root / "tiny", [root / "corpus.txt"], level="char", val_fraction=0.1)
-    prepare_text(root / "bytes", [root / "corpus.txt"], level="byte", val_fraction=0.1)
-    return root
 
 
 def args(data_dir, out_dir, *extra):

@@ -14,11 +14,9 @@ import pytest
 import torch
 
 from sqrllm import checkpoint
-from sqrllm.prepare import prepare_text
 from sqrllm.trainer import EXIT_DIVERGED
 
 ROOT = Path(__file__).resolve().parent.parent
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 STEPS = 40
 
@@ -50,12 +48,9 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    (root / "corpus.txt").write_text(TEXT)
-    prepare_text(root / "tiny", [root / "corpus.txt"], level="char", val_fraction=0.1)
-    (root / "rank.py").write_text(RANK_SCRIPT)
-    return root
+def setup(data_dir):
+    (data_dir / "rank.py").write_text(RANK_SCRIPT)
+    return data_dir
 
 
 def torchrun(root, out_dir, *extra, env=None, **kw):

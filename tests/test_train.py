@@ -13,19 +13,9 @@ import torch
 from sqrllm import checkpoint
 from sqrllm.config import ConfigError, load_config
 from sqrllm.data import DataError
-from sqrllm.prepare import prepare_text
 from sqrllm.trainer import evaluate, load_dataset, train
 
 ROOT = Path(__file__).resolve().parent.parent
-TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "corpus.txt").write_text(TEXT)
-    prepare_text(root / "tiny", [root / "corpus.txt"], level="char", val_fraction=0.1)
-    return root
 
 
 def tiny_config(data_dir, out_dir, *extra):
