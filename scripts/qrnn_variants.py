@@ -26,7 +26,7 @@ from bench_lstm import calls, graphed, time_ms  # noqa: E402
 import sqrllm.cuda as cuda  # noqa: E402
 from sqrllm.qrnn import QRNN  # noqa: E402
 
-DEFAULTS = {"MAX_SEG": cuda.QRNN_MAX_SEG, "min_threads": cuda.QRNN_MIN_THREADS, "seg_steps": cuda.QRNN_SEG_STEPS}
+DEFAULTS = {"QMAX_SEG": cuda.QRNN_MAX_SEG, "min_threads": cuda.QRNN_MIN_THREADS, "seg_steps": cuda.QRNN_SEG_STEPS}
 
 
 def apply(settings):
@@ -42,7 +42,7 @@ def apply(settings):
             return cupy.RawModule(code=cuda._source("qrnn.cu"), options=options).get_function(name)
 
     cuda._qrnn_function = compiled
-    cuda.QRNN_MAX_SEG = int(macros.get("QMAX_SEG", DEFAULTS["MAX_SEG"]))
+    cuda.QRNN_MAX_SEG = int(macros.get("QMAX_SEG", DEFAULTS["QMAX_SEG"]))
     cuda.QRNN_MIN_THREADS = int(settings.get("min_threads", DEFAULTS["min_threads"]))
     cuda.QRNN_SEG_STEPS = int(settings.get("seg_steps", DEFAULTS["seg_steps"]))
 
