@@ -13,7 +13,10 @@
 // shapes that need that (few sequences, very long) to it.
 //
 // g: the pre-activations [gz | gf | go] of every (t, b), G * H wide (G = 3, or 2 without the output
-// gate), element (t, b, k * H + j) at g[t * gt + b * gb + k * H + j]; h and dh: (t, b, j) at
+// gate), element (t, b, k * H + j) at g[t * gt + b * gb + k * H + j], before the bias: bias (G * H,
+// float32, or null) is added here, so that the matrix multiply runs without cuBLAS's bias epilogue
+// and the backward sums the bias gradient as it walks (dbias: one float32 row of G * H partial sums
+// per (segment, b), rows segment * B + b; the caller adds the rows); h and dh: (t, b, j) at
 // t * ht + b * hb + j; c0, c_last, dc_last, dc0: (B, H). s scales the forget gate (1 - zoneout in
 // eval). reverse: time runs from T - 1 down to 0. Storage S is float, f16_t or bf16_t
 // (kernels/storage.cuh); arithmetic is float32, and the c kept for the backward is float32.
@@ -23,7 +26,9 @@
 // dgz = dc_t * f * (1 - z^2), dgf = dc_t * (z - c[t-1]) * s * sf (1 - sf) with sf = sigmoid(gf),
 // then dc = dc_t * (1 - f); dc0 is the last dc.
 
+#ifndef QNT
 #define QNT 128  // threads per block; sqrllm/cuda.py's QRNN_THREADS
+#endif
 // Time steps whose loads are issued at once, forward and backward (which holds six values a step).
 // Each can be set at compile time (scripts/qrnn_variants.py compares settings).
 #ifndef QU
@@ -35,8 +40,21 @@
 
 __device__ __forceinline__ float sigmoidf_(float v) { return 1.f / (1.f + expf(-v)); }
 
+__device__ __forceinline__ void store_dbias(float* p, long long H, int G, float sz, float sf, float so) {
+    p[0] = sz;
+    p[H] = sf;
+    if (G == 3) p[2 * H] = so;
+}
+
+struct Bias {  // one (b, j) pair's three bias values
+    float z, f, o;
+    __device__ Bias(const float* bias, long long H, long long j, int G)
+        : z(bias ? bias[j] : 0.f), f(bias ? bias[H + j] : 0.f), o(bias && G == 3 ? bias[2 * H + j] : 0.f) {}
+};
+
 template <typename S>
-__device__ __forceinline__ void qrnn_fwd(const S* __restrict__ g, const S* __restrict__ c0, S* __restrict__ h,
+__device__ __forceinline__ void qrnn_fwd(const S* __restrict__ g, const float* __restrict__ bias,
+                                         const S* __restrict__ c0, S* __restrict__ h,
                                          float* __restrict__ c_all, S* __restrict__ c_last, long long T,
                                          long long B, long long H, long long gt, long long gb, long long ht,
                                          long long hb, int G, int reverse, float s) {
@@ -45,6 +63,7 @@ __device__ __forceinline__ void qrnn_fwd(const S* __restrict__ g, const S* __res
     const long long b = i / H, j = i - b * H;
     const S* gp = g + b * gb + j;
     const long long ho = b * hb + j;
+    const Bias bi(bias, H, j, G);
     float c = c0 ? to_f32(c0[i]) : 0.f;
     for (long long p0 = 0; p0 < T; p0 += QU) {
         float gz[QU], gf[QU], go[QU];
@@ -62,9 +81,9 @@ __device__ __forceinline__ void qrnn_fwd(const S* __restrict__ g, const S* __res
         for (int u = 0; u < QU; u++) {
             if (p0 + u < T) {
                 const long long t = reverse ? T - 1 - (p0 + u) : p0 + u;
-                const float f = s * sigmoidf_(gf[u]);
-                c = f * tanhf(gz[u]) + (1.f - f) * c;
-                h[t * ht + ho] = from_f32<S>(G == 3 ? sigmoidf_(go[u]) * c : c);
+                const float f = s * sigmoidf_(gf[u] + bi.f);
+                c = f * tanhf(gz[u] + bi.z) + (1.f - f) * c;
+                h[t * ht + ho] = from_f32<S>(G == 3 ? sigmoidf_(go[u] + bi.o) * c : c);
                 if (c_all) c_all[t * ht + ho] = c;
             }
         }
@@ -73,17 +92,21 @@ __device__ __forceinline__ void qrnn_fwd(const S* __restrict__ g, const S* __res
 }
 
 template <typename S>
-__device__ __forceinline__ void qrnn_bwd(const S* __restrict__ g, const float* __restrict__ c_all,
+__device__ __forceinline__ void qrnn_bwd(const S* __restrict__ g, const float* __restrict__ bias,
+                                         const float* __restrict__ c_all,
                                          const S* __restrict__ c0, const S* __restrict__ dh,
                                          const S* __restrict__ dc_last, S* __restrict__ dg, S* __restrict__ dc0,
-                                         long long T, long long B, long long H, long long gt, long long gb,
-                                         long long ht, long long hb, int G, int reverse, float s) {
+                                         float* __restrict__ dbias, long long T, long long B, long long H,
+                                         long long gt, long long gb, long long ht, long long hb, int G, int reverse,
+                                         float s) {
     const long long i = blockIdx.x * (long long)QNT + threadIdx.x;
     if (i >= B * H) return;
     const long long b = i / H, j = i - b * H;
     const long long go_ = b * gb + j, ho = b * hb + j;
+    const Bias bi(bias, H, j, G);
     const float first = c0 ? to_f32(c0[i]) : 0.f;  // c before the first step
     float dc = dc_last ? to_f32(dc_last[i]) : 0.f;
+    float sz = 0.f, sf_ = 0.f, so = 0.f;  // this pair's bias gradient
     for (long long p1 = T - 1; p1 >= 0; p1 -= QU_BWD) {  // steps p1, p1 - 1, ..., p1 - QU_BWD + 1
         float gz[QU_BWD], gf[QU_BWD], go[QU_BWD], ct[QU_BWD], cp[QU_BWD], dht[QU_BWD];
 #pragma unroll
@@ -105,18 +128,22 @@ __device__ __forceinline__ void qrnn_bwd(const S* __restrict__ g, const float* _
             const long long p = p1 - u;
             if (p >= 0) {
                 const long long t = reverse ? T - 1 - p : p;
-                const float z = tanhf(gz[u]), sf = sigmoidf_(gf[u]), f = s * sf;
-                const float o = G == 3 ? sigmoidf_(go[u]) : 1.f;
+                const float z = tanhf(gz[u] + bi.z), sf = sigmoidf_(gf[u] + bi.f), f = s * sf;
+                const float o = G == 3 ? sigmoidf_(go[u] + bi.o) : 1.f;
                 const float dct = dc + dht[u] * o;
+                const float dgz = dct * f * (1.f - z * z), dgf = dct * (z - cp[u]) * s * sf * (1.f - sf);
+                const float dgo = G == 3 ? dht[u] * ct[u] * o * (1.f - o) : 0.f;
                 S* q = dg + t * gt + go_;
-                q[0] = from_f32<S>(dct * f * (1.f - z * z));
-                q[H] = from_f32<S>(dct * (z - cp[u]) * s * sf * (1.f - sf));
-                if (G == 3) q[2 * H] = from_f32<S>(dht[u] * ct[u] * o * (1.f - o));
+                q[0] = from_f32<S>(dgz);
+                q[H] = from_f32<S>(dgf);
+                if (G == 3) q[2 * H] = from_f32<S>(dgo);
+                sz += dgz, sf_ += dgf, so += dgo;
                 dc = dct * (1.f - f);
             }
         }
     }
     if (dc0) dc0[i] = from_f32<S>(dc);
+    if (dbias) store_dbias(dbias + b * G * H + j, H, G, sz, sf_, so);
 }
 
 // Few (b, j) pairs (small batches): one thread per pair leaves most of the GPU idle and walks T
@@ -133,7 +160,8 @@ __device__ __forceinline__ void qrnn_bwd(const S* __restrict__ g, const float* _
 #endif
 
 template <typename S>
-__device__ __forceinline__ void qrnn_fwd_seg(const S* __restrict__ g, const S* __restrict__ c0, S* __restrict__ h,
+__device__ __forceinline__ void qrnn_fwd_seg(const S* __restrict__ g, const float* __restrict__ bias,
+                                             const S* __restrict__ c0, S* __restrict__ h,
                                              float* __restrict__ c_all, S* __restrict__ c_last, long long T,
                                              long long B, long long H, long long gt, long long gb, long long ht,
                                              long long hb, int G, int reverse, float s) {
@@ -144,6 +172,7 @@ __device__ __forceinline__ void qrnn_fwd_seg(const S* __restrict__ g, const S* _
     const long long b = ok ? i / H : 0, j = ok ? i - b * H : 0;
     const S* gp = g + b * gb + j;
     const long long ho = b * hb + j;
+    const Bias bi(ok ? bias : nullptr, H, j, G);
     const long long len = (T + nseg - 1) / nseg, p_begin = min(T, y * len), p_end = min(T, p_begin + len);
     auto at = [&](long long p) { return reverse ? T - 1 - p : p; };
 
@@ -163,8 +192,8 @@ __device__ __forceinline__ void qrnn_fwd_seg(const S* __restrict__ g, const S* _
 #pragma unroll
             for (int u = 0; u < QSEG_U; u++) {
                 if (p0 + u < p_end) {
-                    const float f = s * sigmoidf_(gf[u]);
-                    m = f * tanhf(gz[u]) + (1.f - f) * m;
+                    const float f = s * sigmoidf_(gf[u] + bi.f);
+                    m = f * tanhf(gz[u] + bi.z) + (1.f - f) * m;
                     A *= 1.f - f;
                 }
             }
@@ -193,9 +222,9 @@ __device__ __forceinline__ void qrnn_fwd_seg(const S* __restrict__ g, const S* _
         for (int u = 0; u < QSEG_U; u++) {
             if (p0 + u < p_end) {
                 const long long t = at(p0 + u);
-                const float f = s * sigmoidf_(gf[u]);
-                c = f * tanhf(gz[u]) + (1.f - f) * c;
-                h[t * ht + ho] = from_f32<S>(G == 3 ? sigmoidf_(go[u]) * c : c);
+                const float f = s * sigmoidf_(gf[u] + bi.f);
+                c = f * tanhf(gz[u] + bi.z) + (1.f - f) * c;
+                h[t * ht + ho] = from_f32<S>(G == 3 ? sigmoidf_(go[u] + bi.o) * c : c);
                 if (c_all) c_all[t * ht + ho] = c;
             }
         }
@@ -204,17 +233,20 @@ __device__ __forceinline__ void qrnn_fwd_seg(const S* __restrict__ g, const S* _
 }
 
 template <typename S>
-__device__ __forceinline__ void qrnn_bwd_seg(const S* __restrict__ g, const float* __restrict__ c_all,
+__device__ __forceinline__ void qrnn_bwd_seg(const S* __restrict__ g, const float* __restrict__ bias,
+                                             const float* __restrict__ c_all,
                                              const S* __restrict__ c0, const S* __restrict__ dh,
                                              const S* __restrict__ dc_last, S* __restrict__ dg, S* __restrict__ dc0,
-                                             long long T, long long B, long long H, long long gt, long long gb,
-                                             long long ht, long long hb, int G, int reverse, float s) {
+                                             float* __restrict__ dbias, long long T, long long B, long long H,
+                                             long long gt, long long gb, long long ht, long long hb, int G,
+                                             int reverse, float s) {
     __shared__ float sA[QMAX_SEG][32], sB[QMAX_SEG][32];
     const int x = threadIdx.x, y = threadIdx.y, nseg = blockDim.y;
     const long long i = blockIdx.x * 32LL + x;
     const bool ok = i < B * H;
     const long long b = ok ? i / H : 0, j = ok ? i - b * H : 0;
     const long long go_ = b * gb + j, ho = b * hb + j;
+    const Bias bi(ok ? bias : nullptr, H, j, G);
     const long long len = (T + nseg - 1) / nseg, p_begin = min(T, y * len), p_end = min(T, p_begin + len);
     auto at = [&](long long p) { return reverse ? T - 1 - p : p; };
 
@@ -237,8 +269,8 @@ __device__ __forceinline__ void qrnn_bwd_seg(const S* __restrict__ g, const floa
 #pragma unroll
             for (int u = 0; u < QSEG_U; u++) {
                 if (p1 - u >= p_begin) {
-                    const float a = 1.f - s * sigmoidf_(gf[u]);
-                    const float o = G == 3 ? sigmoidf_(go[u]) : 1.f;
+                    const float a = 1.f - s * sigmoidf_(gf[u] + bi.f);
+                    const float o = G == 3 ? sigmoidf_(go[u] + bi.o) : 1.f;
                     m = a * (m + dht[u] * o);
                     A *= a;
                 }
@@ -254,6 +286,7 @@ __device__ __forceinline__ void qrnn_bwd_seg(const S* __restrict__ g, const floa
     // pass 2: as qrnn_bwd over the segment, from the dc entering it
     if (!ok) return;
     const float first = c0 ? to_f32(c0[i]) : 0.f;
+    float sz = 0.f, sf_ = 0.f, so = 0.f;  // this segment's share of the pair's bias gradient
     for (long long p1 = p_end - 1; p1 >= p_begin; p1 -= QSEG_U) {
         float gz[QSEG_U], gf[QSEG_U], go[QSEG_U], ct[QSEG_U], cp[QSEG_U], dht[QSEG_U];
 #pragma unroll
@@ -275,42 +308,47 @@ __device__ __forceinline__ void qrnn_bwd_seg(const S* __restrict__ g, const floa
             const long long p = p1 - u;
             if (p >= p_begin) {
                 const long long t = at(p);
-                const float z = tanhf(gz[u]), sf = sigmoidf_(gf[u]), f = s * sf;
-                const float o = G == 3 ? sigmoidf_(go[u]) : 1.f;
+                const float z = tanhf(gz[u] + bi.z), sf = sigmoidf_(gf[u] + bi.f), f = s * sf;
+                const float o = G == 3 ? sigmoidf_(go[u] + bi.o) : 1.f;
                 const float dct = dc + dht[u] * o;
+                const float dgz = dct * f * (1.f - z * z), dgf = dct * (z - cp[u]) * s * sf * (1.f - sf);
+                const float dgo = G == 3 ? dht[u] * ct[u] * o * (1.f - o) : 0.f;
                 S* q = dg + t * gt + go_;
-                q[0] = from_f32<S>(dct * f * (1.f - z * z));
-                q[H] = from_f32<S>(dct * (z - cp[u]) * s * sf * (1.f - sf));
-                if (G == 3) q[2 * H] = from_f32<S>(dht[u] * ct[u] * o * (1.f - o));
+                q[0] = from_f32<S>(dgz);
+                q[H] = from_f32<S>(dgf);
+                if (G == 3) q[2 * H] = from_f32<S>(dgo);
+                sz += dgz, sf_ += dgf, so += dgo;
                 dc = dct * (1.f - f);
             }
         }
     }
     if (dc0 && y == 0) dc0[i] = from_f32<S>(dc);
+    if (dbias) store_dbias(dbias + (y * B + b) * G * H + j, H, G, sz, sf_, so);
 }
 
-#define QRNN_KERNELS(S)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(QNT) qrnn_fwd_##S(                                          \
-        const S* g, const S* c0, S* h, float* c_all, S* c_last, long long T, long long B, long long H,         \
-        long long gt, long long gb, long long ht, long long hb, int G, int reverse, float s) {                 \
-        qrnn_fwd<S>(g, c0, h, c_all, c_last, T, B, H, gt, gb, ht, hb, G, reverse, s);                          \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(QNT) qrnn_bwd_##S(                                          \
-        const S* g, const float* c_all, const S* c0, const S* dh, const S* dc_last, S* dg, S* dc0,             \
-        long long T, long long B, long long H, long long gt, long long gb, long long ht, long long hb, int G,   \
-        int reverse, float s) {                                                                               \
-        qrnn_bwd<S>(g, c_all, c0, dh, dc_last, dg, dc0, T, B, H, gt, gb, ht, hb, G, reverse, s);               \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(32 * QMAX_SEG) qrnn_fwd_seg_##S(                             \
-        const S* g, const S* c0, S* h, float* c_all, S* c_last, long long T, long long B, long long H,         \
-        long long gt, long long gb, long long ht, long long hb, int G, int reverse, float s) {                 \
-        qrnn_fwd_seg<S>(g, c0, h, c_all, c_last, T, B, H, gt, gb, ht, hb, G, reverse, s);                      \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(32 * QMAX_SEG) qrnn_bwd_seg_##S(                             \
-        const S* g, const float* c_all, const S* c0, const S* dh, const S* dc_last, S* dg, S* dc0,             \
-        long long T, long long B, long long H, long long gt, long long gb, long long ht, long long hb, int G,   \
-        int reverse, float s) {                                                                               \
-        qrnn_bwd_seg<S>(g, c_all, c0, dh, dc_last, dg, dc0, T, B, H, gt, gb, ht, hb, G, reverse, s);           \
+#define QRNN_KERNELS(S)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(QNT) qrnn_fwd_##S(                                              \
+        const S* g, const float* bias, const S* c0, S* h, float* c_all, S* c_last, long long T, long long B,     \
+        long long H, long long gt, long long gb, long long ht, long long hb, int G, int reverse, float s) {      \
+        qrnn_fwd<S>(g, bias, c0, h, c_all, c_last, T, B, H, gt, gb, ht, hb, G, reverse, s);                      \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(QNT) qrnn_bwd_##S(                                              \
+        const S* g, const float* bias, const float* c_all, const S* c0, const S* dh, const S* dc_last, S* dg,    \
+        S* dc0, float* dbias, long long T, long long B, long long H, long long gt, long long gb, long long ht,   \
+        long long hb, int G, int reverse, float s) {                                                             \
+        qrnn_bwd<S>(g, bias, c_all, c0, dh, dc_last, dg, dc0, dbias, T, B, H, gt, gb, ht, hb, G, reverse, s);    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * QMAX_SEG) qrnn_fwd_seg_##S(                                \
+        const S* g, const float* bias, const S* c0, S* h, float* c_all, S* c_last, long long T, long long B,     \
+        long long H, long long gt, long long gb, long long ht, long long hb, int G, int reverse, float s) {      \
+        qrnn_fwd_seg<S>(g, bias, c0, h, c_all, c_last, T, B, H, gt, gb, ht, hb, G, reverse, s);                  \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * QMAX_SEG) qrnn_bwd_seg_##S(                                \
+        const S* g, const float* bias, const float* c_all, const S* c0, const S* dh, const S* dc_last, S* dg,    \
+        S* dc0, float* dbias, long long T, long long B, long long H, long long gt, long long gb, long long ht,   \
+        long long hb, int G, int reverse, float s) {                                                             \
+        qrnn_bwd_seg<S>(g, bias, c_all, c0, dh, dc_last, dg, dc0, dbias,                                         \
+            T, B, H, gt, gb, ht, hb, G, reverse, s);                                                             \
     }
 
 QRNN_KERNELS(float)

@@ -43,10 +43,10 @@ def main():
     x = torch.randn(T, B, H, device="cuda")
     gy = torch.randn(T, B, H, device="cuda")
     w, b = m.weight_ih_l0, m.bias_ih_l0
-    g = F.linear(x, w, b).detach()
-    gr = g.clone().requires_grad_()
+    g = F.linear(x, w).detach()  # the fused layer's kernel adds the bias
+    gr, br = g.clone().requires_grad_(), b.detach().clone().requires_grad_()
     tiny = torch.randn(1, 16, 64, device="cuda", requires_grad=True)
-    h, c_all, c_last = cuda.qrnn_fwd(g, None, H, 3, False, 1.0, 0, True)
+    h, c_all, c_last = cuda.qrnn_fwd(g, b, None, H, 3, False, 1.0, 0, True)
 
     def train(mod):
         def fn():
@@ -55,17 +55,18 @@ def main():
         return fn
 
     def fused():
-        hh, _ = _FusedPool.apply(gr, None, H, 3, False, 1.0, 0)
+        hh, _ = _FusedPool.apply(gr, br, None, H, 3, False, 1.0, 0)
         hh.backward(gy)
 
     def linear():
-        F.linear(x, w, b).backward(g)
+        F.linear(x, w).backward(g)
 
     pieces = [
         ("autograd of a tiny x * x (the floor)", lambda: torch.autograd.grad((tiny * tiny).sum(), tiny)),
         ("torch.cuda.current_stream()", lambda: torch.cuda.current_stream(0).cuda_stream),
-        ("cuda.qrnn_fwd (allocate, launch)", lambda: cuda.qrnn_fwd(g, None, H, 3, False, 1.0, 0, True)),
-        ("cuda.qrnn_bwd (allocate, launch)", lambda: cuda.qrnn_bwd(g, c_all, None, gy, None, H, 3, False, 1.0, 0)),
+        ("cuda.qrnn_fwd (allocate, launch)", lambda: cuda.qrnn_fwd(g, b, None, H, 3, False, 1.0, 0, True)),
+        ("cuda.qrnn_bwd (allocate, launch)",
+         lambda: cuda.qrnn_bwd(g, b, c_all, None, gy, None, H, 3, False, 1.0, 0, want_dbias=True)),
         ("_FusedPool forward + backward", fused),
         ("F.linear forward + backward", linear),
         ("QRNN forward, no_grad", lambda: torch.no_grad()(m)(x)),

@@ -5,8 +5,9 @@
 For each (batch x length) cell of scripts/bench_lstm.py's setting (one layer of 320 units, float32,
 strict), times the QRNN's inference and training calls as CUDA graphs under every variant, beside
 cuDNN's LSTM timed in the same run, and prints how far each variant's outputs and input gradient
-are from the default's. A variant sets .cu macros (QMAX_SEG, QSEG_U, QU, QU_BWD) and sqrllm.cuda's
-min_threads / seg_steps, e.g. `seg8:QMAX_SEG=8,QSEG_U=16`. --profile prints, per cell, the GPU
+are from the default's. A variant sets .cu macros (QNT, QMAX_SEG, QSEG_U, QU, QU_BWD), sqrllm.cuda's
+min_threads / seg_steps and QRNN.FOLD_BIAS (fold_bias=0: cuBLAS adds the bias), e.g.
+`seg8:QMAX_SEG=8,QSEG_U=16`. --profile prints, per cell, the GPU
 kernels of one eager call of each mode under torch.profiler, microseconds each. --gemm times the
 layer's input projection alone: with the weight as stored (F.linear: x @ W^T), held transposed, and
 without the bias.
@@ -26,7 +27,8 @@ from bench_lstm import calls, graphed, time_ms  # noqa: E402
 import sqrllm.cuda as cuda  # noqa: E402
 from sqrllm.qrnn import QRNN  # noqa: E402
 
-DEFAULTS = {"QMAX_SEG": cuda.QRNN_MAX_SEG, "min_threads": cuda.QRNN_MIN_THREADS, "seg_steps": cuda.QRNN_SEG_STEPS}
+DEFAULTS = {"QNT": cuda.QRNN_THREADS, "QMAX_SEG": cuda.QRNN_MAX_SEG, "min_threads": cuda.QRNN_MIN_THREADS,
+            "seg_steps": cuda.QRNN_SEG_STEPS, "fold_bias": int(QRNN.FOLD_BIAS)}
 
 
 def apply(settings):
@@ -42,9 +44,11 @@ def apply(settings):
             return cupy.RawModule(code=cuda._source("qrnn.cu"), options=options).get_function(name)
 
     cuda._qrnn_function = compiled
+    cuda.QRNN_THREADS = int(macros.get("QNT", DEFAULTS["QNT"]))
     cuda.QRNN_MAX_SEG = int(macros.get("QMAX_SEG", DEFAULTS["QMAX_SEG"]))
     cuda.QRNN_MIN_THREADS = int(settings.get("min_threads", DEFAULTS["min_threads"]))
     cuda.QRNN_SEG_STEPS = int(settings.get("seg_steps", DEFAULTS["seg_steps"]))
+    QRNN.FOLD_BIAS = bool(int(settings.get("fold_bias", DEFAULTS["fold_bias"])))
 
 
 def parse_variant(text):

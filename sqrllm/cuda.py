@@ -260,7 +260,7 @@ def decode_launch(name, rows, batch, *args):
 
 # --- a QRNN layer's pooling with its gates (kernels/qrnn.cu), for sqrllm.qrnn ---
 
-QRNN_THREADS = 128  # threads per block, as in the .cu
+QRNN_THREADS = 128  # threads per block: the .cu's QNT
 QRNN_MAX_SEG = 16  # the .cu's QMAX_SEG
 # Few (b, j) pairs: split each one's walk over time into segments (the .cu's segmented kernels), up
 # to QRNN_MAX_SEG, while there are fewer than this many threads and each segment keeps at least
@@ -285,47 +285,52 @@ def _qrnn_function(name, device):
         return cupy.RawModule(code=_source("qrnn.cu"), options=("-std=c++17",)).get_function(name)
 
 
-def _qrnn_launch(direction, g, args, B, T, H):
+def _qrnn_launch(direction, g, args, BH, n):
+    """One launch of the forward or backward kernel: BH (b, j) pairs, n threads (segments) each."""
     device = g.device.index
-    n = qrnn_segments(B, T, H)
     with _on(device):
         if n == 1:
             fn = _qrnn_function(f"qrnn_{direction}_{STORAGE[g.dtype]}", device)
-            fn((-(-B * H // QRNN_THREADS),), (QRNN_THREADS,), args, stream=_stream(device))
+            fn((-(-BH // QRNN_THREADS),), (QRNN_THREADS,), args, stream=_stream(device))
         else:  # blocks of 32 pairs by n segments
             fn = _qrnn_function(f"qrnn_{direction}_seg_{STORAGE[g.dtype]}", device)
-            fn((-(-B * H // 32),), (32, n), args, stream=_stream(device))
+            fn((-(-BH // 32),), (32, n), args, stream=_stream(device))
 
 
-def qrnn_fwd(g, c0, H, gates, reverse, s, td, keep_c):
+def qrnn_fwd(g, bias, c0, H, gates, reverse, s, td, keep_c):
     """The pooled QRNN layer from its gate pre-activations g, contiguous (T, B, gates * H) (td = 0)
-    or (B, T, gates * H) (td = 1): -> (h like g with H features, c of every step in float32 if
-    keep_c else None, the last c (B, H)). c0: (B, H) in g's dtype, or None."""
+    or (B, T, gates * H) (td = 1), to which the kernel adds bias (gates * H, float32, contiguous, or
+    None): -> (h like g with H features, c of every step in float32 if keep_c else None, the last c
+    (B, H)). c0: (B, H) in g's dtype, or None."""
     T, B = g.shape[td], g.shape[1 - td]
     h = g.new_empty(*g.shape[:2], H)
     c_all = torch.empty(h.shape, dtype=torch.float32, device=g.device) if keep_c else None
     c_last = g.new_empty(B, H)
     if h.numel():
         sizes = (T, B, H, g.stride(td), g.stride(1 - td), h.stride(td), h.stride(1 - td))
-        args = (*map(_ptr, (g, c0, h, c_all, c_last)), *map(np.int64, sizes), np.int32(gates), np.int32(reverse),
-                np.float32(s))
-        _qrnn_launch("fwd", g, args, B, T, H)
+        args = (*map(_ptr, (g, bias, c0, h, c_all, c_last)), *map(np.int64, sizes), np.int32(gates),
+                np.int32(reverse), np.float32(s))
+        _qrnn_launch("fwd", g, args, B * H, qrnn_segments(B, T, H))
     else:  # no steps: the state passes through
         c_last = c0.clone() if c0 is not None else c_last.zero_()
     return h, c_all, c_last
 
 
-def qrnn_bwd(g, c_all, c0, dh, dc_last, H, gates, reverse, s, td):
-    """Gradients of qrnn_fwd: -> (dg like g, dc0 (B, H) or None without c0). dh like h, contiguous;
-    dc_last (B, H) or None."""
+def qrnn_bwd(g, bias, c_all, c0, dh, dc_last, H, gates, reverse, s, td, want_dbias):
+    """Gradients of qrnn_fwd: -> (dg like g, dc0 (B, H) or None without c0, dbias (gates * H,) float32
+    or None unless want_dbias). dh like h, contiguous; dc_last (B, H) or None."""
     T, B = g.shape[td], g.shape[1 - td]
+    n = qrnn_segments(B, T, H)
     dg = torch.empty_like(g)
     dc0 = g.new_empty(B, H) if c0 is not None else None
+    # the kernel's partial sums: one row per (segment, b); their sum over rows is the bias gradient
+    make = torch.empty if dg.numel() else torch.zeros  # the kernel writes every row
+    parts = make(n * B, g.shape[-1], dtype=torch.float32, device=g.device) if want_dbias else None
     if dg.numel():
         sizes = (T, B, H, g.stride(td), g.stride(1 - td), dh.stride(td), dh.stride(1 - td))
-        args = (*map(_ptr, (g, c_all, c0, dh, dc_last, dg, dc0)), *map(np.int64, sizes), np.int32(gates),
-                np.int32(reverse), np.float32(s))
-        _qrnn_launch("bwd", g, args, B, T, H)
+        args = (*map(_ptr, (g, bias, c_all, c0, dh, dc_last, dg, dc0, parts)), *map(np.int64, sizes),
+                np.int32(gates), np.int32(reverse), np.float32(s))
+        _qrnn_launch("bwd", g, args, B * H, n)
     elif dc0 is not None:
         dc0 = dc_last.clone() if dc_last is not None else dc0.zero_()
-    return dg, dc0
+    return dg, dc0, None if parts is None else parts.sum(0)

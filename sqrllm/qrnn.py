@@ -64,28 +64,29 @@ def _fo_pool(f, x, h0, batch_first, reverse):
 
 
 class _FusedPool(torch.autograd.Function):
-    """A layer's gates and fo-pooling from its pre-activations g, one CUDA launch each way
+    """A layer's bias, gates and fo-pooling from its pre-activations g, one CUDA launch each way
     (kernels/qrnn.cu): g (T, B, gates * H) (td = 0) or (B, T, gates * H) (td = 1), contiguous,
-    c0 (B, H) or None -> (h, the last c (B, H))."""
+    bias (gates * H,) float32 or None, c0 (B, H) or None -> (h, the last c (B, H))."""
 
     @staticmethod
-    def forward(ctx, g, c0, H, gates, reverse, s, td):
-        keep = any(ctx.needs_input_grad[:2])
-        h, c_all, c_last = cuda.qrnn_fwd(g, c0, H, gates, reverse, s, td, keep)
+    def forward(ctx, g, bias, c0, H, gates, reverse, s, td):
+        keep = any(ctx.needs_input_grad[:3])
+        h, c_all, c_last = cuda.qrnn_fwd(g, bias, c0, H, gates, reverse, s, td, keep)
         if keep:
-            ctx.save_for_backward(g, c_all, c0)
+            ctx.save_for_backward(g, bias, c_all, c0)
             ctx.args = (H, gates, reverse, s, td)
         ctx.set_materialize_grads(False)  # an unused h_n (the usual case) costs no zero-filled gradient
         return h, c_last
 
     @staticmethod
     def backward(ctx, dh, dc_last):
-        g, c_all, c0 = ctx.saved_tensors
+        g, bias, c_all, c0 = ctx.saved_tensors
         if dh is None:
             dh = torch.zeros(c_all.shape, dtype=g.dtype, device=g.device)
         dc_last = None if dc_last is None else dc_last.contiguous()
-        dg, dc0 = cuda.qrnn_bwd(g, c_all, c0, dh.contiguous(), dc_last, *ctx.args)
-        return dg, dc0, None, None, None, None, None
+        dg, dc0, dbias = cuda.qrnn_bwd(g, bias, c_all, c0, dh.contiguous(), dc_last, *ctx.args,
+                                       want_dbias=ctx.needs_input_grad[1])
+        return dg, dbias, dc0, None, None, None, None, None
 
 
 @functools.cache
@@ -284,16 +285,19 @@ class QRNN(nn.Module):
         if k > 1:
             x = self._windows(x, layer, reverse, td)
         H = self.hidden_size
-        g = F.linear(x, w, b)  # (.., gates * H)
-        if self._fuse(g, keep, td):
+        if self._fuse(x, keep, td):
+            fold = self.FOLD_BIAS and b is not None
+            g = F.linear(x, w, None if fold else b)  # (.., gates * H)
+            b = b.float().contiguous() if fold else None
             s = 1 - self.zoneout if self.zoneout else 1.0  # eval: f times its expectation
             c0 = None if h0 is None else h0.to(g.dtype).contiguous()
             gates = 3 if self.output_gate else 2
-            if g.requires_grad or (c0 is not None and c0.requires_grad):
-                h, c_last = _FusedPool.apply(g, c0, H, gates, reverse, s, td)
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (g, b, c0)):
+                h, c_last = _FusedPool.apply(g, b, c0, H, gates, reverse, s, td)
             else:  # inference: no autograd node to build
-                h, _, c_last = cuda.qrnn_fwd(g, c0, H, gates, reverse, s, td, keep_c=False)
+                h, _, c_last = cuda.qrnn_fwd(g, b, c0, H, gates, reverse, s, td, keep_c=False)
             return h, c_last[None]
+        g = F.linear(x, w, b)  # (.., gates * H)
         if torch.is_grad_enabled():  # split's backward is one cat, narrow's a zero-fill, copy and add
             z, fo = g.split([H, g.shape[-1] - H], -1)
             fo = fo.sigmoid()  # f and o in one kernel
@@ -318,10 +322,14 @@ class QRNN(nn.Module):
     # packed sequences (their padding), zoneout's random mask in training, or time split across
     # blocks (a serial walk over T by B * H threads is too narrow for few, very long sequences)
     FUSE = True
+    # The fused kernel adds the bias (and sums its gradient as it walks) rather than cuBLAS's epilogue
+    # and a column reduction; False is the unfolded way, kept for scripts/qrnn_variants.py to compare.
+    FOLD_BIAS = True
 
-    def _fuse(self, g, keep, td):
-        T, BH = g.shape[td], g.shape[1 - td] * self.hidden_size
-        return (g.is_cuda and self.FUSE and g.dtype in cuda.STORAGE and keep is None
+    def _fuse(self, x, keep, td):
+        T, BH = x.shape[td], x.shape[1 - td] * self.hidden_size
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype  # g's
+        return (x.is_cuda and self.FUSE and dtype in cuda.STORAGE and keep is None
                 and not (self.zoneout and self.training) and (T <= 4096 or BH >= 8192) and _fused_available())
 
     def _windows(self, x, layer, reverse, td):

@@ -430,3 +430,37 @@ def test_fused_cuda_layer_equals_the_general_path(fused_calls):
     m.eval()(pack_padded_sequence(torch.randn(9, 2, 6), torch.tensor([9, 4])).to("cuda"))
     m(torch.randn(8192, 1, 6, device="cuda"))  # one sequence of 8192 steps: time split across blocks
     assert len(fused_calls) == n
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_kernel_adds_the_bias_as_cublas_would(bias, fused_calls):
+    """The fused layer adds the bias in its kernel and sums the bias gradient there: outputs, states
+    and every gradient agree with the bias added by the matrix multiply (FOLD_BIAS off), also under
+    bf16 autocast and with walks split in 16 segments."""
+    torch.manual_seed(11)
+    m = QRNN(8, 16, num_layers=2, bias=bias, bidirectional=True).cuda()
+    unfolded = QRNN(8, 16, num_layers=2, bias=bias, bidirectional=True).cuda()
+    unfolded.load_state_dict(m.state_dict())
+    unfolded.FOLD_BIAS = False
+    for T, B in [(40, 3), (700, 2)]:  # (700, 2): few long walks, each split in 16 segments
+        x = torch.randn(T, B, 8, device="cuda", requires_grad=True)
+        h0 = torch.randn(4, B, 16, device="cuda")
+        w_out = torch.randn(T, B, 32, device="cuda")
+        results = []
+        for layer in (m, unfolded):
+            layer.zero_grad()
+            out, h_n = layer(x, h0)
+            grads = torch.autograd.grad((out * w_out).sum() + h_n.sum(), [x, *layer.parameters()])
+            results.append((out, h_n, *grads))
+        for name, a, b in zip(["output", "h_n", "x", *dict(m.named_parameters())], *results):
+            assert rel_err(a, b) < RTOL[torch.float32], name
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out_a, h_a = m(x, h0)
+            out_b, h_b = unfolded(x, h0)
+        assert rel_err(out_a, out_b) < 3 * RTOL[torch.bfloat16] and rel_err(h_a, h_b) < 3 * RTOL[torch.bfloat16]
+    from sqrllm import cuda as sq_cuda
+
+    assert sq_cuda.qrnn_segments(2, 700, 16) == 16
+    assert len(fused_calls) == 2 * 4 * 4  # two shapes x four calls x (two layers x two directions)
