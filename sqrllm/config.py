@@ -11,7 +11,7 @@ import difflib
 import json
 import math
 import runpy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from sqrllm import spm_model, tokenizer
 from sqrllm.checkpoint import load_model
-from sqrllm.model import Block, GatedMLP, SqrLLM, SqrllLayer, round_to_bf16
+from sqrllm.model import Block, GatedMLP, SqrLLM, SqrllLayer
 
 RUNTIME = Path(__file__).resolve().parent / "export_runtime"
 RUNTIME_FILES = ("sqrllm.h", "sqrllm_runtime.h", "sqrllm_sentencepiece.h", "cli.cpp", "Makefile", "node_cli.js", "web/index.html",

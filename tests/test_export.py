@@ -41,8 +41,8 @@ import torch.nn as nn
 from sqrllm import checkpoint
 from sqrllm.checkpoint import load_model
 from sqrllm.config import load_config
-from sqrllm.export import ExportError, bf16_bits, export, round_to_bf16
-from sqrllm.model import SqrLLM
+from sqrllm.export import ExportError, bf16_bits, export
+from sqrllm.model import SqrLLM, round_to_bf16
 from sqrllm.prepare import prepare_text
 from sqrllm.qrnn import QRNN
 from sqrllm.tokenizer import SentencePieceTokenizer
