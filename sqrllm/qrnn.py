@@ -4,8 +4,8 @@
   (one matrix multiply over the last `window` inputs): Z = tanh(W_z * X), F = sigmoid(W_f * X),
   O = sigmoid(W_o * X). fo-pooling c[t] = f[t] * z[t] + (1 - f[t]) * c[t-1] is one `scan` with
   x = f * z and r = 1 - f; the output is h[t] = o[t] * c[t] (c[t] without the output gate).
-- On CUDA a layer is its matrix multiply and one launch of kernels/qrnn.cu, which applies the gate
-  activations around the same recurrence (forward and backward), since at the sizes a QRNN serves
+- On CUDA a layer is its matrix multiply and one launch of kernels/qrnn.cu, which adds the bias and
+  applies the gate activations around the same recurrence (forward and backward), since at the sizes a QRNN serves
   the count of launches, not the bytes, sets the speed; packed sequences, zoneout in training and
   few very long sequences take the general path (the activations as tensor ops, then `scan`).
 - Beyond the original release: bidirectional layers (the scan's reverse direction, the mirror
