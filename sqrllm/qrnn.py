@@ -53,7 +53,7 @@ _ONE = torch.tensor(1.0)  # 1 - f with a Python 1 costs a scalar wrap per call; 
 
 def _fo_pool(f, x, h0, batch_first, reverse):
     """forget_mult without the checks; f and x share a dtype."""
-    xs, r = f * x, _ONE - f
+    xs, r = f * x, (1.0 - f if torch.compiler.is_compiling() else _ONE - f)  # traced: no CPU tensor beside CUDA ones
     if batch_first:
         return scan(xs, r, h0, reverse)
     T, B, C = xs.shape
@@ -319,8 +319,10 @@ class QRNN(nn.Module):
         return h, (last.transpose(0, 1) if td else last)  # (1, B, H)
 
     # CUDA layers run fused (kernels/qrnn.cu) unless they need what only the general path does:
-    # packed sequences (their padding), zoneout's random mask in training, or time split across
-    # blocks (a serial walk over T by B * H threads is too narrow for few, very long sequences)
+    # packed sequences (their padding), zoneout's random mask in training, time split across
+    # blocks (a serial walk over T by B * H threads is too narrow for few, very long sequences), or
+    # torch.compile, which traces the general path (the scan is a custom op with a fake kernel;
+    # the fused kernel's CuPy launch is not traceable)
     FUSE = True
     # The fused kernel adds the bias (and sums its gradient as it walks) rather than cuBLAS's epilogue
     # and a column reduction; False is the unfolded way, kept for scripts/qrnn_variants.py to compare.
@@ -330,6 +332,7 @@ class QRNN(nn.Module):
         T, BH = x.shape[td], x.shape[1 - td] * self.hidden_size
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype  # g's
         return (x.is_cuda and self.FUSE and dtype in cuda.STORAGE and keep is None
+                and not torch.compiler.is_compiling()
                 and not (self.zoneout and self.training) and (T <= 4096 or BH >= 8192) and _fused_available())
 
     def _windows(self, x, layer, reverse, td):
