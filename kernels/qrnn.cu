@@ -9,9 +9,10 @@
 // and one launch (eight without fusing: activations, f * z, 1 - f, the scan, o * c, ...), which
 // is what decides its speed at the batch sizes and lengths the QRNN benchmark covers. One thread
 // per (b, j) walks time, reading QU steps of gates at once so that their loads overlap; its
-// pointers advance by a step's stride rather than being recomputed from t (the walk is bound by
-// instruction issue as much as by memory: 64-bit index math was half of its instructions), and
-// only the last, partial round of steps checks bounds. The general scan (sqrll.cu) is what
+// pointers advance by a step's stride rather than being recomputed from t (with every pair's
+// thread resident, a few warps per scheduler hide little latency, so the instruction count shows:
+// 64-bit index math was about half of the walk's instructions), and only the last, partial round
+// of steps checks bounds. The general scan (sqrll.cu) is what
 // splits time across blocks, and sqrllm/qrnn.py sends the shapes that need that (few sequences,
 // very long) to it.
 //
