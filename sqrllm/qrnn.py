@@ -330,7 +330,8 @@ class QRNN(nn.Module):
 
     def _fuse(self, x, keep, td):
         T, BH = x.shape[td], x.shape[1 - td] * self.hidden_size
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype  # g's
+        autocast = torch.is_autocast_enabled("cuda") and x.dtype != torch.float64  # float64 is not cast
+        dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype  # g's
         return (x.is_cuda and self.FUSE and dtype in cuda.STORAGE and keep is None
                 and not torch.compiler.is_compiling()
                 and not (self.zoneout and self.training) and (T <= 4096 or BH >= 8192) and _fused_available())
