@@ -370,7 +370,7 @@ def test_fused_cuda_layer_matches_paper_equations(window, output_gate, bidirecti
     from sqrllm import cuda as sq_cuda
 
     torch.manual_seed(window * 8 + output_gate * 4 + bidirectional * 2 + batch_first)
-    # T: more than two of the kernel's 16-step loads, not a multiple; B * H = 80 (b, j) pairs: three warps
+    # T: four of the kernel's 8-step rounds and a partial one; B * H = 80 (b, j) pairs: three warps
     T, B, I, H, L = 37, 5, 5, 16, 2
     # segments 8: each pair's 37 steps walked by 8 threads, 5 steps each and 2 in the last;
     # 16: 3 steps each, 1 in the 13th thread, none in the last three
