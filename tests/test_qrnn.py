@@ -501,3 +501,34 @@ def test_compiled_layer_matches_eager(device):
     want = _results(m, x, gy)
     for a, b in zip(_results(torch.compile(m), x, gy), want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("split", [False, True])
+def test_fused_walk_at_and_around_whole_rounds(split, monkeypatch):
+    """The kernel loads 8 steps a round and only a last, partial round checks bounds; walks (and
+    segments of walks) at and around whole rounds give the general path's outputs and gradients."""
+    from sqrllm import cuda as sq_cuda
+
+    monkeypatch.setattr(sq_cuda, "QRNN_MIN_THREADS", 10**9 if split else 0)
+    monkeypatch.setattr(sq_cuda, "QRNN_SEG_STEPS", 8)
+    # (T, segments): unsplit, lengths around 8 and 16; split, segments of 8, 9, 10 and 8 steps
+    cases = [(64, 8), (72, 8), (40, 4), (128, 16)] if split else [(T, 1) for T in (7, 8, 9, 16, 17, 40)]
+    torch.manual_seed(15)
+    m = QRNN(6, 16, bidirectional=True).cuda()
+    general = QRNN(6, 16, bidirectional=True).cuda()
+    general.load_state_dict(m.state_dict())
+    general.FUSE = False
+    for T, segments in cases:
+        assert sq_cuda.qrnn_segments(3, T, 16) == segments
+        x = torch.randn(T, 3, 6, device="cuda", requires_grad=True)
+        h0 = torch.randn(2, 3, 16, device="cuda", requires_grad=True)
+        gy, gh = torch.randn(T, 3, 32, device="cuda"), torch.randn(2, 3, 16, device="cuda")
+        results = []
+        for layer in (m, general):
+            out, h_n = layer(x, h0)
+            grads = torch.autograd.grad((out * gy).sum() + (h_n * gh).sum(), [x, h0, *layer.parameters()])
+            results.append((out, h_n, *grads))
+        for a, b in zip(*results):
+            assert rel_err(a, b) < RTOL[torch.float32], T
