@@ -50,6 +50,14 @@ struct Bias {  // one (b, j) pair's three bias values
         : z(bias ? bias[j] : 0.f), f(bias ? bias[H + j] : 0.f), o(bias && G == 3 ? bias[2 * H + j] : 0.f) {}
 };
 
+// One step's three gate pre-activations at q: gz at q[0], gf at q[H], go at q[2H] (0 when G = 2).
+template <typename S>
+__device__ __forceinline__ void load_gates(const S* q, long long H, int G, float& gz, float& gf, float& go) {
+    gz = to_f32(q[0]);
+    gf = to_f32(q[H]);
+    go = G == 3 ? to_f32(q[2 * H]) : 0.f;
+}
+
 // One pair's walk forward over n steps from state c; returns the last c. q: the first step's gates
 // (gz at q[0], gf at q[H], go at q[2H]); hp, cp: its h and c (cp may be null); a step moves q by dq
 // and hp, cp by dh (negative in reverse). U steps are loaded at once; FULL rounds skip the checks.
@@ -60,9 +68,7 @@ __device__ __forceinline__ float fwd_round(const S*& q, S*& hp, float*& cp, long
 #pragma unroll
     for (int u = 0; u < U; u++) {
         if (FULL || u < n) {
-            gz[u] = to_f32(q[0]);
-            gf[u] = to_f32(q[H]);
-            go[u] = G == 3 ? to_f32(q[2 * H]) : 0.f;
+            load_gates(q, H, G, gz[u], gf[u], go[u]);
             q += dq;
         }
     }
@@ -105,9 +111,7 @@ __device__ __forceinline__ float bwd_round(const S*& q, S*& dgq, const float*& c
 #pragma unroll
     for (int u = 0; u < U; u++) {
         if (FULL || u < n) {
-            gz[u] = to_f32(q[0]);
-            gf[u] = to_f32(q[H]);
-            go[u] = G == 3 ? to_f32(q[2 * H]) : 0.f;
+            load_gates(q, H, G, gz[u], gf[u], go[u]);
             ct[u] = cp[0];
             // the stretch's first step (the last of a partial round) takes c_prev_first
             cq[u] = (!FULL && has_first && u == n - 1) ? c_prev_first : cp[-dh];
