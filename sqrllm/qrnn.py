@@ -5,9 +5,10 @@
   O = sigmoid(W_o * X). fo-pooling c[t] = f[t] * z[t] + (1 - f[t]) * c[t-1] is one `scan` with
   x = f * z and r = 1 - f; the output is h[t] = o[t] * c[t] (c[t] without the output gate).
 - On CUDA a layer is its matrix multiply and one launch of kernels/qrnn.cu, which adds the bias and
-  applies the gate activations around the same recurrence (forward and backward), since at the sizes a QRNN serves
-  the count of launches, not the bytes, sets the speed; packed sequences, zoneout in training and
-  few very long sequences take the general path (the activations as tensor ops, then `scan`).
+  applies the gate activations around the same recurrence (forward and backward), since at the
+  sizes a QRNN serves the count of launches, not the bytes, sets the speed; packed sequences,
+  zoneout in training, few very long sequences and torch.compile take the general path (the
+  activations as tensor ops, then `scan`).
 - Beyond the original release: bidirectional layers (the scan's reverse direction, the mirror
   image of the forward one, including its window), packed variable-length sequences, any window,
   and no run-time compiler of its own.
@@ -53,7 +54,8 @@ _ONE = torch.tensor(1.0)  # 1 - f with a Python 1 costs a scalar wrap per call; 
 
 def _fo_pool(f, x, h0, batch_first, reverse):
     """forget_mult without the checks; f and x share a dtype."""
-    xs, r = f * x, (1.0 - f if torch.compiler.is_compiling() else _ONE - f)  # traced: no CPU tensor beside CUDA ones
+    # traced, a CPU tensor beside CUDA ones is avoided
+    xs, r = f * x, (1.0 - f if torch.compiler.is_compiling() else _ONE - f)
     if batch_first:
         return scan(xs, r, h0, reverse)
     T, B, C = xs.shape
