@@ -30,6 +30,9 @@
 // from position p - 1, so the kernel is shared; `flip` maps scan positions to rows (t = T - 1 - p).
 
 #define NT 256  // threads per block; sqrllm/cuda.py's NT
+#ifndef POLL
+#define POLL 4  // chunk mode: tree nodes a thread waits for at once
+#endif
 
 // Storage types (float, f16_t, bf16_t) and to_f32 / from_f32: kernels/storage.cuh, which
 // sqrllm/cuda.py puts in front of this file.
@@ -45,6 +48,33 @@ template <typename S, int V> union Pack {
     typename RawOf<sizeof(S) * V>::T raw;
     S e[V];
 };
+
+// V floats stored as S with one vector store. (Storing a Pack's raw member, or a uint4 built from
+// the words, compiles to one store per element or word: the compiler cannot prove the alignment.)
+__device__ __forceinline__ unsigned bits_of(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned bits_of(bf16_t v) { return v.u; }
+__device__ __forceinline__ unsigned bits_of(f16_t v) { return v.u; }
+template <typename S, int V> __device__ __forceinline__ void store_vec(S* p, const float (&f)[V]) {
+    if constexpr (sizeof(S) * V == 2) {
+        *(unsigned short*)p = (unsigned short)bits_of(from_f32<S>(f[0]));
+    } else {
+        constexpr int W = sizeof(S) * V / 4, PER = 4 / sizeof(S);  // 32-bit words, elements per word
+        unsigned w[W];
+#pragma unroll
+        for (int i = 0; i < W; ++i) {
+            w[i] = bits_of(from_f32<S>(f[i * PER]));
+            if constexpr (PER == 2) w[i] |= bits_of(from_f32<S>(f[i * PER + 1])) << 16;
+        }
+        if constexpr (W == 1)
+            *(unsigned*)p = w[0];
+        else if constexpr (W == 2)
+            asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]) : "memory");
+        else
+            asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
+                         "r"(w[3])
+                         : "memory");
+    }
+}
 
 template <typename R> __device__ __forceinline__ R raw_zero() { return R(0); }
 template <> __device__ __forceinline__ uint2 raw_zero<uint2>() { return make_uint2(0, 0); }
@@ -94,27 +124,27 @@ __device__ __forceinline__ unsigned get_map(const ulonglong2* p, float2& m) {
 }
 
 // Hand the maps of `count` nodes to use(map), in order: next() names each node's slot. Nodes are
-// waited for four at a time, polled together.
+// waited for POLL at a time, polled together.
 template <class Next, class Use>
 __device__ __forceinline__ void for_nodes(const ulonglong2* nodes, long long stride, int count, Next next,
                                           Use use) {
-    for (int i0 = 0; i0 < count; i0 += 4) {
-        const int cnt = min(4, count - i0);
-        unsigned sl[4];
-        float2 m[4];
+    for (int i0 = 0; i0 < count; i0 += POLL) {
+        const int cnt = min(POLL, count - i0);
+        unsigned sl[POLL];
+        float2 m[POLL];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) sl[i] = i < cnt ? next() : 0;
+        for (int i = 0; i < POLL; ++i) sl[i] = i < cnt ? next() : 0;
         unsigned pending = (1u << cnt) - 1;
         while (pending) {
             const unsigned want = pending;  // the loads depend on this snapshot only: all in flight at once
             unsigned got = 0;
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < POLL; ++i)
                 if ((want >> i) & 1) got |= get_map(nodes + (long long)sl[i] * stride, m[i]) << i;
             pending = want & ~got;
         }
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < POLL; ++i)
             if (i < cnt) use(m[i]);
     }
 }
@@ -298,27 +328,25 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         for (int l = 0; l < L; ++l) {
             if (v_ok && l < rows) {
                 const long long at = at0 + l * step;
-                Pack<S, V> pa, pm, po;
+                Pack<S, V> pa, pm;
                 pa.raw = ra[l * NT];
                 pm.raw = rm[l * NT];
 #pragma unroll
-                for (int v = 0; v < V; ++v) {
-                    g[v] = fmaf(to_f32(pm.e[v]), g[v], to_f32(pa.e[v]));
-                    po.e[v] = from_f32<S>(g[v]);
-                }
-                *(Raw*)(out + at) = po.raw;
+                for (int v = 0; v < V; ++v) g[v] = fmaf(to_f32(pm.e[v]), g[v], to_f32(pa.e[v]));
+                store_vec<S, V>(out + at, g);
                 if (BWD) {
-                    Pack<S, V> py, pd;
+                    Pack<S, V> py;
                     py.raw = ry[l * NT];
+                    float d[V];
 #pragma unroll
-                    for (int v = 0; v < V; ++v) pd.e[v] = from_f32<S>(g[v] * to_f32(py.e[v]));
-                    *(Raw*)(dr + at) = pd.raw;
+                    for (int v = 0; v < V; ++v) d[v] = g[v] * to_f32(py.e[v]);
+                    store_vec<S, V>(dr + at, d);
                     if (p0 + l + 1 == T) {  // dh0 = r[first row] * g[first row]
-                        Pack<S, V> pr, pz;
+                        Pack<S, V> pr;
                         pr.raw = *(const Raw*)(r + at);
 #pragma unroll
-                        for (int v = 0; v < V; ++v) pz.e[v] = from_f32<S>(to_f32(pr.e[v]) * g[v]);
-                        *(Raw*)(dh0 + bi * C + cv) = pz.raw;
+                        for (int v = 0; v < V; ++v) d[v] = to_f32(pr.e[v]) * g[v];
+                        store_vec<S, V>(dh0 + bi * C + cv, d);
                     }
                 }
             }

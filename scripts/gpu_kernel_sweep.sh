@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# On a CUDA machine with CuPy: scripts/bench_kernel.py's sqrllm rows for several tile shapes
-# (forward L, blocks per SM, backward L, blocks per SM), to pick the tiles per dtype.
-# Logs go under $OUT (default: out/). Usage: bash scripts/gpu_kernel_sweep.sh DTYPE "TILES ..." [bench args]
+# On a CUDA machine with CuPy: scripts/bench_kernel.py's sqrllm rows under several variants, one
+# after another in one run, so that their numbers compare. A variant is one string of bench_kernel.py
+# arguments ("" = the defaults), e.g. "--tiles 24,1,16,1", "--define POLL=8", "--whole-first 1".
+# Logs go under $OUT (default: out/).
+# Usage: bash scripts/gpu_kernel_sweep.sh "VARIANT" ... [-- bench args for every variant]
 set -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-dtype=$1; tiles=$2; shift 2
-for t in $tiles; do
-    echo "== tiles $t"
-    timeout 120 python3 scripts/bench_kernel.py --impls sqrllm --dtypes "$dtype" --tiles "$t" "$@" 2>&1 \
-        | grep -E "^\| \(|copy" | tee -a "$OUT/sweep_$dtype.log"
+variants=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do variants+=("$1"); shift; done
+[ "$1" = "--" ] && shift
+for v in "${variants[@]}"; do
+    echo "== variant: ${v:-defaults}" | tee -a "$OUT/sweep.log"
+    # shellcheck disable=SC2086  # a variant is several arguments
+    timeout 180 python3 scripts/bench_kernel.py --impls sqrllm $v "$@" 2>&1 \
+        | grep -E "^\| \(|copy|Error|error" | tee -a "$OUT/sweep.log"
 done
