@@ -138,7 +138,6 @@ def main():
     ap.add_argument("--tiles", help="sqrllm forward and backward tiles as L,blocks,L,blocks (default: sqrllm.cuda's)")
     ap.add_argument("--loop-min-fill", type=float, help="sqrllm.cuda.LOOP_MIN_FILL (default: sqrllm.cuda's)")
     ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
-    ap.add_argument("--whole-first", type=int, choices=(0, 1), help="sqrllm.cuda.WHOLE_FIRST (default: sqrllm.cuda's)")
     ap.add_argument("--define", nargs="+", default=[], metavar="NAME=VALUE",
                     help="macros put in front of kernels/sqrll.cu, e.g. POLL=8 (default: the .cu's)")
     ap.add_argument("--out", help="also write the table to this markdown file, row by row")
@@ -151,8 +150,6 @@ def main():
         cuda.LOOP_MIN_FILL = args.loop_min_fill
     if args.tree_log2 is not None:
         cuda.TREE_LOG2 = args.tree_log2
-    if args.whole_first is not None:
-        cuda.WHOLE_FIRST = bool(args.whole_first)
     if args.define:
         source = cuda._source
         defines = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in args.define)
@@ -165,7 +162,7 @@ def main():
     lines = [
         f"Device: {device}; device-to-device copy: {copy:.0f} GB/s (read + write). "
         f"sqrllm tiles: forward (L, blocks/SM) = {cuda.FWD_TILE}, backward = {cuda.BWD_TILE}; "
-        f"loop mode from a fill of {cuda.LOOP_MIN_FILL}; whole tiles first: {cuda.WHOLE_FIRST}; "
+        f"loop mode from a fill of {cuda.LOOP_MIN_FILL}; "
         f"tree radix {2 ** cuda.TREE_LOG2}; macros: {' '.join(args.define) or 'the .cu defaults'}. "
         f"Host floor here: {floor:.0f} us for the autograd forward+backward of a tiny x * x.",
         "",

@@ -26,8 +26,6 @@ BWD_TILE = (8, 2)
 # loop mode (one block walks all of T, the next tile's copies in flight) once the (sequence, feature
 # tile) columns fill the GPU's block slots, wave after wave, at least this well; else chunk mode
 LOOP_MIN_FILL = 0.8
-# a tile holding all of T (no pipelining) at a narrower feature tile is taken before loop mode
-WHOLE_FIRST = False
 # chunk mode: log2 of the radix of the tree of tile maps (wider: fewer hops to wait, more nodes to read)
 TREE_LOG2 = 3
 
@@ -57,33 +55,20 @@ class Plan(NamedTuple):
     pipe: int  # loop mode: two half-size buffers, the next tile loading while this one is worked on
 
 
-def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, whole_first=None):
+def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None):
     """How to cut a (B, T, C) scan moving V features per thread; `resident` blocks fit on the GPU."""
     min_fill = LOOP_MIN_FILL if min_fill is None else min_fill
     lg = TREE_LOG2 if tree_log2 is None else tree_log2
-    whole_first = WHOLE_FIRST if whole_first is None else whole_first
     nvec = C // V
     CT = min(32, 1 << (nvec - 1).bit_length())
     while CT > 8 and (-nvec % CT) * 8 > nvec:  # don't leave most of a last feature tile idle
         CT //= 2
-    cts = [CT] + [c for c in (16, 8) if c < CT]  # narrower feature tiles: more columns
-
-    def columns(ct):
+    for ct in [CT] + [c for c in (16, 8) if c < CT]:  # narrower feature tiles: more columns
         n_ct = -(-nvec // ct)
-        return n_ct, B * n_ct
-
-    def fills(ncol):
-        return ncol / (-(-ncol // resident) * resident) >= min_fill
-
-    for ct in cts if whole_first else ():
-        n_ct, ncol = columns(ct)
-        if T <= NT // ct * L and fills(ncol):
-            return Plan(ct, n_ct, ncol, 1, ncol, 0, L, 0)
-    for ct in cts:
-        n_ct, ncol = columns(ct)
+        ncol = B * n_ct
         if T <= NT // ct * L:
             return Plan(ct, n_ct, ncol, 1, ncol, 0, L, 0)
-        if fills(ncol):
+        if ncol / (-(-ncol // resident) * resident) >= min_fill:
             return Plan(ct, n_ct, ncol, 1, ncol, 0, L // 2, 1)
     n_ct = -(-nvec // CT)
     ncol = B * n_ct
@@ -171,11 +156,11 @@ def _on(device):
 
 
 @functools.lru_cache(maxsize=1024)
-def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2, whole_first):
+def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2):
     """What a launch needs besides the pointers: kernel, grid, shared memory, scratch bytes, last args."""
     L, min_blocks = tile
     fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, min_blocks, device)
-    p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, whole_first)
+    p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2)
     scratch_bytes = p.slots * p.ncol * p.CT * V * 16 if p.n_chunks > 1 else 0  # a tagged map per node and feature
     ints = (p.CT, p.n_ct, p.ncol, p.n_chunks, p.rows, p.pipe, tree_log2)
     tail = (np.int64(T), np.int64(C), *map(np.int32, ints))
@@ -191,7 +176,7 @@ def _launch(bwd, a, r, y, h0, out, dr, dh0, flip):
     V = vector_width(C, a.element_size(), [t.data_ptr() for t in tensors if t is not None])
     with _on(device):
         fn, grid, dyn_smem, scratch_bytes, tail = _recipe(
-            bwd, a.dtype, B, T, C, V, device, BWD_TILE if bwd else FWD_TILE, LOOP_MIN_FILL, TREE_LOG2, WHOLE_FIRST
+            bwd, a.dtype, B, T, C, V, device, BWD_TILE if bwd else FWD_TILE, LOOP_MIN_FILL, TREE_LOG2
         )
         nodes = torch.zeros(scratch_bytes, dtype=torch.uint8, device=a.device) if scratch_bytes else None
         args = (*map(_ptr, tensors), _ptr(nodes), *tail, np.int32(flip))
