@@ -19,11 +19,13 @@ importable; the CUDA one needs a power-of-two T, is compiled at import (slow) an
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
 from sqrllm import cuda
+from sqrllm.kernels import SOURCE_DIR
 from sqrllm.scan import scan
 
 SHAPES = [(16, 2048, 1024), (8, 2048, 4096), (256, 128, 1024), (1, 32768, 1024), (1, 131072, 256), (64, 256, 384)]
@@ -140,6 +142,8 @@ def main():
     ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
     ap.add_argument("--define", nargs="+", default=[], metavar="NAME=VALUE",
                     help="macros put in front of kernels/sqrll.cu, e.g. POLL=8 (default: the .cu's)")
+    ap.add_argument("--kernel", metavar="FILE",
+                    help="compile the scan from FILE instead of kernels/sqrll.cu (two versions in one run)")
     ap.add_argument("--out", help="also write the table to this markdown file, row by row")
     ap.add_argument("--append", action="store_true", help="add rows to --out without a new header")
     args = ap.parse_args()
@@ -150,10 +154,15 @@ def main():
         cuda.LOOP_MIN_FILL = args.loop_min_fill
     if args.tree_log2 is not None:
         cuda.TREE_LOG2 = args.tree_log2
-    if args.define:
+    if args.define or args.kernel:
         source = cuda._source
         defines = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in args.define)
-        cuda._source = lambda name="sqrll.cu": defines + source(name)
+        scan = (SOURCE_DIR / "storage.cuh").read_text() + Path(args.kernel).read_text() if args.kernel else None
+
+        def patched(name="sqrll.cu"):
+            return defines + (scan if scan and name == "sqrll.cu" else source(name))
+
+        cuda._source = patched
 
     device = torch.cuda.get_device_name()
     copy = copy_bandwidth()
@@ -163,7 +172,8 @@ def main():
         f"Device: {device}; device-to-device copy: {copy:.0f} GB/s (read + write). "
         f"sqrllm tiles: forward (L, blocks/SM) = {cuda.FWD_TILE}, backward = {cuda.BWD_TILE}; "
         f"loop mode from a fill of {cuda.LOOP_MIN_FILL}; "
-        f"tree radix {2 ** cuda.TREE_LOG2}; macros: {' '.join(args.define) or 'the .cu defaults'}. "
+        f"tree radix {2 ** cuda.TREE_LOG2}; macros: {' '.join(args.define) or 'the .cu defaults'}; "
+        f"scan source: {args.kernel or 'kernels/sqrll.cu'}. "
         f"Host floor here: {floor:.0f} us for the autograd forward+backward of a tiny x * x.",
         "",
         "| shape (B, T, C) | dtype | impl | fwd ms | fwd GB/s | fwd % copy | fwd+bwd ms | fwd+bwd GB/s "

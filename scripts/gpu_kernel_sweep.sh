@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine with CuPy: scripts/bench_kernel.py's sqrllm rows under several variants, one
 # after another in one run, so that their numbers compare. A variant is one string of bench_kernel.py
-# arguments ("" = the defaults), e.g. "--tiles 24,1,16,1" or "--define POLL=8 --loop-min-fill 0.5".
+# arguments ("" = the defaults), e.g. "--tiles 24,1,16,1", "--define POLL=8 --loop-min-fill 0.5" or
+# "--kernel build/ab/sqrll.cu" (another version of the kernel: list it twice, alternating, for an A/B).
 # Logs go under $OUT (default: out/).
 # Usage: bash scripts/gpu_kernel_sweep.sh "VARIANT" ... [-- bench args for every variant]
 set -o pipefail
