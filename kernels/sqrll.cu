@@ -44,13 +44,35 @@ template <> struct RawOf<4> { typedef unsigned int T; };
 template <> struct RawOf<8> { typedef uint2 T; };
 template <> struct RawOf<16> { typedef uint4 T; };
 
-template <typename S, int V> union Pack {
-    typename RawOf<sizeof(S) * V>::T raw;
-    S e[V];
-};
+// The V values of a vector as floats, taken word by word (a bf16 in the high half of a word is a
+// float once the low half is masked off).
+__device__ __forceinline__ unsigned word_of(unsigned short r, int) { return r; }
+__device__ __forceinline__ unsigned word_of(unsigned r, int) { return r; }
+__device__ __forceinline__ unsigned word_of(uint2 r, int i) { return i ? r.y : r.x; }
+__device__ __forceinline__ unsigned word_of(uint4 r, int i) { return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w; }
+__device__ __forceinline__ void split(bf16_t, unsigned w, float& lo, float& hi) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+}
+__device__ __forceinline__ void split(f16_t, unsigned w, float& lo, float& hi) {
+    lo = to_f32(f16_t{(unsigned short)w});
+    hi = to_f32(f16_t{(unsigned short)(w >> 16)});
+}
+template <typename S, int V, typename R> __device__ __forceinline__ void unpack(R raw, float (&f)[V]) {
+    if constexpr (sizeof(S) == 4) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) f[v] = __uint_as_float(word_of(raw, v));
+    } else if constexpr (V == 1) {
+        f[0] = to_f32(S{(unsigned short)raw});
+    } else {
+#pragma unroll
+        for (int i = 0; i < V / 2; ++i) split(S{}, word_of(raw, i), f[2 * i], f[2 * i + 1]);
+    }
+}
 
-// V floats stored as S with one vector store. (Storing a Pack's raw member, or a uint4 built from
-// the words, compiles to one store per element or word: the compiler cannot prove the alignment.)
+// V floats stored as S with one vector store. (Storing a union of the vector and its elements, or a
+// uint4 built from the words, compiles to one store per element or word: the compiler cannot prove
+// the alignment.)
 __device__ __forceinline__ unsigned bits_of(float v) { return __float_as_uint(v); }
 __device__ __forceinline__ unsigned bits_of(bf16_t v) { return v.u; }
 __device__ __forceinline__ unsigned bits_of(f16_t v) { return v.u; }
@@ -76,23 +98,33 @@ template <typename S, int V> __device__ __forceinline__ void store_vec(S* p, con
     }
 }
 
-template <typename R> __device__ __forceinline__ R raw_zero() { return R(0); }
-template <> __device__ __forceinline__ uint2 raw_zero<uint2>() { return make_uint2(0, 0); }
-template <> __device__ __forceinline__ uint4 raw_zero<uint4>() { return make_uint4(0, 0, 0, 0); }
+// Shared-memory addresses as 32-bit offsets in the shared window, which the copies below take.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned d;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(d) : "l"(p));
+    return d;
+}
 
-// Global -> shared copy of one V-vector that skips registers (cp.async); 2-byte vectors, which
-// cp.async cannot move, go through a register.
-template <int BYTES> __device__ __forceinline__ void copy_async(void* dst, const void* src) {
-    if constexpr (BYTES == 2) {
-        *(unsigned short*)dst = *(const unsigned short*)src;
-    } else {
-        unsigned d;
-        asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(d) : "l"(dst));
-        if constexpr (BYTES == 16)
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-        else
-            asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(d), "l"(src), "n"(BYTES) : "memory");
-    }
+// Global -> shared copy of one vector of BYTES that skips registers (cp.async); 2-byte vectors,
+// which cp.async cannot move, go through a register.
+template <int BYTES> __device__ __forceinline__ void copy_async(unsigned dst, const void* src) {
+    if constexpr (BYTES == 2)
+        asm volatile("st.shared.u16 [%0], %1;" ::"r"(dst), "h"(*(const unsigned short*)src) : "memory");
+    else if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(src), "n"(BYTES) : "memory");
+}
+// A vector of BYTES zero bytes into shared memory.
+template <int BYTES> __device__ __forceinline__ void zero_shared(unsigned dst) {
+    if constexpr (BYTES == 2)
+        asm volatile("st.shared.u16 [%0], %1;" ::"r"(dst), "h"((unsigned short)0) : "memory");
+    else if constexpr (BYTES == 4)
+        asm volatile("st.shared.u32 [%0], %1;" ::"r"(dst), "r"(0u) : "memory");
+    else if constexpr (BYTES == 8)
+        asm volatile("st.shared.v2.u32 [%0], {%1, %1};" ::"r"(dst), "r"(0u) : "memory");
+    else
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(dst), "r"(0u) : "memory");
 }
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int PENDING> __device__ __forceinline__ void copy_async_wait() {
@@ -220,8 +252,9 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
     float carry = 0.f;  // per-feature thread: the state entering the next tile
     if (!BWD && h0 != nullptr && f_ok) carry = to_f32(h0[bi * C + c0 + (tid % CT) * V + tid / CT]);
 
-    // Each thread owns lr <= L positions of a tile. In loop mode with pipe set, lr = L / 2 and two
-    // buffers alternate: the next tile's copies are in flight while this one is worked on.
+    // Each thread owns lr <= L positions of a tile. In loop mode (pipe set), lr = L / 2 and two
+    // buffers alternate: the next tile's copies are in flight while this one is worked on. Without
+    // pipe there is one tile (chunk mode, or all of T in one tile).
     const long long Tc = (long long)TT * lr;
     const long long n_tiles = n_chunks > 1 ? 1 : (T + Tc - 1) / Tc;
     const long long step = flip ? -C : C;  // one scan position on, in elements
@@ -230,26 +263,27 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         return (n_chunks > 1 ? (long long)k : tile) * Tc + (long long)ty * lr;
     };
     auto buffer = [&](int b) { return tile_in + (long long)b * ARRAYS * lr * NT + tid; };  // [array][l][tid]
+    // buffer(0) as a shared-memory address, and the bytes from one row to the next and one array to the next
+    const unsigned slot0 = smem_u32(tile_in + tid);
+    constexpr unsigned ROW = NT * sizeof(Raw);
+    const unsigned ARR = lr * ROW;
     auto issue = [&](long long tile, int b) {  // copy this thread's rows of a, r (and y) into buffer b
         const long long p0 = first_position(tile);
         const long long rows = min((long long)lr, T - p0);
-        const long long at0 = seq + (flip ? T - 1 - p0 : p0) * C + cv;
-        Raw* ra = buffer(b);
-        Raw* rm = ra + lr * NT;
-        Raw* ry = rm + lr * NT;
+        long long at = seq + (flip ? T - 1 - p0 : p0) * C + cv;  // row l's offset, stepped as l goes
+        unsigned sa = slot0 + b * ARRAYS * ARR;
 #pragma unroll
-        for (int l = 0; l < L; ++l) {
+        for (int l = 0; l < L; ++l, at += step, sa += ROW) {
             if (v_ok && l < rows) {
-                const long long at = at0 + l * step;
-                copy_async<sizeof(Raw)>(ra + l * NT, a + at);
+                copy_async<sizeof(Raw)>(sa, a + at);
                 if (!BWD) {
-                    copy_async<sizeof(Raw)>(rm + l * NT, r + at);
+                    copy_async<sizeof(Raw)>(sa + ARR, r + at);
                 } else {  // multiplier from position p - 1, previous output from position p + 1
-                    if (p0 + l > 0) copy_async<sizeof(Raw)>(rm + l * NT, r + at - step);
-                    else rm[l * NT] = raw_zero<Raw>();
-                    if (p0 + l + 1 < T) copy_async<sizeof(Raw)>(ry + l * NT, y + at + step);
-                    else if (h0 != nullptr) copy_async<sizeof(Raw)>(ry + l * NT, h0 + bi * C + cv);
-                    else ry[l * NT] = raw_zero<Raw>();
+                    if (p0 + l > 0) copy_async<sizeof(Raw)>(sa + ARR, r + (at - step));
+                    else zero_shared<sizeof(Raw)>(sa + ARR);
+                    if (p0 + l + 1 < T) copy_async<sizeof(Raw)>(sa + 2 * ARR, y + (at + step));
+                    else if (h0 != nullptr) copy_async<sizeof(Raw)>(sa + 2 * ARR, h0 + bi * C + cv);
+                    else zero_shared<sizeof(Raw)>(sa + 2 * ARR);
                 }
             }
         }
@@ -280,14 +314,13 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 #pragma unroll
             for (int l = 0; l < L; ++l) {
                 if (v_ok && l < rows) {
-                    Pack<S, V> pa, pm;
-                    pa.raw = ra[l * NT];
-                    pm.raw = rm[l * NT];
+                    float fa[V], fm[V];
+                    unpack<S>(ra[l * NT], fa);
+                    unpack<S>(rm[l * NT], fm);
 #pragma unroll
                     for (int v = 0; v < V; ++v) {
-                        const float m = to_f32(pm.e[v]);
-                        B[v] = fmaf(m, B[v], to_f32(pa.e[v]));
-                        A[v] *= m;
+                        B[v] = fmaf(fm[v], B[v], fa[v]);
+                        A[v] *= fm[v];
                     }
                 }
             }
@@ -328,31 +361,30 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         for (int l = 0; l < L; ++l) {
             if (v_ok && l < rows) {
                 const long long at = at0 + l * step;
-                Pack<S, V> pa, pm;
-                pa.raw = ra[l * NT];
-                pm.raw = rm[l * NT];
+                float fa[V], fm[V];
+                unpack<S>(ra[l * NT], fa);
+                unpack<S>(rm[l * NT], fm);
 #pragma unroll
-                for (int v = 0; v < V; ++v) g[v] = fmaf(to_f32(pm.e[v]), g[v], to_f32(pa.e[v]));
+                for (int v = 0; v < V; ++v) g[v] = fmaf(fm[v], g[v], fa[v]);
                 store_vec<S, V>(out + at, g);
                 if (BWD) {
-                    Pack<S, V> py;
-                    py.raw = ry[l * NT];
                     float d[V];
+                    unpack<S>(ry[l * NT], d);
 #pragma unroll
-                    for (int v = 0; v < V; ++v) d[v] = g[v] * to_f32(py.e[v]);
+                    for (int v = 0; v < V; ++v) d[v] *= g[v];
                     store_vec<S, V>(dr + at, d);
                     if (p0 + l + 1 == T) {  // dh0 = r[first row] * g[first row]
-                        Pack<S, V> pr;
-                        pr.raw = *(const Raw*)(r + at);
+                        unpack<S>(*(const Raw*)(r + at), d);
 #pragma unroll
-                        for (int v = 0; v < V; ++v) d[v] = to_f32(pr.e[v]) * g[v];
+                        for (int v = 0; v < V; ++v) d[v] *= g[v];
                         store_vec<S, V>(dh0 + bi * C + cv, d);
                     }
                 }
             }
         }
-        __syncthreads();  // the next tile reuses the shared buffers
-        if (!pipe && tile + 1 < n_tiles) issue(tile + 1, 0);
+        // No barrier before the next tile: a thread copies into and reads back only its own slots of
+        // the tile buffers and of sA / sB, and the next tile's per-feature steps touch sA / sB only
+        // after its first barrier, which every thread reaches after this replay.
     }
 }
 
