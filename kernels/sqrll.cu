@@ -5,18 +5,20 @@
 // Storage is float, half or bfloat16 (`float`, `f16_t`, `bf16_t`); arithmetic is float32.
 // Compiled at run time by NVRTC through CuPy (sqrllm/cuda.py); needs no CUDA header.
 //
-// Work split. A block of NT threads owns a tile: Tc = TT * lr consecutive scan positions by
+// Work split. A block of NT threads owns a tile: Tc = TT * LR consecutive scan positions by
 // CW = CT * V features of one sequence. Its threads form a CT x TT grid: CT across features, each
 // thread moving V features with one vector copy per row (16 bytes where C allows), and TT across
-// time, each thread owning lr <= L consecutive positions. Inputs are copied straight into shared
+// time, each thread owning LR consecutive positions. Inputs are copied straight into shared
 // memory (cp.async), so all of a tile's loads are in flight at once without holding registers.
 // A span of positions acts on the state as an affine map h -> A * h + b (A the product of r, b the
-// scan started from 0); maps compose associatively, which is what lets time be split:
-// - within a tile, one thread per feature folds the threads' maps through shared memory;
-// - loop mode (n_chunks == 1): one block walks all of T tile by tile, carrying the state in a
-//   register, with two half-size tile buffers so that the next tile's copies are in flight while
-//   this one is worked on. Used when the (sequence, feature tile) columns alone fill the GPU.
-// - chunk mode (n_chunks > 1): one block per tile, so long sequences with few features still fill
+// scan started from 0); maps compose associatively, which is what lets time be split. Within a
+// tile, one thread per feature folds the threads' maps through shared memory. Across tiles, one of
+// three modes (MODE, a template argument: each mode is its own kernel, carrying only its own code):
+// - one tile (ONE_TILE): all of T fits in one tile; one block per (sequence, feature tile) column.
+// - loop mode (LOOP): one block walks all of T tile by tile, carrying the state in a register, with
+//   two half-size tile buffers so that the next tile's copies are in flight while this one is
+//   worked on. Used when the (sequence, feature tile) columns alone fill the GPU.
+// - chunk mode (CHUNKS): one block per tile, so long sequences with few features still fill
 //   the GPU. Tiles publish maps in global memory as the nodes of a tree of radix R over time: tile k
 //   writes its own map, and the map of every node that ends at it (built from the R children
 //   before), then folds h0 through the nodes that cover [0, k), longest first. Which nodes, and in
@@ -223,10 +225,15 @@ extern __shared__ __align__(16) unsigned char dyn_smem[];
     const S *__restrict__ a, const S *__restrict__ r, const S *__restrict__ y,                  \
         const S *__restrict__ h0, S *__restrict__ out, S *__restrict__ dr, S *__restrict__ dh0, \
         ulonglong2 *nodes, long long T, long long C, int CT, int n_ct, int ncol, int n_chunks,  \
-        int lr, int pipe, int lg, int flip
-#define SCAN_ARGS a, r, y, h0, out, dr, dh0, nodes, T, C, CT, n_ct, ncol, n_chunks, lr, pipe, lg, flip
+        int lg, int flip
+#define SCAN_ARGS a, r, y, h0, out, dr, dh0, nodes, T, C, CT, n_ct, ncol, n_chunks, lg, flip
 
-template <typename S, int V, int L, bool BWD>
+// The three ways of cutting time (sqrllm/cuda.py's plan picks one), each compiled as its own kernel.
+#define ONE_TILE 0  // all of T in one tile
+#define LOOP 1      // loop mode
+#define CHUNKS 2    // chunk mode
+
+template <typename S, int V, int L, bool BWD, int MODE>
 __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
     typedef typename RawOf<sizeof(S) * V>::T Raw;
     // per thread and feature, [ty][v][cx]: the thread's map (sA, sB), then the state entering it (sA)
@@ -238,7 +245,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 
     // Chunk mode numbers tiles time-major, so that every tile a block waits on has a lower block
     // index: blocks start in index order, so those are running or done.
-    const unsigned k = n_chunks > 1 ? blockIdx.x / ncol : 0;  // tile index along time
+    const unsigned k = MODE == CHUNKS ? blockIdx.x / ncol : 0;  // tile index along time
     const int col = blockIdx.x - (int)k * ncol;
     const long long bi = col / n_ct;                          // sequence
     const long long c0 = (long long)(col - bi * n_ct) * CW;  // first feature of the tile
@@ -252,28 +259,28 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
     float carry = 0.f;  // per-feature thread: the state entering the next tile
     if (!BWD && h0 != nullptr && f_ok) carry = to_f32(h0[bi * C + c0 + (tid % CT) * V + tid / CT]);
 
-    // Each thread owns lr <= L positions of a tile. In loop mode (pipe set), lr = L / 2 and two
-    // buffers alternate: the next tile's copies are in flight while this one is worked on. Without
-    // pipe there is one tile (chunk mode, or all of T in one tile).
-    const long long Tc = (long long)TT * lr;
-    const long long n_tiles = n_chunks > 1 ? 1 : (T + Tc - 1) / Tc;
+    // Each thread owns LR positions of a tile. In loop mode, LR = L / 2 and two buffers alternate:
+    // the next tile's copies are in flight while this one is worked on.
+    constexpr int LR = MODE == LOOP ? L / 2 : L;
+    const long long Tc = (long long)TT * LR;
+    const long long n_tiles = MODE == LOOP ? (T + Tc - 1) / Tc : 1;
     const long long step = flip ? -C : C;  // one scan position on, in elements
     constexpr int ARRAYS = BWD ? 3 : 2;
     auto first_position = [&](long long tile) {  // this thread's first position in the tile
-        return (n_chunks > 1 ? (long long)k : tile) * Tc + (long long)ty * lr;
+        return (MODE == CHUNKS ? (long long)k : tile) * Tc + (long long)ty * LR;
     };
-    auto buffer = [&](int b) { return tile_in + (long long)b * ARRAYS * lr * NT + tid; };  // [array][l][tid]
+    auto buffer = [&](int b) { return tile_in + b * ARRAYS * LR * NT + tid; };  // [array][l][tid]
     // buffer(0) as a shared-memory address, and the bytes from one row to the next and one array to the next
     const unsigned slot0 = smem_u32(tile_in + tid);
     constexpr unsigned ROW = NT * sizeof(Raw);
-    const unsigned ARR = lr * ROW;
+    constexpr unsigned ARR = LR * ROW;
     auto issue = [&](long long tile, int b) {  // copy this thread's rows of a, r (and y) into buffer b
         const long long p0 = first_position(tile);
-        const long long rows = min((long long)lr, T - p0);
+        const long long rows = min((long long)LR, T - p0);
         long long at = seq + (flip ? T - 1 - p0 : p0) * C + cv;  // row l's offset, stepped as l goes
         unsigned sa = slot0 + b * ARRAYS * ARR;
 #pragma unroll
-        for (int l = 0; l < L; ++l, at += step, sa += ROW) {
+        for (int l = 0; l < LR; ++l, at += step, sa += ROW) {
             if (v_ok && l < rows) {
                 copy_async<sizeof(Raw)>(sa, a + at);
                 if (!BWD) {
@@ -292,19 +299,19 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 
     issue(0, 0);
     for (long long tile = 0; tile < n_tiles; ++tile) {
-        const int b = pipe ? (int)(tile & 1) : 0;
-        if (pipe && tile + 1 < n_tiles) {
+        const int b = MODE == LOOP ? (int)(tile & 1) : 0;
+        if (MODE == LOOP && tile + 1 < n_tiles) {
             issue(tile + 1, b ^ 1);
             copy_async_wait<1>();  // all but the copies just issued; each thread reads back only its own
         } else {
             copy_async_wait<0>();
         }
         const long long p0 = first_position(tile);
-        const long long rows = min((long long)lr, T - p0);  // positions p0 + l exist for l < rows
+        const long long rows = min((long long)LR, T - p0);  // positions p0 + l exist for l < rows
         const long long at0 = seq + (flip ? T - 1 - p0 : p0) * C + cv;
         const Raw* ra = buffer(b);
-        const Raw* rm = ra + lr * NT;
-        const Raw* ry = rm + lr * NT;
+        const Raw* rm = ra + LR * NT;
+        const Raw* ry = rm + LR * NT;
 
         // this thread's map over its positions
         {
@@ -312,7 +319,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 #pragma unroll
             for (int v = 0; v < V; ++v) A[v] = 1.f, B[v] = 0.f;
 #pragma unroll
-            for (int l = 0; l < L; ++l) {
+            for (int l = 0; l < LR; ++l) {
                 if (v_ok && l < rows) {
                     float fa[V], fm[V];
                     unpack<S>(ra[l * NT], fa);
@@ -341,7 +348,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
             }
         }
         float h = carry;
-        if (n_chunks > 1 && f_ok)
+        if (MODE == CHUNKS && f_ok)
             h = chunk_carry_in(tA, tB, h, k, n_chunks, lg, (long long)ncol * CW, nodes + (long long)col * CW + tid);
         if (f_ok) {
             for (int i = tid; i < NT * V; i += CW) {
@@ -358,7 +365,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 #pragma unroll
         for (int v = 0; v < V; ++v) g[v] = sA[(ty * V + v) * CT + cx];
 #pragma unroll
-        for (int l = 0; l < L; ++l) {
+        for (int l = 0; l < LR; ++l) {
             if (v_ok && l < rows) {
                 const long long at = at0 + l * step;
                 float fa[V], fm[V];
@@ -389,11 +396,11 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 }
 
 // Entry points are made on demand: sqrllm/cuda.py appends one SQRLL_SCAN line per variant it
-// launches (storage type, V, L, direction, blocks per multiprocessor the launch bounds promise),
+// launches (storage type, V, L, direction, mode, blocks per multiprocessor the launch bounds promise),
 // so that each variant compiles alone and lands in CuPy's on-disk cache.
-#define SQRLL_SCAN(NAME, S, V, L, BWD, MIN_BLOCKS)                                          \
+#define SQRLL_SCAN(NAME, S, V, L, BWD, MODE, MIN_BLOCKS)                                    \
     extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) NAME(SCAN_PARAMS(S)) { \
-        scan_tiles<S, V, L, BWD>(SCAN_ARGS);                                            \
+        scan_tiles<S, V, L, BWD, MODE>(SCAN_ARGS);                                      \
     }
 
 // The textbook design, kept as the benchmark's baseline: one thread per (sequence, feature),

@@ -54,6 +54,11 @@ class Plan(NamedTuple):
     rows: int  # positions per thread and tile
     pipe: int  # loop mode: two half-size buffers, the next tile loading while this one is worked on
 
+    @property
+    def mode(self):
+        """The kernel's way of cutting time, as kernels/sqrll.cu names it."""
+        return "LOOP" if self.pipe else "CHUNKS" if self.n_chunks > 1 else "ONE_TILE"
+
 
 def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None):
     """How to cut a (B, T, C) scan moving V features per thread; `resident` blocks fit on the GPU."""
@@ -106,10 +111,10 @@ def _function(name, entry, device, dyn_smem):
     return kernel
 
 
-def _scan_kernel(dtype, V, L, bwd, min_blocks, device):
+def _scan_kernel(dtype, V, L, bwd, mode, min_blocks, device):
     S = STORAGE[dtype]
-    name = f"sqrll_{'bwd' if bwd else 'fwd'}_{S}_v{V}_l{L}_b{min_blocks}"
-    entry = f"\nSQRLL_SCAN({name}, {S}, {V}, {L}, {'true' if bwd else 'false'}, {min_blocks})\n"
+    name = f"sqrll_{'bwd' if bwd else 'fwd'}_{S}_v{V}_l{L}_{mode.lower()}_b{min_blocks}"
+    entry = f"\nSQRLL_SCAN({name}, {S}, {V}, {L}, {'true' if bwd else 'false'}, {mode}, {min_blocks})\n"
     dyn_smem = (3 if bwd else 2) * L * NT * V * torch.finfo(dtype).bits // 8
     return _function(name, entry, device, dyn_smem), dyn_smem
 
@@ -159,10 +164,10 @@ def _on(device):
 def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2):
     """What a launch needs besides the pointers: kernel, grid, shared memory, scratch bytes, last args."""
     L, min_blocks = tile
-    fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, min_blocks, device)
     p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2)
+    fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, p.mode, min_blocks, device)
     scratch_bytes = p.slots * p.ncol * p.CT * V * 16 if p.n_chunks > 1 else 0  # a tagged map per node and feature
-    ints = (p.CT, p.n_ct, p.ncol, p.n_chunks, p.rows, p.pipe, tree_log2)
+    ints = (p.CT, p.n_ct, p.ncol, p.n_chunks, tree_log2)
     tail = (np.int64(T), np.int64(C), *map(np.int32, ints))
     return fn, (p.grid,), dyn_smem, scratch_bytes, tail
 

@@ -200,5 +200,6 @@ def test_binary_is_native_code_for_the_device():
     x, r, *_ = inputs(1, 10, 8, torch.float32)
     cuda.scan_fwd(x, r)
     major, minor = torch.cuda.get_device_capability()
-    kernel, _ = cuda._scan_kernel(torch.float32, 4, cuda.FWD_TILE[0], False, cuda.FWD_TILE[1], x.device.index)
+    L, min_blocks = cuda.FWD_TILE
+    kernel, _ = cuda._scan_kernel(torch.float32, 4, L, False, "ONE_TILE", min_blocks, x.device.index)
     assert kernel.binary_version == 10 * major + minor
