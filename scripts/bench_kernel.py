@@ -18,6 +18,8 @@ importable; the CUDA one needs a power-of-two T, is compiled at import (slow) an
 """
 
 import argparse
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -55,9 +57,13 @@ def gpu_ms(make, args, nbytes):
     with torch.cuda.graph(graph):
         for fn in fns:
             fn()
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.25:  # clocks up again after compiles and host work
+        graph.replay()
+        torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(20):
+    for _ in range(30):
         start.record()
         graph.replay()
         end.record()
@@ -131,6 +137,20 @@ def implementations(accel_cuda):
     return impls
 
 
+def isolated(args):
+    """Run this script once per (shape, dtype), each with the other arguments given, rows appended to --out."""
+    argv = [a for a in sys.argv[1:] if a != "--isolate"]
+    first = not args.append
+    for shape in args.shapes:
+        for dname in args.dtypes:
+            run = [sys.executable, __file__, *argv, "--shapes", shape, "--dtypes", dname]
+            code = subprocess.run(run + ([] if first else ["--append"])).returncode
+            if code:
+                print(f"# ({shape}) {dname}: the benchmark process ended with exit status {code}; "
+                      "the rows after its last printed one are missing")
+            first = False
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
@@ -146,7 +166,12 @@ def main():
                     help="compile the scan from FILE instead of kernels/sqrll.cu (two versions in one run)")
     ap.add_argument("--out", help="also write the table to this markdown file, row by row")
     ap.add_argument("--append", action="store_true", help="add rows to --out without a new header")
+    ap.add_argument("--isolate", action="store_true",
+                    help="each (shape, dtype) in its own process: a crashing implementation costs only its rows")
     args = ap.parse_args()
+    if args.isolate:
+        isolated(args)
+        return
     if args.tiles:
         f_l, f_b, b_l, b_b = map(int, args.tiles.split(","))
         cuda.FWD_TILE, cuda.BWD_TILE = (f_l, f_b), (b_l, b_b)
@@ -210,6 +235,8 @@ def main():
                     ms_f = gpu_ms(lambda *a: make(*a)[0], (x, r, dy), 3 * nbytes)
                     ms_fb = gpu_ms(lambda *a: make(*a)[1], (x, r, dy), 8 * nbytes)
                 except RuntimeError as e:  # a call that cannot be captured: time it eagerly instead
+                    if "illegal memory access" in str(e):  # the CUDA context is lost: nothing more runs here
+                        raise
                     print(f"# {name}: no CUDA graph ({e}); eager do_bench instead")
                     fwd, fwd_bwd = make(x, r, dy)
                     ms_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
