@@ -48,7 +48,6 @@ template <> struct RawOf<16> { typedef uint4 T; };
 
 // The V values of a vector as floats, taken word by word (a bf16 in the high half of a word is a
 // float once the low half is masked off).
-__device__ __forceinline__ unsigned word_of(unsigned short r, int) { return r; }
 __device__ __forceinline__ unsigned word_of(unsigned r, int) { return r; }
 __device__ __forceinline__ unsigned word_of(uint2 r, int i) { return i ? r.y : r.x; }
 __device__ __forceinline__ unsigned word_of(uint4 r, int i) { return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w; }

@@ -27,7 +27,6 @@ import torch
 from triton.testing import do_bench
 
 from sqrllm import cuda
-from sqrllm.kernels import SOURCE_DIR
 from sqrllm.scan import scan
 
 SHAPES = [(16, 2048, 1024), (8, 2048, 4096), (256, 128, 1024), (1, 32768, 1024), (1, 131072, 256), (64, 256, 384)]
@@ -182,10 +181,10 @@ def main():
     if args.define or args.kernel:
         source = cuda._source
         defines = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in args.define)
-        scan = (SOURCE_DIR / "storage.cuh").read_text() + Path(args.kernel).read_text() if args.kernel else None
+        kernel = str(Path(args.kernel).resolve()) if args.kernel else "sqrll.cu"  # absolute: not under kernels/
 
         def patched(name="sqrll.cu"):
-            return defines + (scan if scan and name == "sqrll.cu" else source(name))
+            return defines + source(kernel if name == "sqrll.cu" else name)
 
         cuda._source = patched
 

@@ -92,11 +92,10 @@ def test_plan_covers_every_feature_and_fills_the_gpu(B, T, C, V):
     Tc = cuda.NT // p.CT * p.rows
     if p.n_chunks == 1:  # one block walks each column, pipelined when there is more than one tile
         assert p.grid == p.ncol and p.pipe == (T > Tc * 2) and p.rows == (4 if p.pipe else 8)
-        assert p.mode == ("LOOP" if p.pipe else "ONE_TILE")  # the kernel's LR: L / 2 in loop mode, else L
         assert T <= Tc or p.ncol / (-(-p.ncol // resident) * resident) >= cuda.LOOP_MIN_FILL
     else:  # one block per tile
         assert p.n_chunks == -(-T // Tc) and p.grid == p.ncol * p.n_chunks and not p.pipe
-        assert p.mode == "CHUNKS"
+    assert p.rows == (8 // 2 if p.mode == "LOOP" else 8)  # the kernel derives its rows (LR) from the mode
     if B * T * C >= 2**24:  # a benchmark-sized scan gets blocks for every multiprocessor, whatever its shape
         assert p.grid >= 132
 
