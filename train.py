@@ -18,6 +18,7 @@ from sqrllm.trainer import process_start_time
 
 LAUNCHED = process_start_time()
 
+from sqrllm import distributed  # noqa: E402
 from sqrllm.checkpoint import CheckpointError  # noqa: E402
 from sqrllm.config import ConfigError, config_help, load_config  # noqa: E402
 from sqrllm.data import DataError  # noqa: E402
@@ -42,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    distributed.run_main(main, sys.argv[1:])  # sys.exit(main(...)); see sqrllm/distributed.py

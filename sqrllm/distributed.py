@@ -10,6 +10,8 @@ writes the logs and checkpoints.
 """
 
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +59,40 @@ def setup(device):
     return d, device
 
 
+# Process groups that were left, held until the process ends (see teardown).
+_left = []
+
+
 def teardown():
+    """Leave the process group; every rank calls it as training ends, however it ends.
+
+    The group object itself is held until the process ends: its destructor joins gloo's worker
+    threads while holding the GIL, and a worker still letting go of the tensors of the collective
+    just finished waits for the GIL. Destroyed at that moment, it hangs the rank for good (seen with
+    torch 2.13: both CPU ranks stuck in ~ProcessGroupGloo after a stop on non-finite steps). A
+    process torchrun started therefore ends through `run_main`, which runs no destructors."""
     if dist.is_available() and dist.is_initialized():
+        _left.append(dist.group.WORLD)
         dist.destroy_process_group()
+
+
+def run_main(main, argv):
+    """sys.exit(main(argv)), except that a process that was in a process group ends without Python's
+    shutdown (os._exit, after flushing stdout and stderr): nothing of the run is left unwritten by
+    then, and the group's destructor cannot hang it (see teardown). An exception is printed as
+    Python would and ends it with status 1."""
+    try:
+        code = main(argv)
+    except BaseException:
+        if not _left:
+            raise
+        traceback.print_exc()
+        code = 1
+    if not _left:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def mean(tensor):

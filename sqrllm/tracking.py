@@ -63,9 +63,11 @@ class WandbRun:
         table = self.wandb.Table(columns=["step", "sample"], data=[list(r) for r in self.samples])
         self.run.log({"samples": table, "sample": self.wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
 
-    def finish(self):
+    def close(self, exc_type=None, exc=None, traceback=None):
+        """Finish the run (an exit callback): with exit code 0, or a stopped run's status (1 for any
+        other error), so the run is marked failed without waiting for the process's exit hooks."""
         if self.run is not None:
-            self.run.finish()
+            self.run.finish(exit_code=0 if exc is None else getattr(exc, "code", 1))
             self.run = None
 
 

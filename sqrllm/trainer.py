@@ -211,13 +211,14 @@ def train(cfg: Config, launched=None):
     unusable, and RunStopped when the run stops early (see EXIT_*)."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(cfg, launched or process_start_time())
+        with contextlib.ExitStack() as ending:  # what _train opened that must close however it ends
+            return _train(cfg, launched or process_start_time(), ending)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         distributed.teardown()
 
 
-def _train(cfg, launched):
+def _train(cfg, launched, ending):
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -291,6 +292,7 @@ def _train(cfg, launched):
         out_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(out_dir / "metrics.jsonl" if dd.is_main else None)
     wandb_run.start(out_dir, ckpt and ckpt.get("wandb_run_id"), meta, Path(cfg.data_dir) / cfg.dataset)
+    ending.push(wandb_run.close)
     if ckpt is not None and dd.is_main and (dropped := metrics.drop_after(step)):
         notes.append(f"dropped {dropped} metrics.jsonl rows past step {step} (a run that went on beyond it)")
     if dd.is_main:
@@ -507,5 +509,4 @@ def _train(cfg, launched):
                     break
         finally:
             bar.close()
-    wandb_run.finish()
     return {"step": step, "ckpt": str(out_dir / checkpoint.NEWEST), "best_val": best_val, "last_eval": last_eval_row}

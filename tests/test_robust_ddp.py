@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 STEPS = 40
 
-# train.py in each torchrun process; with POISON_FROM=k, rank 1's loss is +inf from its k-th training
-# forward on (a constant added to it: that rank's gradients stay finite, only its loss flag is raised).
+# train.py, run as a script, in each torchrun process; with POISON_FROM=k, rank 1's loss is +inf from
+# its k-th training forward on (a constant added to it: that rank's gradients stay finite, only its
+# loss flag is raised).
 RANK_SCRIPT = """
 import os, runpy, sys, torch
 from sqrllm.model import SqrLLM
@@ -37,7 +38,8 @@ def poisoned(self, idx, targets=None, state=None, last_only=False):
     return logits, loss, state
 
 SqrLLM.forward = poisoned
-sys.exit(runpy.run_path(sys.argv[1])["main"](sys.argv[2:]))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 

@@ -9,7 +9,7 @@ import pytest
 from sqrllm import checkpoint
 from sqrllm.config import ConfigError, load_config
 from sqrllm.prepare import prepare_text
-from sqrllm.trainer import train
+from sqrllm.trainer import EXIT_DIVERGED, RunStopped, train
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
@@ -113,3 +113,16 @@ def test_without_wandb_the_error_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'sqrllm\[wandb\]'"):
         train(tiny(tmp_path, tmp_path / "run", "--max_iters=2"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stopped_run_is_finished_with_its_exit_status(tmp_path):
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    prepare_text(tmp_path / "tiny", [tmp_path / "corpus.txt"], level="char")
+    out = tmp_path / "run"
+    # a learning rate of 1e30 makes the weights overflow at step 2: steps 2-3 are non-finite
+    with pytest.raises(RunStopped) as stop:
+        train(tiny(tmp_path, out, "--max_iters=20", "--learning_rate=1e30", "--warmup_iters=0", "--max_bad_steps=2"))
+    assert stop.value.code == EXIT_DIVERGED
+    run = next((out / "wandb").glob("offline-run-*"))
+    exits = [r.exit for r in records(next(run.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "exit"]
+    assert [e.exit_code for e in exits] == [EXIT_DIVERGED]
