@@ -83,6 +83,8 @@ def run_main(main, argv):
     Python would and ends it with status 1."""
     try:
         code = main(argv)
+    except SystemExit as e:
+        code = e.code
     except BaseException:
         if not _left:
             raise
@@ -90,6 +92,10 @@ def run_main(main, argv):
         code = 1
     if not _left:
         sys.exit(code)
+    if not isinstance(code, int):  # as sys.exit takes it: None is success, anything else is printed
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -1,6 +1,7 @@
 """Faults under data parallelism (two gloo ranks under torchrun on the CPU): a non-finite loss on one
 rank only stops both at the same step with one checkpoint; SIGTERM to the launcher makes every rank
-finish the step and save one consistent checkpoint, with no hang, and the run resumes exactly."""
+finish the step and save one consistent checkpoint, with no hang, and the run resumes exactly; a
+rank that has left its group ends with its own status and everything it printed."""
 
 import json
 import os
@@ -117,3 +118,36 @@ def test_sigterm_to_the_launcher_saves_one_checkpoint_and_resumes_exactly(setup,
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(x, y) for x, y in zip(a["state"], b["state"]))
     assert [r["data"]["cursor"].tolist() for r in a["ranks"]] == [r["data"]["cursor"].tolist() for r in b["ranks"]]
+
+
+# One process in a gloo group of one, which it has left, ending through run_main as train.py does.
+ENDING = """
+import os, sys, torch.distributed as dist
+from sqrllm import distributed
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+dist.all_reduce(__import__("torch").ones(3))
+distributed.teardown()
+
+def main(argv):
+    print("written before the end")  # to a pipe: block-buffered, so lost unless flushed
+    if argv == ["raise"]:
+        raise RuntimeError("a bug")
+    return 65
+
+distributed.run_main(main, sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("how", ["status", "raise"])
+def test_a_rank_that_left_its_group_ends_with_its_status_and_output(tmp_path, how):
+    script = tmp_path / "ending.py"
+    script.write_text(ENDING)
+    argv = [sys.executable, str(script), str(free_port())] + (["raise"] if how == "raise" else [])
+    proc = subprocess.run(argv, cwd=ROOT, env={**ENV, "PYTHONUNBUFFERED": ""}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout == "written before the end\n"
+    if how == "status":
+        assert proc.returncode == 65, proc.stderr
+    else:  # the traceback, as Python prints one, and status 1
+        assert proc.returncode == 1 and "RuntimeError: a bug" in proc.stderr and "Traceback" in proc.stderr
