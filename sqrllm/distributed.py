@@ -10,6 +10,7 @@ writes the logs and checkpoints.
 """
 
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -70,7 +71,8 @@ def teardown():
     threads while holding the GIL, and a worker still letting go of the tensors of the collective
     just finished waits for the GIL. Destroyed at that moment, it hangs the rank for good (seen with
     torch 2.13: both CPU ranks stuck in ~ProcessGroupGloo after a stop on non-finite steps). A
-    process torchrun started therefore ends through `run_main`, which runs no destructors."""
+    process torchrun started therefore ends through `run_main`, which runs no destructors; a script
+    of your own that calls `train` under torchrun should end through it too."""
     if dist.is_available() and dist.is_initialized():
         _left.append(dist.group.WORLD)
         dist.destroy_process_group()
@@ -80,24 +82,31 @@ def run_main(main, argv):
     """sys.exit(main(argv)), except that a process that was in a process group ends without Python's
     shutdown (os._exit, after flushing stdout and stderr): nothing of the run is left unwritten by
     then, and the group's destructor cannot hang it (see teardown). An exception is printed as
-    Python would and ends it with status 1."""
+    Python would and ends it with status 1 (Ctrl-C: by SIGINT), SystemExit with its own status."""
+    interrupted = False
     try:
         code = main(argv)
     except SystemExit as e:
         code = e.code
-    except BaseException:
+    except BaseException as e:
         if not _left:
             raise
         traceback.print_exc()
-        code = 1
+        code, interrupted = 1, isinstance(e, KeyboardInterrupt)
     if not _left:
         sys.exit(code)
     if not isinstance(code, int):  # as sys.exit takes it: None is success, anything else is printed
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    if interrupted:  # end as Python does on Ctrl-C: by SIGINT, which the launcher reports as such
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     os._exit(code)
 
 

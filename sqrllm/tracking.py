@@ -7,11 +7,13 @@ WANDB_MODE=offline works: the run is written under out_dir/wandb/ for a later `w
 """
 
 import html
+import sys
 from pathlib import Path
 
 import torch
 
 from sqrllm.config import ConfigError
+from sqrllm.faults import RunStopped, StopSignals
 from sqrllm.model import SqrLLM
 from sqrllm.sampling import SamplingParams, Sampler
 from sqrllm.tokenizer import from_meta
@@ -65,10 +67,22 @@ class WandbRun:
 
     def close(self, exc_type=None, exc=None, traceback=None):
         """Finish the run (an exit callback): with exit code 0, or a stopped run's status (1 for any
-        other error), so the run is marked failed without waiting for the process's exit hooks."""
-        if self.run is not None:
-            self.run.finish(exit_code=0 if exc is None else getattr(exc, "code", 1))
-            self.run = None
+        other error), so the run is marked failed without waiting for the process's exit hooks.
+
+        A stop signal while it uploads is held back (under torchrun, the launcher signals rank 0 as
+        soon as another rank has exited). On a failed run, a failure to finish is reported and the
+        run's own error goes on."""
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        code = 0 if exc is None else exc.code if isinstance(exc, RunStopped) else 1
+        with StopSignals():
+            try:
+                run.finish(exit_code=code)
+            except Exception as e:
+                if exc is None:
+                    raise
+                print(f"warning: could not finish the wandb run ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def draw_sample(model, tokenizer, eot_id=None, seed=0, max_new_tokens=SAMPLE_TOKENS):

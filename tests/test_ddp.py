@@ -18,9 +18,11 @@ from sqrllm.trainer import train
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
 
-# Runs train() in each torchrun process and saves that rank's final weights beside the run.
+# Runs train() in each torchrun process and saves that rank's final weights beside the run; ends as
+# train.py does (sqrllm.distributed.run_main).
 RANK_SCRIPT = """
 import os, sys, torch
+from sqrllm import distributed
 from sqrllm.config import load_config
 from sqrllm.model import SqrLLM
 from sqrllm.trainer import train
@@ -28,9 +30,14 @@ from sqrllm.trainer import train
 built = []
 make = SqrLLM.from_config.__func__
 SqrLLM.from_config = classmethod(lambda cls, cfg, vocab: built.append(make(cls, cfg, vocab)) or built[-1])
-cfg = load_config(sys.argv[1:])
-train(cfg)
-torch.save(built[0].state_dict(), os.path.join(cfg.out_dir, f"weights-rank{os.environ['RANK']}.pt"))
+
+def main(argv):
+    cfg = load_config(argv)
+    train(cfg)
+    torch.save(built[0].state_dict(), os.path.join(cfg.out_dir, f"weights-rank{os.environ['RANK']}.pt"))
+    return 0
+
+distributed.run_main(main, sys.argv[1:])
 """
 
 

@@ -39,6 +39,10 @@ def poisoned(self, idx, targets=None, state=None, last_only=False):
     return logits, loss, state
 
 SqrLLM.forward = poisoned
+if os.environ.get("SLOW_WANDB_FINISH"):  # seconds: an upload that takes its time
+    import time, wandb
+    finish = wandb.sdk.wandb_run.Run.finish
+    wandb.sdk.wandb_run.Run.finish = lambda *a, **k: time.sleep(float(os.environ["SLOW_WANDB_FINISH"])) or finish(*a, **k)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -93,6 +97,26 @@ def test_non_finite_loss_on_one_rank_stops_both_at_the_same_step(setup, tmp_path
 
 
 @pytest.mark.slow
+def test_rank_0_finishes_its_wandb_run_after_the_other_rank_has_exited(setup, tmp_path):
+    pytest.importorskip("wandb")
+    from test_wandb import records
+
+    out, home = tmp_path / "run", str(tmp_path / "wandb_home")
+    env = {"POISON_FROM": "5", "SLOW_WANDB_FINISH": "3", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           **{v: home for v in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR")}}
+    proc = torchrun(setup, out, f"--max_iters={STEPS}", "--max_bad_steps=2", "--wandb_log=true",
+                    "--wandb_project=sqrllm-test", env=env)
+    stdout, stderr = proc.communicate(timeout=300)
+    # rank 1 exits at once, and the launcher signals rank 0 while it is still finishing its run
+    run = next((out / "wandb").glob("offline-run-*"))
+    exits = [r.exit for r in records(next(run.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "exit"]
+    assert [e.exit_code for e in exits] == [EXIT_DIVERGED], stderr[-3000:]
+    # and rank 0 still said why it stopped, then ended with the run's status
+    assert len([line for line in stderr.splitlines() if line.startswith("error: steps 6-7")]) == 2, stderr[-3000:]
+    assert stderr.count(f"exitcode  : {EXIT_DIVERGED} ") >= 1 and "exitcode  : -15" not in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_saves_one_checkpoint_and_resumes_exactly(setup, tmp_path):
     reference = tmp_path / "reference"
     ref = torchrun(setup, reference, f"--max_iters={STEPS}")
@@ -133,21 +157,29 @@ def main(argv):
     print("written before the end")  # to a pipe: block-buffered, so lost unless flushed
     if argv == ["raise"]:
         raise RuntimeError("a bug")
+    if argv == ["exit-none"]:
+        sys.exit()
+    if argv == ["exit-text"]:
+        sys.exit("stopped: a reason")
     return 65
 
 distributed.run_main(main, sys.argv[2:])
 """
 
 
-@pytest.mark.parametrize("how", ["status", "raise"])
+@pytest.mark.parametrize("how", ["status", "raise", "exit-none", "exit-text"])
 def test_a_rank_that_left_its_group_ends_with_its_status_and_output(tmp_path, how):
     script = tmp_path / "ending.py"
     script.write_text(ENDING)
-    argv = [sys.executable, str(script), str(free_port())] + (["raise"] if how == "raise" else [])
+    argv = [sys.executable, str(script), str(free_port())] + ([] if how == "status" else [how])
     proc = subprocess.run(argv, cwd=ROOT, env={**ENV, "PYTHONUNBUFFERED": ""}, capture_output=True, text=True,
                           timeout=120)
     assert proc.stdout == "written before the end\n"
     if how == "status":
         assert proc.returncode == 65, proc.stderr
-    else:  # the traceback, as Python prints one, and status 1
+    elif how == "raise":  # the traceback, as Python prints one, and status 1
         assert proc.returncode == 1 and "RuntimeError: a bug" in proc.stderr and "Traceback" in proc.stderr
+    elif how == "exit-none":  # as sys.exit: success
+        assert proc.returncode == 0, proc.stderr
+    else:  # as sys.exit: the text on stderr, status 1
+        assert proc.returncode == 1 and proc.stderr.strip().endswith("stopped: a reason"), proc.stderr

@@ -126,3 +126,18 @@ def test_a_stopped_run_is_finished_with_its_exit_status(tmp_path):
     run = next((out / "wandb").glob("offline-run-*"))
     exits = [r.exit for r in records(next(run.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "exit"]
     assert [e.exit_code for e in exits] == [EXIT_DIVERGED]
+
+
+def test_a_stopped_run_keeps_its_status_when_wandb_cannot_finish(tmp_path, monkeypatch, capsys):
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    prepare_text(tmp_path / "tiny", [tmp_path / "corpus.txt"], level="char")
+
+    def unfinished(self, *args, **kwargs):
+        raise TimeoutError("the upload did not finish")
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "finish", unfinished)
+    with pytest.raises(RunStopped) as stop:
+        train(tiny(tmp_path, tmp_path / "run", "--max_iters=20", "--learning_rate=1e30", "--warmup_iters=0",
+                   "--max_bad_steps=2"))
+    assert stop.value.code == EXIT_DIVERGED
+    assert "warning: could not finish the wandb run (TimeoutError: the upload did not finish)" in capsys.readouterr().err
