@@ -99,18 +99,15 @@ def test_non_finite_loss_on_one_rank_stops_both_at_the_same_step(setup, tmp_path
 @pytest.mark.slow
 def test_rank_0_finishes_its_wandb_run_after_the_other_rank_has_exited(setup, tmp_path):
     pytest.importorskip("wandb")
-    from test_wandb import records
+    from test_wandb import exit_codes, offline_env
 
-    out, home = tmp_path / "run", str(tmp_path / "wandb_home")
-    env = {"POISON_FROM": "5", "SLOW_WANDB_FINISH": "3", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           **{v: home for v in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR")}}
+    out = tmp_path / "run"
+    env = {"POISON_FROM": "5", "SLOW_WANDB_FINISH": "3", **offline_env(tmp_path / "wandb_home")}
     proc = torchrun(setup, out, f"--max_iters={STEPS}", "--max_bad_steps=2", "--wandb_log=true",
                     "--wandb_project=sqrllm-test", env=env)
     stdout, stderr = proc.communicate(timeout=300)
     # rank 1 exits at once, and the launcher signals rank 0 while it is still finishing its run
-    run = next((out / "wandb").glob("offline-run-*"))
-    exits = [r.exit for r in records(next(run.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "exit"]
-    assert [e.exit_code for e in exits] == [EXIT_DIVERGED], stderr[-3000:]
+    assert exit_codes(next((out / "wandb").glob("offline-run-*"))) == [EXIT_DIVERGED], stderr[-3000:]
     # and rank 0 still said why it stopped, then ended with the run's status
     assert len([line for line in stderr.splitlines() if line.startswith("error: steps 6-7")]) == 2, stderr[-3000:]
     assert stderr.count(f"exitcode  : {EXIT_DIVERGED} ") >= 1 and "exitcode  : -15" not in stderr, stderr[-3000:]
@@ -146,11 +143,11 @@ def test_sigterm_to_the_launcher_saves_one_checkpoint_and_resumes_exactly(setup,
 
 # One process in a gloo group of one, which it has left, ending through run_main as train.py does.
 ENDING = """
-import os, sys, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from sqrllm import distributed
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
 dist.init_process_group("gloo")
-dist.all_reduce(__import__("torch").ones(3))
+dist.all_reduce(torch.ones(3))
 distributed.teardown()
 
 def main(argv):

@@ -17,12 +17,24 @@ from wandb.proto import wandb_internal_pb2  # noqa: E402
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300))
 
 
+def offline_env(home):
+    """Environment variables for wandb offline and quiet, with its own folders under `home`."""
+    dirs = ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR")
+    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", **{var: str(home) for var in dirs}}
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    for var, value in offline_env(tmp_path / "wandb_home").items():
+        monkeypatch.setenv(var, value)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """tmp_path holding TEXT prepared as the character-level dataset 'tiny'."""
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    prepare_text(tmp_path / "tiny", [tmp_path / "corpus.txt"], level="char")
+    return tmp_path
 
 
 def records(path):
@@ -43,6 +55,12 @@ def records(path):
             record.ParseFromString(buf)
             yield record
             buf = b""
+
+
+def exit_codes(run_dir):
+    """The exit codes a run's .wandb file records (one per finished run)."""
+    return [r.exit.exit_code for r in records(next(Path(run_dir).glob("run-*.wandb")))
+            if r.WhichOneof("record_type") == "exit"]
 
 
 def history(run_dir):
@@ -66,11 +84,9 @@ def tiny(root, out, *extra):
                         "--wandb_log=true", "--wandb_project=sqrllm-test", "--wandb_run_name=tiny", *extra])
 
 
-def test_offline_run_holds_config_metrics_and_samples_and_resume_reuses_the_id(tmp_path):
-    (tmp_path / "corpus.txt").write_text(TEXT)
-    prepare_text(tmp_path / "tiny", [tmp_path / "corpus.txt"], level="char")
+def test_offline_run_holds_config_metrics_and_samples_and_resume_reuses_the_id(tiny_data, tmp_path):
     out = tmp_path / "run"
-    train(tiny(tmp_path, out, "--max_iters=20"))
+    train(tiny(tiny_data, out, "--max_iters=20"))
     run_id = checkpoint.load(out / "ckpt.pt")["wandb_run_id"]
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert run_id and [r.name.rsplit("-", 1)[1] for r in runs] == [run_id]
@@ -89,7 +105,7 @@ def test_offline_run_holds_config_metrics_and_samples_and_resume_reuses_the_id(t
     assert samples["columns"] == ["step", "sample"] and [r[0] for r in samples["data"]] == [10, 20]
     assert all(isinstance(r[1], str) and r[1] for r in samples["data"])
 
-    train(tiny(tmp_path, out, "--max_iters=30", "--init_from=resume"))
+    train(tiny(tiny_data, out, "--max_iters=30", "--init_from=resume"))
     assert checkpoint.load(out / "ckpt.pt")["wandb_run_id"] == run_id
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[1].name.endswith(f"-{run_id}")
@@ -97,7 +113,7 @@ def test_offline_run_holds_config_metrics_and_samples_and_resume_reuses_the_id(t
     assert {25, 30} <= set(rows) and min(rows) > 20 and "val_loss" in rows[30]
 
 
-def test_without_wandb_the_error_says_how_to_install(tmp_path, monkeypatch):
+def test_without_wandb_the_error_says_how_to_install(tiny_data, tmp_path, monkeypatch):
     import builtins
 
     real_import = builtins.__import__
@@ -107,37 +123,28 @@ def test_without_wandb_the_error_says_how_to_install(tmp_path, monkeypatch):
             raise ImportError("no wandb")
         return real_import(name, *args, **kwargs)
 
-    (tmp_path / "corpus.txt").write_text(TEXT)
-    prepare_text(tmp_path / "tiny", [tmp_path / "corpus.txt"], level="char")
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ConfigError, match=r"pip install 'sqrllm\[wandb\]'"):
-        train(tiny(tmp_path, tmp_path / "run", "--max_iters=2"))
+        train(tiny(tiny_data, tmp_path / "run", "--max_iters=2"))
     assert not (tmp_path / "run").exists()
 
 
-def test_a_stopped_run_is_finished_with_its_exit_status(tmp_path):
-    (tmp_path / "corpus.txt").write_text(TEXT)
-    prepare_text(tmp_path / "tiny", [tmp_path / "corpus.txt"], level="char")
+def test_a_stopped_run_is_finished_with_its_exit_status(tiny_data, tmp_path):
     out = tmp_path / "run"
     # a learning rate of 1e30 makes the weights overflow at step 2: steps 2-3 are non-finite
     with pytest.raises(RunStopped) as stop:
-        train(tiny(tmp_path, out, "--max_iters=20", "--learning_rate=1e30", "--warmup_iters=0", "--max_bad_steps=2"))
+        train(tiny(tiny_data, out, "--max_iters=20", "--learning_rate=1e30", "--warmup_iters=0", "--max_bad_steps=2"))
     assert stop.value.code == EXIT_DIVERGED
-    run = next((out / "wandb").glob("offline-run-*"))
-    exits = [r.exit for r in records(next(run.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "exit"]
-    assert [e.exit_code for e in exits] == [EXIT_DIVERGED]
+    assert exit_codes(next((out / "wandb").glob("offline-run-*"))) == [EXIT_DIVERGED]
 
 
-def test_a_stopped_run_keeps_its_status_when_wandb_cannot_finish(tmp_path, monkeypatch, capsys):
-    (tmp_path / "corpus.txt").write_text(TEXT)
-    prepare_text(tmp_path / "tiny", [tmp_path / "corpus.txt"], level="char")
-
+def test_a_stopped_run_keeps_its_status_when_wandb_cannot_finish(tiny_data, tmp_path, monkeypatch, capsys):
     def unfinished(self, *args, **kwargs):
         raise TimeoutError("the upload did not finish")
 
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "finish", unfinished)
     with pytest.raises(RunStopped) as stop:
-        train(tiny(tmp_path, tmp_path / "run", "--max_iters=20", "--learning_rate=1e30", "--warmup_iters=0",
+        train(tiny(tiny_data, tmp_path / "run", "--max_iters=20", "--learning_rate=1e30", "--warmup_iters=0",
                    "--max_bad_steps=2"))
     assert stop.value.code == EXIT_DIVERGED
     assert "warning: could not finish the wandb run (TimeoutError: the upload did not finish)" in capsys.readouterr().err
