@@ -35,6 +35,9 @@
 #ifndef POLL
 #define POLL 4  // chunk mode: tree nodes a thread waits for at once
 #endif
+#ifndef FOLD
+#define FOLD 8  // per-feature steps: threads' maps read from shared memory at once (a power of two <= 8)
+#endif
 
 // Storage types (float, f16_t, bf16_t) and to_f32 / from_f32: kernels/storage.cuh, which
 // sqrllm/cuda.py puts in front of this file.
@@ -217,6 +220,10 @@ __device__ float chunk_carry_in(float A, float b, float h, unsigned k, unsigned 
 
 extern __shared__ __align__(16) unsigned char dyn_smem[];
 
+template <bool F> struct Rows {  // whether all of a thread's rows in a tile are there: see scan_tiles
+    static constexpr bool full = F;
+};
+
 // Forward (BWD = false): a = x, out = y; y, dr, dh0 unused.
 // Backward (BWD = true): a = dy, y = the forward's output, out = dx; writes dr and dh0.
 // nodes: chunk-mode scratch, zeroed, 16 bytes per (tree node, column, feature); lg: the tree's log2 radix.
@@ -312,14 +319,15 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         const Raw* rm = ra + LR * NT;
         const Raw* ry = rm + LR * NT;
 
-        // this thread's map over its positions
-        {
+        // this thread's map over its positions. Rows<true>: all LR rows are there, so no test per row
+        // stands between their shared-memory loads, which then issue together.
+        auto thread_map = [&](auto all) {
             float A[V], B[V];
 #pragma unroll
             for (int v = 0; v < V; ++v) A[v] = 1.f, B[v] = 0.f;
 #pragma unroll
             for (int l = 0; l < LR; ++l) {
-                if (v_ok && l < rows) {
+                if (decltype(all)::full || (v_ok && l < rows)) {
                     float fa[V], fm[V];
                     unpack<S>(ra[l * NT], fa);
                     unpack<S>(rm[l * NT], fm);
@@ -335,59 +343,79 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
                 sA[(ty * V + v) * CT + cx] = A[v];
                 sB[(ty * V + v) * CT + cx] = B[v];
             }
-        }
+        };
+        const bool full = v_ok && rows == LR;
+        if (full) thread_map(Rows<true>{});
+        else thread_map(Rows<false>{});
         __syncthreads();
 
         // per feature: the tile's map, the state entering the tile, then the state entering each thread
         float tA = 1.f, tB = 0.f;
         if (f_ok) {
-            for (int i = tid; i < NT * V; i += CW) {  // i = (ty * V + v) * CT + cx over ty
-                tB = fmaf(sA[i], tB, sB[i]);
-                tA *= sA[i];
+            // i = (ty * V + v) * CT + cx over ty, FOLD at a time: their loads all issue before the
+            // dependent chain (NT * V / CW = NT / CT, a multiple of 8)
+            for (int i0 = tid; i0 < NT * V; i0 += FOLD * CW) {
+                float m[FOLD], c[FOLD];
+#pragma unroll
+                for (int u = 0; u < FOLD; ++u) m[u] = sA[i0 + u * CW], c[u] = sB[i0 + u * CW];
+#pragma unroll
+                for (int u = 0; u < FOLD; ++u) {
+                    tB = fmaf(m[u], tB, c[u]);
+                    tA *= m[u];
+                }
             }
         }
         float h = carry;
         if (MODE == CHUNKS && f_ok)
             h = chunk_carry_in(tA, tB, h, k, n_chunks, lg, (long long)ncol * CW, nodes + (long long)col * CW + tid);
         if (f_ok) {
-            for (int i = tid; i < NT * V; i += CW) {
-                const float m = sA[i];
-                sA[i] = h;
-                h = fmaf(m, h, sB[i]);
+            for (int i0 = tid; i0 < NT * V; i0 += FOLD * CW) {  // as above; loads first, then stores
+                float m[FOLD], c[FOLD];
+#pragma unroll
+                for (int u = 0; u < FOLD; ++u) m[u] = sA[i0 + u * CW], c[u] = sB[i0 + u * CW];
+#pragma unroll
+                for (int u = 0; u < FOLD; ++u) {
+                    sA[i0 + u * CW] = h;
+                    h = fmaf(m[u], h, c[u]);
+                }
             }
         }
         carry = h;
         __syncthreads();
 
         // replay this thread's positions from its entering state and write the outputs
-        float g[V];
+        auto replay = [&](auto all) {
+            float g[V];
 #pragma unroll
-        for (int v = 0; v < V; ++v) g[v] = sA[(ty * V + v) * CT + cx];
+            for (int v = 0; v < V; ++v) g[v] = sA[(ty * V + v) * CT + cx];
 #pragma unroll
-        for (int l = 0; l < LR; ++l) {
-            if (v_ok && l < rows) {
-                const long long at = at0 + l * step;
-                float fa[V], fm[V];
-                unpack<S>(ra[l * NT], fa);
-                unpack<S>(rm[l * NT], fm);
+            for (int l = 0; l < LR; ++l) {
+                if (decltype(all)::full || (v_ok && l < rows)) {
+                    const long long at = at0 + l * step;
+                    float fa[V], fm[V];
+                    unpack<S>(ra[l * NT], fa);
+                    unpack<S>(rm[l * NT], fm);
 #pragma unroll
-                for (int v = 0; v < V; ++v) g[v] = fmaf(fm[v], g[v], fa[v]);
-                store_vec<S, V>(out + at, g);
-                if (BWD) {
-                    float d[V];
-                    unpack<S>(ry[l * NT], d);
-#pragma unroll
-                    for (int v = 0; v < V; ++v) d[v] *= g[v];
-                    store_vec<S, V>(dr + at, d);
-                    if (p0 + l + 1 == T) {  // dh0 = r[first row] * g[first row]
-                        unpack<S>(*(const Raw*)(r + at), d);
+                    for (int v = 0; v < V; ++v) g[v] = fmaf(fm[v], g[v], fa[v]);
+                    store_vec<S, V>(out + at, g);
+                    if (BWD) {
+                        float d[V];
+                        unpack<S>(ry[l * NT], d);
 #pragma unroll
                         for (int v = 0; v < V; ++v) d[v] *= g[v];
-                        store_vec<S, V>(dh0 + bi * C + cv, d);
+                        store_vec<S, V>(dr + at, d);
+                        if (p0 + l + 1 == T) {  // dh0 = r[first row] * g[first row]
+                            unpack<S>(*(const Raw*)(r + at), d);
+#pragma unroll
+                            for (int v = 0; v < V; ++v) d[v] *= g[v];
+                            store_vec<S, V>(dh0 + bi * C + cv, d);
+                        }
                     }
                 }
             }
-        }
+        };
+        if (full) replay(Rows<true>{});
+        else replay(Rows<false>{});
         // No barrier before the next tile: a thread copies into and reads back only its own slots of
         // the tile buffers and of sA / sB, and the next tile's per-feature steps touch sA / sB only
         // after its first barrier, which every thread reaches after this replay.
