@@ -1,4 +1,4 @@
-"""A few calls of the sqrll CUDA scan at one shape, for a profiler to pick a kernel launch from.
+r"""A few calls of the sqrll CUDA scan at one shape, for a profiler to pick a kernel launch from.
 
     ncu -k regex:sqrll_fwd --launch-skip 2 --launch-count 1 --set full \
         python3 scripts/profile_scan.py 1,131072,256 bf16 [--bwd]
@@ -8,12 +8,15 @@ backward (the kernels named sqrll_bwd_*).
 """
 
 import argparse
+import os
+import sys
 
 import torch
 
 from sqrllm.scan import scan
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernel import DTYPES  # noqa: E402  (the benchmark's dtype names)
 
 
 def main():
