@@ -10,6 +10,8 @@
 // thread moving V features with one vector copy per row (16 bytes where C allows), and TT across
 // time, each thread owning LR consecutive positions. Inputs are copied straight into shared
 // memory (cp.async), so all of a tile's loads are in flight at once without holding registers.
+// (Chunk mode may add LX rows per thread held in registers after them: a tile there waits in place
+// for its carry-in, so what bounds the bytes in flight is what it can hold.)
 // A span of positions acts on the state as an affine map h -> A * h + b (A the product of r, b the
 // scan started from 0); maps compose associatively, which is what lets time be split. Within a
 // tile, one thread per feature folds the threads' maps through shared memory. Across tiles, one of
@@ -239,7 +241,12 @@ template <bool F> struct Rows {  // whether all of a thread's rows in a tile are
 #define LOOP 1      // loop mode
 #define CHUNKS 2    // chunk mode
 
-template <typename S, int V, int L, bool BWD, int MODE>
+// A register-held row's vector: one plain global load (2-byte vectors through unsigned short).
+template <typename Raw> __device__ __forceinline__ Raw load_raw(const void* p) { return *(const Raw*)p; }
+
+// LX (chunk mode): rows a thread holds in registers after its L shared-memory rows, so that a tile
+// outgrows shared memory; loaded by plain loads issued beside the tile's cp.async copies.
+template <typename S, int V, int L, bool BWD, int MODE, int LX = 0>
 __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
     typedef typename RawOf<sizeof(S) * V>::T Raw;
     // per thread and feature, [ty][v][cx]: the thread's map (sA, sB), then the state entering it (sA)
@@ -268,13 +275,17 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
     // Each thread owns LR positions of a tile. In loop mode, LR = L / 2 and two buffers alternate:
     // the next tile's copies are in flight while this one is worked on.
     constexpr int LR = MODE == LOOP ? L / 2 : L;
-    const long long Tc = (long long)TT * LR;
+    static_assert(LX == 0 || MODE == CHUNKS, "register rows are for chunk mode");
+    constexpr int LT = LR + LX;  // rows a thread owns in a tile: LR in shared memory, then LX in registers
+    const long long Tc = (long long)TT * LT;
     const long long n_tiles = MODE == LOOP ? (T + Tc - 1) / Tc : 1;
     const long long step = flip ? -C : C;  // one scan position on, in elements
     constexpr int ARRAYS = BWD ? 3 : 2;
     auto first_position = [&](long long tile) {  // this thread's first position in the tile
-        return (MODE == CHUNKS ? (long long)k : tile) * Tc + (long long)ty * LR;
+        return (MODE == CHUNKS ? (long long)k : tile) * Tc + (long long)ty * LT;
     };
+    // the register rows of a, r (and y), zero where a row is missing
+    Raw xa[LX > 0 ? LX : 1], xm[LX > 0 ? LX : 1], xy[LX > 0 ? LX : 1];
     auto buffer = [&](int b) { return tile_in + b * ARRAYS * LR * NT + tid; };  // [array][l][tid]
     // buffer(0) as a shared-memory address, and the bytes from one row to the next and one array to the next
     const unsigned slot0 = smem_u32(tile_in + tid);
@@ -301,6 +312,24 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
             }
         }
         copy_async_commit();
+        if constexpr (LX > 0) {
+            const long long rows_all = min((long long)LT, T - p0);
+#pragma unroll
+            for (int j = 0; j < LX; ++j, at += step) {
+                const int l = LR + j;
+                xa[j] = xm[j] = xy[j] = Raw{};
+                if (v_ok && l < rows_all) {
+                    xa[j] = load_raw<Raw>(a + at);
+                    if (!BWD) {
+                        xm[j] = load_raw<Raw>(r + at);
+                    } else {
+                        if (p0 + l > 0) xm[j] = load_raw<Raw>(r + (at - step));
+                        if (p0 + l + 1 < T) xy[j] = load_raw<Raw>(y + (at + step));
+                        else if (h0 != nullptr) xy[j] = load_raw<Raw>(h0 + bi * C + cv);
+                    }
+                }
+            }
+        }
     };
 
     issue(0, 0);
@@ -313,11 +342,15 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
             copy_async_wait<0>();
         }
         const long long p0 = first_position(tile);
-        const long long rows = min((long long)LR, T - p0);  // positions p0 + l exist for l < rows
+        const long long rows = min((long long)LT, T - p0);  // positions p0 + l exist for l < rows
         const long long at0 = seq + (flip ? T - 1 - p0 : p0) * C + cv;
         const Raw* ra = buffer(b);
         const Raw* rm = ra + LR * NT;
         const Raw* ry = rm + LR * NT;
+        // row l of a, r, y: shared memory below LR, registers from there (l is a constant once unrolled)
+        auto row_a = [&](int l) { return l < LR ? ra[l * NT] : xa[l - LR]; };
+        auto row_m = [&](int l) { return l < LR ? rm[l * NT] : xm[l - LR]; };
+        auto row_y = [&](int l) { return l < LR ? ry[l * NT] : xy[l - LR]; };
 
         // this thread's map over its positions. Rows<true>: all LR rows are there, so no test per row
         // stands between their shared-memory loads, which then issue together.
@@ -326,11 +359,11 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 #pragma unroll
             for (int v = 0; v < V; ++v) A[v] = 1.f, B[v] = 0.f;
 #pragma unroll
-            for (int l = 0; l < LR; ++l) {
+            for (int l = 0; l < LT; ++l) {
                 if (decltype(all)::full || (v_ok && l < rows)) {
                     float fa[V], fm[V];
-                    unpack<S>(ra[l * NT], fa);
-                    unpack<S>(rm[l * NT], fm);
+                    unpack<S>(row_a(l), fa);
+                    unpack<S>(row_m(l), fm);
 #pragma unroll
                     for (int v = 0; v < V; ++v) {
                         B[v] = fmaf(fm[v], B[v], fa[v]);
@@ -344,7 +377,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
                 sB[(ty * V + v) * CT + cx] = B[v];
             }
         };
-        const bool full = v_ok && rows == LR;
+        const bool full = v_ok && rows == LT;
         if (full) thread_map(Rows<true>{});
         else thread_map(Rows<false>{});
         __syncthreads();
@@ -389,18 +422,18 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 #pragma unroll
             for (int v = 0; v < V; ++v) g[v] = sA[(ty * V + v) * CT + cx];
 #pragma unroll
-            for (int l = 0; l < LR; ++l) {
+            for (int l = 0; l < LT; ++l) {
                 if (decltype(all)::full || (v_ok && l < rows)) {
                     const long long at = at0 + l * step;
                     float fa[V], fm[V];
-                    unpack<S>(ra[l * NT], fa);
-                    unpack<S>(rm[l * NT], fm);
+                    unpack<S>(row_a(l), fa);
+                    unpack<S>(row_m(l), fm);
 #pragma unroll
                     for (int v = 0; v < V; ++v) g[v] = fmaf(fm[v], g[v], fa[v]);
                     store_vec<S, V>(out + at, g);
                     if (BWD) {
                         float d[V];
-                        unpack<S>(ry[l * NT], d);
+                        unpack<S>(row_y(l), d);
 #pragma unroll
                         for (int v = 0; v < V; ++v) d[v] *= g[v];
                         store_vec<S, V>(dr + at, d);
@@ -423,11 +456,11 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 }
 
 // Entry points are made on demand: sqrllm/cuda.py appends one SQRLL_SCAN line per variant it
-// launches (storage type, V, L, direction, mode, blocks per multiprocessor the launch bounds promise),
-// so that each variant compiles alone and lands in CuPy's on-disk cache.
-#define SQRLL_SCAN(NAME, S, V, L, BWD, MODE, MIN_BLOCKS)                                    \
+// launches (storage type, V, L, direction, mode, blocks per multiprocessor the launch bounds promise,
+// chunk mode's register rows), so that each variant compiles alone and lands in CuPy's on-disk cache.
+#define SQRLL_SCAN(NAME, S, V, L, BWD, MODE, MIN_BLOCKS, LX)                                \
     extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) NAME(SCAN_PARAMS(S)) { \
-        scan_tiles<S, V, L, BWD, MODE>(SCAN_ARGS);                                      \
+        scan_tiles<S, V, L, BWD, MODE, LX>(SCAN_ARGS);                                  \
     }
 
 // The textbook design, kept as the benchmark's baseline: one thread per (sequence, feature),

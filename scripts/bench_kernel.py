@@ -159,6 +159,7 @@ def main():
     ap.add_argument("--tiles", help="sqrllm forward and backward tiles as L,blocks,L,blocks (default: sqrllm.cuda's)")
     ap.add_argument("--loop-min-fill", type=float, help="sqrllm.cuda.LOOP_MIN_FILL (default: sqrllm.cuda's)")
     ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
+    ap.add_argument("--chunk-reg-rows", help="sqrllm.cuda.CHUNK_REG_ROWS as forward,backward (default: sqrllm.cuda's)")
     ap.add_argument("--define", nargs="+", default=[], metavar="NAME=VALUE",
                     help="macros put in front of kernels/sqrll.cu, e.g. POLL=8 (default: the .cu's)")
     ap.add_argument("--kernel", metavar="FILE",
@@ -178,6 +179,8 @@ def main():
         cuda.LOOP_MIN_FILL = args.loop_min_fill
     if args.tree_log2 is not None:
         cuda.TREE_LOG2 = args.tree_log2
+    if args.chunk_reg_rows:
+        cuda.CHUNK_REG_ROWS = tuple(map(int, args.chunk_reg_rows.split(",")))
     if args.define or args.kernel:
         source = cuda._source
         defines = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in args.define)
@@ -196,7 +199,8 @@ def main():
         f"Device: {device}; device-to-device copy: {copy:.0f} GB/s (read + write). "
         f"sqrllm tiles: forward (L, blocks/SM) = {cuda.FWD_TILE}, backward = {cuda.BWD_TILE}; "
         f"loop mode from a fill of {cuda.LOOP_MIN_FILL}; "
-        f"tree radix {2 ** cuda.TREE_LOG2}; macros: {' '.join(args.define) or 'the .cu defaults'}; "
+        f"tree radix {2 ** cuda.TREE_LOG2}; chunk-mode register rows {cuda.CHUNK_REG_ROWS}; "
+        f"macros: {' '.join(args.define) or 'the .cu defaults'}; "
         f"scan source: {args.kernel or 'kernels/sqrll.cu'}. "
         f"Host floor here: {floor:.0f} us for the autograd forward+backward of a tiny x * x.",
         "",

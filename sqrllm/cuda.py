@@ -28,6 +28,9 @@ BWD_TILE = (8, 2)
 LOOP_MIN_FILL = 0.8
 # chunk mode: log2 of the radix of the tree of tile maps (wider: fewer hops to wait, more nodes to read)
 TREE_LOG2 = 3
+# chunk mode: rows a thread holds in registers beyond its L in shared memory (forward, backward), so
+# that a tile, which waits in place for its carry-in, holds more than shared memory alone allows
+CHUNK_REG_ROWS = (6, 3)
 
 
 def ensure_available():
@@ -60,8 +63,9 @@ class Plan(NamedTuple):
         return "LOOP" if self.pipe else "CHUNKS" if self.n_chunks > 1 else "ONE_TILE"
 
 
-def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None):
-    """How to cut a (B, T, C) scan moving V features per thread; `resident` blocks fit on the GPU."""
+def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0):
+    """How to cut a (B, T, C) scan moving V features per thread; `resident` blocks fit on the GPU.
+    In chunk mode a thread holds `reg_rows` rows in registers beyond its L in shared memory."""
     min_fill = LOOP_MIN_FILL if min_fill is None else min_fill
     lg = TREE_LOG2 if tree_log2 is None else tree_log2
     nvec = C // V
@@ -77,11 +81,13 @@ def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None):
             return Plan(ct, n_ct, ncol, 1, ncol, 0, L // 2, 1)
     n_ct = -(-nvec // CT)
     ncol = B * n_ct
-    n_tiles = -(-T // (NT // CT * L))
+    # T outgrows one shared-memory tile here; register rows may make one tile long enough, but a
+    # single tile runs the ONE_TILE kernel, which has none, so chunk mode keeps at least two
+    n_tiles = max(2, -(-T // (NT // CT * (L + reg_rows))))
     if ncol * n_tiles >= 2**31:
         raise ValueError(f"scan: (B, T, C) = {(B, T, C)} needs more than 2^31 blocks")
     slots = sum(n_tiles >> (lg * j) for j in range(32 // lg))  # level j holds floor(n / R^j) nodes
-    return Plan(CT, n_ct, ncol, n_tiles, ncol * n_tiles, slots, L, 0)
+    return Plan(CT, n_ct, ncol, n_tiles, ncol * n_tiles, slots, L + reg_rows, 0)
 
 
 def vector_width(C, element_size, ptrs):
@@ -111,10 +117,11 @@ def _function(name, entry, device, dyn_smem):
     return kernel
 
 
-def _scan_kernel(dtype, V, L, bwd, mode, min_blocks, device):
+def _scan_kernel(dtype, V, L, bwd, mode, min_blocks, device, reg_rows=0):
     S = STORAGE[dtype]
     name = f"sqrll_{'bwd' if bwd else 'fwd'}_{S}_v{V}_l{L}_{mode.lower()}_b{min_blocks}"
-    entry = f"\nSQRLL_SCAN({name}, {S}, {V}, {L}, {'true' if bwd else 'false'}, {mode}, {min_blocks})\n"
+    name += f"_x{reg_rows}" if reg_rows else ""
+    entry = f"\nSQRLL_SCAN({name}, {S}, {V}, {L}, {'true' if bwd else 'false'}, {mode}, {min_blocks}, {reg_rows})\n"
     dyn_smem = (3 if bwd else 2) * L * NT * V * torch.finfo(dtype).bits // 8
     return _function(name, entry, device, dyn_smem), dyn_smem
 
@@ -161,11 +168,12 @@ def _on(device):
 
 
 @functools.lru_cache(maxsize=1024)
-def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2):
+def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2, reg_rows):
     """What a launch needs besides the pointers: kernel, grid, shared memory, scratch bytes, last args."""
     L, min_blocks = tile
-    p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2)
-    fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, p.mode, min_blocks, device)
+    p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, reg_rows)
+    reg_rows = reg_rows if p.mode == "CHUNKS" else 0
+    fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, p.mode, min_blocks, device, reg_rows)
     scratch_bytes = p.slots * p.ncol * p.CT * V * 16 if p.n_chunks > 1 else 0  # a tagged map per node and feature
     ints = (p.CT, p.n_ct, p.ncol, p.n_chunks, tree_log2)
     tail = (np.int64(T), np.int64(C), *map(np.int32, ints))
@@ -181,7 +189,8 @@ def _launch(bwd, a, r, y, h0, out, dr, dh0, flip):
     V = vector_width(C, a.element_size(), [t.data_ptr() for t in tensors if t is not None])
     with _on(device):
         fn, grid, dyn_smem, scratch_bytes, tail = _recipe(
-            bwd, a.dtype, B, T, C, V, device, BWD_TILE if bwd else FWD_TILE, LOOP_MIN_FILL, TREE_LOG2
+            bwd, a.dtype, B, T, C, V, device, BWD_TILE if bwd else FWD_TILE, LOOP_MIN_FILL, TREE_LOG2,
+            CHUNK_REG_ROWS[bwd],
         )
         nodes = torch.zeros(scratch_bytes, dtype=torch.uint8, device=a.device) if scratch_bytes else None
         args = (*map(_ptr, tensors), _ptr(nodes), *tail, np.int32(flip))

@@ -82,20 +82,24 @@ def test_vector_width_follows_features_and_alignment(C, ptr_offset, V):
     assert cuda.vector_width(C, 2, [4096, 4096 + ptr_offset]) == V
 
 
+@pytest.mark.parametrize("reg_rows", [0, 4])
 @pytest.mark.parametrize("B, T, C, V", [(16, 2048, 1024, 8), (1, 131072, 256, 8), (1, 32768, 1024, 4), (64, 256, 384, 8),
-                                        (3, 4097, 1, 1), (2, 63, 5, 1), (256, 128, 1024, 4)])  # fmt: skip
-def test_plan_covers_every_feature_and_fills_the_gpu(B, T, C, V):
+                                        (3, 4097, 1, 1), (2, 63, 5, 1), (256, 128, 1024, 4),
+                                        (2, 300, 24, 4)])  # fmt: skip
+def test_plan_covers_every_feature_and_fills_the_gpu(B, T, C, V, reg_rows):
     resident = 132 * 2
-    p = cuda.plan(B, T, C, V, L=8, resident=resident)
+    p = cuda.plan(B, T, C, V, L=8, resident=resident, reg_rows=reg_rows)
     assert (p.n_ct - 1) * p.CT * V < C <= p.n_ct * p.CT * V
     assert p.ncol == B * p.n_ct
     Tc = cuda.NT // p.CT * p.rows
     if p.n_chunks == 1:  # one block walks each column, pipelined when there is more than one tile
         assert p.grid == p.ncol and p.pipe == (T > Tc * 2) and p.rows == (4 if p.pipe else 8)
         assert T <= Tc or p.ncol / (-(-p.ncol // resident) * resident) >= cuda.LOOP_MIN_FILL
-    else:  # one block per tile
-        assert p.n_chunks == -(-T // Tc) and p.grid == p.ncol * p.n_chunks and not p.pipe
-    assert p.rows == (8 // 2 if p.mode == "LOOP" else 8)  # the kernel derives its rows (LR) from the mode
+    else:  # one block per tile; T outgrew one tile without register rows, so at least two tiles
+        assert T > cuda.NT // p.CT * 8
+        assert p.n_chunks == max(2, -(-T // Tc)) and p.grid == p.ncol * p.n_chunks and not p.pipe
+    # the kernel derives its rows (LR) from the mode; chunk mode adds its register rows
+    assert p.rows == {"LOOP": 8 // 2, "ONE_TILE": 8, "CHUNKS": 8 + reg_rows}[p.mode]
     if B * T * C >= 2**24:  # a benchmark-sized scan gets blocks for every multiprocessor, whatever its shape
         assert p.grid >= 132
 
