@@ -238,6 +238,21 @@ template <bool F> struct Rows {  // whether all of a thread's rows in a tile are
 
 // The three ways of cutting time (sqrllm/cuda.py's plan picks one), each compiled as its own kernel.
 #define ONE_TILE 0  // all of T in one tile
+// A per-feature step: step(i, m, c) on the maps (sA[i], sB[i]) for i = first, first + stride, ... < end,
+// in that order. FOLD of them are read from shared memory before their steps, so the loads issue
+// together instead of each waiting in the steps' dependent chain; (end - first) / stride is a
+// multiple of FOLD here (NT / CT threads of a feature).
+template <typename Step>
+__device__ __forceinline__ void each_map(const float* sA, const float* sB, int first, int end, int stride, Step step) {
+    for (int i0 = first; i0 < end; i0 += FOLD * stride) {
+        float m[FOLD], c[FOLD];
+#pragma unroll
+        for (int u = 0; u < FOLD; ++u) m[u] = sA[i0 + u * stride], c[u] = sB[i0 + u * stride];
+#pragma unroll
+        for (int u = 0; u < FOLD; ++u) step(i0 + u * stride, m[u], c[u]);
+    }
+}
+
 #define LOOP 1      // loop mode
 #define CHUNKS 2    // chunk mode
 
@@ -384,35 +399,12 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 
         // per feature: the tile's map, the state entering the tile, then the state entering each thread
         float tA = 1.f, tB = 0.f;
-        if (f_ok) {
-            // i = (ty * V + v) * CT + cx over ty, FOLD at a time: their loads all issue before the
-            // dependent chain (NT * V / CW = NT / CT, a multiple of 8)
-            for (int i0 = tid; i0 < NT * V; i0 += FOLD * CW) {
-                float m[FOLD], c[FOLD];
-#pragma unroll
-                for (int u = 0; u < FOLD; ++u) m[u] = sA[i0 + u * CW], c[u] = sB[i0 + u * CW];
-#pragma unroll
-                for (int u = 0; u < FOLD; ++u) {
-                    tB = fmaf(m[u], tB, c[u]);
-                    tA *= m[u];
-                }
-            }
-        }
+        // (the maps of this thread's feature are at i = (ty * V + v) * CT + cx: from tid, every CW-th)
+        if (f_ok) each_map(sA, sB, tid, NT * V, CW, [&](int, float m, float c) { tB = fmaf(m, tB, c); tA *= m; });
         float h = carry;
         if (MODE == CHUNKS && f_ok)
             h = chunk_carry_in(tA, tB, h, k, n_chunks, lg, (long long)ncol * CW, nodes + (long long)col * CW + tid);
-        if (f_ok) {
-            for (int i0 = tid; i0 < NT * V; i0 += FOLD * CW) {  // as above; loads first, then stores
-                float m[FOLD], c[FOLD];
-#pragma unroll
-                for (int u = 0; u < FOLD; ++u) m[u] = sA[i0 + u * CW], c[u] = sB[i0 + u * CW];
-#pragma unroll
-                for (int u = 0; u < FOLD; ++u) {
-                    sA[i0 + u * CW] = h;
-                    h = fmaf(m[u], h, c[u]);
-                }
-            }
-        }
+        if (f_ok) each_map(sA, sB, tid, NT * V, CW, [&](int i, float m, float c) { sA[i] = h; h = fmaf(m, h, c); });
         carry = h;
         __syncthreads();
 
