@@ -104,6 +104,26 @@ def test_plan_covers_every_feature_and_fills_the_gpu(B, T, C, V, reg_rows):
         assert p.grid >= 132
 
 
+@pytest.mark.parametrize("reg_rows", [0, 3, 6])
+@pytest.mark.parametrize("C, V", [(24, 4), (256, 8), (1, 1)])
+def test_the_planned_kernel_reaches_every_position(C, V, reg_rows):
+    # what each mode's kernel covers: one tile of L rows per thread (ONE_TILE), tiles walked in a loop
+    # (LOOP), or n_chunks tiles of L + reg_rows rows, where the kernel holds reg_rows rows in
+    # registers (CHUNKS); any T in between the tile sizes must land in a mode that reaches it
+    L, resident = 8, 132 * 2
+    for T in sorted({1, 2, 255, 256, 257, 300, 320, 321, 1023, 1024, 1025, 2049, 3000, 40000}):
+        for min_fill in (0, 2):  # loop mode wherever a column may walk T, or never
+            p = cuda.plan(2, T, C, V, L, resident, min_fill=min_fill, reg_rows=reg_rows)
+            per_thread = {"ONE_TILE": L, "LOOP": L // 2, "CHUNKS": L + reg_rows}[p.mode]
+            assert p.rows == per_thread, (T, p)
+            tile = cuda.NT // p.CT * per_thread
+            if p.mode == "ONE_TILE":
+                assert T <= tile, (T, p)
+            elif p.mode == "CHUNKS":
+                assert (p.n_chunks - 1) * tile < T <= p.n_chunks * tile or p.n_chunks == 2, (T, p)
+                assert T <= p.n_chunks * tile, (T, p)
+
+
 @pytest.mark.parametrize("lg", [1, 2, 3])
 def test_tree_nodes_fit_the_scratch_and_cover_each_prefix(lg):
     # the kernel's node indexing (kernels/sqrll.cu: node_slot, chunk_carry_in), run on integers
