@@ -7,11 +7,7 @@
 # (for changes beyond the .cu; make one with `git archive main | tar -x -C DIR`).
 # Logs go under $OUT (default: out/).
 # Usage: bash scripts/gpu_kernel_sweep.sh "VARIANT" ... [-- bench args for every variant]
-set -o pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+source "$(dirname "$0")/gpu_env.sh"
 variants=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do variants+=("$1"); shift; done
 [ "$1" = "--" ] && shift

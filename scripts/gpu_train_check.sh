@@ -3,12 +3,8 @@
 # configs/shakespeare_char.py at an equal time budget (scripts/bench_gpu_race.py --budget), one run at a
 # time per GPU. Logs and tables go under $OUT (default: out/).
 # Usage: bash scripts/gpu_train_check.sh PATH/TO/tinyshakespeare.txt [budget seconds, default 40]
-set -o pipefail
-OUT=${OUT:-out}
 BUDGET=${2:-40}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+source "$(dirname "$0")/gpu_env.sh"
 python3 data/shakespeare_char/prepare.py --input "$1" >"$OUT/prepare.log" 2>&1 || { cat "$OUT/prepare.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.txt"
 timeout 240 python3 scripts/bench_ddp.py --batch 64 512 2>&1 | tee "$OUT/bench_ddp.log"
