@@ -236,8 +236,6 @@ template <bool F> struct Rows {  // whether all of a thread's rows in a tile are
         int lg, int flip
 #define SCAN_ARGS a, r, y, h0, out, dr, dh0, nodes, T, C, CT, n_ct, ncol, n_chunks, lg, flip
 
-// The three ways of cutting time (sqrllm/cuda.py's plan picks one), each compiled as its own kernel.
-#define ONE_TILE 0  // all of T in one tile
 // A per-feature step: step(i, m, c) on the maps (sA[i], sB[i]) for i = first, first + stride, ... < end,
 // in that order. FOLD of them are read from shared memory before their steps, so the loads issue
 // together instead of each waiting in the steps' dependent chain; (end - first) / stride is a
@@ -253,6 +251,8 @@ __device__ __forceinline__ void each_map(const float* sA, const float* sB, int f
     }
 }
 
+// The three ways of cutting time (sqrllm/cuda.py's plan picks one), each compiled as its own kernel.
+#define ONE_TILE 0  // all of T in one tile
 #define LOOP 1      // loop mode
 #define CHUNKS 2    // chunk mode
 
@@ -367,7 +367,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         auto row_m = [&](int l) { return l < LR ? rm[l * NT] : xm[l - LR]; };
         auto row_y = [&](int l) { return l < LR ? ry[l * NT] : xy[l - LR]; };
 
-        // this thread's map over its positions. Rows<true>: all LR rows are there, so no test per row
+        // this thread's map over its positions. Rows<true>: all LT rows are there, so no test per row
         // stands between their shared-memory loads, which then issue together.
         auto thread_map = [&](auto all) {
             float A[V], B[V];
