@@ -36,6 +36,7 @@ from sqrllm.flops import flops_per_token, mfu, peak_flops
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
 from sqrllm.prepare import prepare_builtin
+from sqrllm.step_graph import GraphedStep, graph_wanted
 from sqrllm.tokenizer import from_meta
 
 
@@ -62,10 +63,11 @@ def resolve_device(cfg):
     return device, getattr(torch, dtype)
 
 
-def autocast(device, dtype):
+def autocast(device, dtype, cache=True):
+    """cache=False: cast the weights at every use (what recording a CUDA graph needs)."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype, cache_enabled=cache)
 
 
 def lr_at(cfg, step):
@@ -229,6 +231,7 @@ def _train(cfg, launched, ending):
         torch.set_num_threads(cfg.num_threads)
     device, dtype = resolve_device(cfg)
     dd, device = distributed.setup(device)  # one process per GPU under torchrun; a no-op otherwise
+    graphed = graph_wanted(cfg, device, dd.enabled)
     meta, train_tokens, val_tokens = load_dataset(cfg)
     out_dir = Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -253,6 +256,9 @@ def _train(cfg, launched, ending):
     optimizer = model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                           device.split(":")[0])
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+    accum = cfg.gradient_accumulation_steps
+    micro_step = GraphedStep(model, lambda: autocast(device, dtype, cache=False),
+                             lambda loss: scaler.scale(loss / accum), keep_state=cfg.batching == "stream") if graphed else None
     if cfg.batching == "stream":
         batches = StreamBatches(train_tokens, cfg.batch_size, cfg.block_size, rank=dd.rank, world_size=dd.world_size,
                                 path=Path(cfg.dataset) / "train.bin")
@@ -313,7 +319,8 @@ def _train(cfg, launched, ending):
     if dd.is_main:
         tqdm.write(f"sqrllm: {cfg.model} model, {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOP per "
                    f"training token, {cfg.dataset} ({meta['vocab_size']} tokens vocab), device {device}"
-                   f"{f' x {dd.world_size} processes' if dd.enabled else ''}, {dtype_name}, out_dir {out_dir}")
+                   f"{f' x {dd.world_size} processes' if dd.enabled else ''}, {dtype_name}"
+                   f"{', micro-steps replayed from a CUDA graph' if graphed else ''}, out_dir {out_dir}")
         for text in notes:
             tqdm.write(text)
 
@@ -423,10 +430,13 @@ def _train(cfg, launched, ending):
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     # DDP all-reduces the gradients in the backward of the last micro-step only
                     last = micro == cfg.gradient_accumulation_steps - 1
-                    with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
-                        with autocast(device, dtype):
-                            _, loss, state = fwd(x, y, state)
-                        scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+                    if micro_step:
+                        loss, state = micro_step(x, y, state)
+                    else:
+                        with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
+                            with autocast(device, dtype):
+                                _, loss, state = fwd(x, y, state)
+                            scaler.scale(loss / accum).backward()
                     step_loss = step_loss + loss.detach()
                 scaler.unscale_(optimizer)  # a no-op unless float16; the norm is of the true gradients
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
@@ -442,7 +452,7 @@ def _train(cfg, launched, ending):
                     bad = bad and guard
                 if bad:
                     bad_in_a_row += 1
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=micro_step is None)  # a graph writes .grad in place
                     if scaler.is_enabled():
                         scaler.update()
                     state = state_in  # the memory out of a non-finite forward is not carried on
@@ -466,7 +476,7 @@ def _train(cfg, launched, ending):
                     bad_in_a_row = 0
                     scaler.step(optimizer)
                     scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=micro_step is None)  # a graph writes .grad in place
                     if ema:
                         ema.update(step + 1)
                     loss_sum, loss_n = loss_sum + step_loss, loss_n + cfg.gradient_accumulation_steps

@@ -1,0 +1,81 @@
+"""A training micro-step (forward and backward) recorded once as a CUDA graph and replayed.
+
+A small model's eager step is bound by the host: at the shakespeare_char race's size (7.6M
+parameters, 64 x 256 tokens a step) the GPU waits on some hundreds of kernel launches, each a few
+microseconds of work. Replaying a recorded graph launches them all at once. The optimizer step,
+clipping, the weights' average and the evaluations stay eager: a handful of launches between replays.
+
+What a replay computes is what the eager step computes: the same kernels on the same inputs, and
+dropout draws the same random numbers (a replay takes them from the generator's offset at the
+time, as an eager step does), so a run's first micro-step, which runs eagerly to warm up what is
+initialised lazily (cuBLAS handles, the scan's compiled kernels, compiled blocks), does not change
+what the run computes.
+"""
+
+import torch
+
+from sqrllm.config import ConfigError
+
+
+def graph_wanted(cfg, device, distributed):
+    """Whether the run's micro-steps are replayed from a CUDA graph (cfg.cuda_graph on a CUDA device;
+    CPU runs stay eager). ConfigError where it cannot be: under torchrun (data parallelism)."""
+    if not (cfg.cuda_graph and device.startswith("cuda")):
+        return False
+    if distributed:
+        raise ConfigError("cuda_graph=True runs one process; under torchrun (DistributedDataParallel) pass "
+                          "--cuda_graph=false")
+    return True
+
+
+class GraphedStep:
+    """step(x, y, state) -> (loss, new state): forward and backward of one micro-batch of `model`.
+
+    x, y: (B, T) token ids on the model's device; state: the memory the batch starts from (None: zero),
+    one (B, n_mem) tensor per sqrll layer. The gradients are added into the parameters' .grad, which
+    the graph writes in place: between steps, zero them with zero_grad(set_to_none=False).
+    amp(): the autocast context (its weight cache off, as recording requires); scale(loss): what to
+    backpropagate from the mean loss. keep_state: return the memory the batch leaves (a copy, so that
+    later replays leave it alone); without it the step returns None there.
+    """
+
+    def __init__(self, model, amp, scale, keep_state):
+        self.model, self.amp, self.scale, self.keep_state = model, amp, scale, keep_state
+        self.graph, self.warm = None, False
+        self.side = torch.cuda.Stream()  # warm-up and recording off the current stream, as CUDA graphs want
+
+    def _run(self, x, y, state):
+        with self.amp():
+            _, loss, new = self.model(x, y, state)
+        self.scale(loss).backward()
+        return loss.detach(), new
+
+    def __call__(self, x, y, state):
+        if self.graph is None:
+            # the warm-up and the recording take the same inputs: memory as float32 tensors, zero for None
+            zero = self.model.init_state(x.shape[0], x.device) or None  # (the GPT baseline has none)
+            state = zero if state is None or zero is None else [s.float() for s in state]
+            if not self.warm:  # the first micro-step, eagerly
+                self.warm = True
+                self.side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.side):
+                    loss, new = self._run(x, y, state)
+                torch.cuda.current_stream().wait_stream(self.side)
+                return loss, (new if self.keep_state else None)
+            self.x, self.y = torch.empty_like(x), torch.empty_like(y)  # the graph's inputs
+            self.state = None if state is None else [torch.empty_like(s) for s in state]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=self.side):
+                self.loss, self.new = self._run(self.x, self.y, self.state)
+        if x.shape != self.x.shape or y.shape != self.y.shape:
+            raise ValueError(f"GraphedStep was recorded for batches of {tuple(self.x.shape)}, got {tuple(x.shape)}")
+        self.x.copy_(x)
+        self.y.copy_(y)
+        if self.state:
+            if state is None:
+                torch._foreach_zero_(self.state)
+            else:
+                torch._foreach_copy_(self.state, state)
+        self.graph.replay()
+        new = [s.clone() for s in self.new] if self.keep_state and self.new else None
+        return self.loss.clone(), new
