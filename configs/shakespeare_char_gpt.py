@@ -24,3 +24,4 @@ eval_interval = 250
 eval_batch_size = 256
 always_save_checkpoint = False
 log_interval = 50
+cuda_graph = True  # as sqrllm's config: each step replayed from a CUDA graph

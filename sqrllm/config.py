@@ -28,6 +28,7 @@ class Config:
     eval_interval: int = 250  # steps between evaluations (and checkpoints); 0 = only at the end
     eval_only: bool = False  # evaluate the checkpoint (with init_from="resume") and exit
     eval_stream: bool = True  # also evaluate with state streamed through the whole val split
+    eval_streams: int = 1  # contiguous streams the streamed evaluation cuts the val split into; 1 = memory carried through all of it
     eval_max_tokens: int = 0  # cap on val tokens per evaluation; 0 = the whole split
     eval_batch_size: int = 64  # windows (or streams) per evaluation forward
     eval_block_size: int = 0  # tokens per window of the window-reset val loss (memory reset at each); 0 = block_size
@@ -107,7 +108,7 @@ class Config:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {', '.join(map(repr, allowed))}")
         positive = ("n_layer", "n_embd", "batch_size", "block_size", "gradient_accumulation_steps", "eval_batch_size",
-                    "keep_checkpoints", "log_interval")
+                    "eval_streams", "keep_checkpoints", "log_interval")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")

@@ -112,11 +112,17 @@ def evaluate(model, tokens, cfg, device, dtype, stream):
     """Mean loss (nats/token) over the val tokens (or the first eval_max_tokens of them).
 
     stream=False: windows of eval_block_size (or block_size), memory reset at each (the context a GPT
-    of that block sees).
-    stream=True: eval_batch_size contiguous streams, memory carried through each, block_size at a time.
+    of that block sees); eval_batch_size windows a forward.
+    stream=True: the tokens cut into eval_streams contiguous streams (1: one stream, the memory
+    carried through all of them), each read eval_batch_size x block_size / eval_streams tokens a
+    forward (a model without memory, the GPT, block_size at a time).
     """
     n = len(tokens) if cfg.eval_max_tokens <= 0 else min(len(tokens), cfg.eval_max_tokens + 1)
-    T, B = (cfg.block_size if stream else cfg.eval_block_size or cfg.block_size), cfg.eval_batch_size
+    if stream:
+        B = max(1, min(cfg.eval_streams, n - 1))
+        T = cfg.block_size if isinstance(model, GPT) else max(cfg.block_size, cfg.eval_batch_size * cfg.block_size // B)
+    else:
+        T, B = cfg.eval_block_size or cfg.block_size, cfg.eval_batch_size
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -129,8 +135,7 @@ def evaluate(model, tokens, cfg, device, dtype, stream):
         return loss.item() * y.numel(), y.numel(), state
 
     if stream:
-        B = min(B, max(1, (n - 1) // T))
-        length = (n - 1) // B
+        length = (n - 1) // B  # tokens a stream (predicted ones); the last n - 1 - B * length are left out
         rows = np.arange(B)[:, None] * length
         state = None
         for lo in range(0, length, T):

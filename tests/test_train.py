@@ -62,6 +62,25 @@ def test_eval_block_size_sets_the_windows_of_the_reset_val_loss(data_dir, tmp_pa
     assert last["val_loss_stream"] == evaluate(model, val, cfg, "cpu", torch.float32, stream=True)
 
 
+def test_streamed_val_loss_carries_the_memory_through_the_whole_split(data_dir, tmp_path):
+    """eval_streams=1 (the default): the streamed loss is the model's over the whole val split read
+    as one sequence, whatever the forward's chunk length; cut into 4 streams, each restarts from zero
+    memory, which costs loss."""
+    out = tmp_path / "run"
+    cfg = tiny_config(data_dir, out, "--max_iters=30")
+    train(cfg)
+    model, _, _ = checkpoint.load_model(out)
+    _, _, val = load_dataset(cfg)
+    ids = torch.from_numpy(val.astype("int64"))
+    with torch.no_grad():
+        _, whole, _ = model.eval()(ids[None, :-1], ids[None, 1:])
+    one = evaluate(model, val, dataclasses.replace(cfg, eval_batch_size=2), "cpu", torch.float32, stream=True)
+    four = evaluate(model, val, dataclasses.replace(cfg, eval_streams=4), "cpu", torch.float32, stream=True)
+    assert len(val) > 2 * 32 * 2  # more than one forward of 2 x 32 tokens
+    assert one == pytest.approx(whole.item(), rel=1e-5)
+    assert four > one
+
+
 def test_resume_continues_from_saved_step(data_dir, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(data_dir, out, "--max_iters=20"))
