@@ -19,4 +19,5 @@ warmup_iters = 50
 eval_interval = 400
 eval_max_tokens = 131072
 eval_batch_size = 32
+eval_streams = 32  # the streamed loss over 32 stretches of 4,096 bytes (one stream costs the CPU's loop 32x the steps)
 log_interval = 20

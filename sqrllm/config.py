@@ -27,7 +27,7 @@ class Config:
     log_interval: int = 10  # steps between console/metrics log lines
     eval_interval: int = 250  # steps between evaluations (and checkpoints); 0 = only at the end
     eval_only: bool = False  # evaluate the checkpoint (with init_from="resume") and exit
-    eval_stream: bool = True  # also evaluate with state streamed through the whole val split
+    eval_stream: bool = True  # also evaluate with state streamed through the whole val split (not the GPT: no state)
     eval_streams: int = 1  # contiguous streams the streamed evaluation cuts the val split into; 1 = memory carried through all of it
     eval_max_tokens: int = 0  # cap on val tokens per evaluation; 0 = the whole split
     eval_batch_size: int = 64  # windows (or streams) per evaluation forward

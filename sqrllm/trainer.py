@@ -115,12 +115,12 @@ def evaluate(model, tokens, cfg, device, dtype, stream):
     of that block sees); eval_batch_size windows a forward.
     stream=True: the tokens cut into eval_streams contiguous streams (1: one stream, the memory
     carried through all of them), each read eval_batch_size x block_size / eval_streams tokens a
-    forward (a model without memory, the GPT, block_size at a time).
+    forward (a SqrLLM: the GPT, which has no memory, is not evaluated so).
     """
     n = len(tokens) if cfg.eval_max_tokens <= 0 else min(len(tokens), cfg.eval_max_tokens + 1)
     if stream:
         B = max(1, min(cfg.eval_streams, n - 1))
-        T = cfg.block_size if isinstance(model, GPT) else max(cfg.block_size, cfg.eval_batch_size * cfg.block_size // B)
+        T = max(cfg.block_size, cfg.eval_batch_size * cfg.block_size // B)
     else:
         T, B = cfg.eval_block_size or cfg.block_size, cfg.eval_batch_size
     was_training = model.training
@@ -373,6 +373,8 @@ def _train(cfg, launched, ending):
         saved_step = run["step"]
         return out_dir / f"ckpt-{run['step']:06d}.pt"
 
+    streamed = cfg.eval_stream and not isinstance(model, GPT)  # the GPT has no memory to stream
+
     def run_eval(save=True):
         nonlocal best_val
         row = {"step": step, "tokens": tokens_seen}
@@ -381,14 +383,14 @@ def _train(cfg, launched, ending):
         eager = torch.compiler.set_stance("force_eager") if cfg.compile and cuda else contextlib.nullcontext()
         with eager, averaged():
             row["val_loss"] = evaluate(model, val_tokens, cfg, device, dtype, stream=False)
-            if cfg.eval_stream:
+            if streamed:
                 row["val_loss_stream"] = evaluate(model, val_tokens, cfg, device, dtype, stream=True)
         if dd.enabled:  # every rank evaluated the same weights; they agree to the bit on what to save
             row.update(zip(row, distributed.mean(torch.tensor(list(row.values()), dtype=torch.float64,
                                                               device=device)).tolist()))
             row["step"], row["tokens"] = step, tokens_seen
         row["val_bpb"] = bits_per_byte(row["val_loss"], meta)
-        if cfg.eval_stream:
+        if streamed:
             row["val_bpb_stream"] = bits_per_byte(row["val_loss_stream"], meta)
         row["elapsed"] = time.time() - launched
         metrics.log(**row)

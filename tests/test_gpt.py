@@ -46,4 +46,5 @@ def test_trainer_trains_the_gpt(data_dir, tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.6 * losses[0]
     assert rows[-1]["val_loss"] < 2.5
+    assert "val_loss_stream" not in rows[-1]  # no memory to stream (eval_stream is on by default)
     assert all(r["grad_norm"] > 0 and r["tok_per_s"] > 0 for r in rows if "loss" in r)
