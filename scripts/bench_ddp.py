@@ -28,7 +28,7 @@ def run(config, gpus, batch, args, out_dir):
                                                  f"--nproc_per_node={gpus}"]
     cmd = launch + ["train.py", config, f"--out_dir={out_dir}", f"--batch_size={batch}", f"--max_iters={args.iters}",
                     f"--log_interval={args.iters // 5}", "--eval_interval=0", "--eval_max_tokens=8192",
-                    "--progress=false", *args.set]
+                    "--cuda_graph=false", "--progress=false", *args.set]  # eager steps for 1 and N GPUs alike
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))}
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ class Config:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"  # "auto" (bfloat16 on capable CUDA, float32 elsewhere), "float32", "bfloat16", "float16"
     compile: bool = True  # torch.compile each block of the model on CUDA (CPU runs stay eager)
-    cuda_graph: bool = False  # replay each micro-step's forward + backward from a CUDA graph (one process; CPU runs stay eager)
+    cuda_graph: bool = False  # replay each micro-step's forward + backward from a CUDA graph (CUDA, one process; else eager)
     peak_flops: float = 0.0  # peak FLOP/s of one device for MFU; 0 = from the device's name (sqrllm/flops.py)
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
     seed: int = 1337  # seeds torch, numpy and python RNGs

@@ -15,18 +15,16 @@ what the run computes.
 
 import torch
 
-from sqrllm.config import ConfigError
-
 
 def graph_wanted(cfg, device, distributed):
-    """Whether the run's micro-steps are replayed from a CUDA graph (cfg.cuda_graph on a CUDA device;
-    CPU runs stay eager). ConfigError where it cannot be: under torchrun (data parallelism)."""
+    """-> (whether the run's micro-steps are replayed from a CUDA graph, a note for the log or None).
+    cfg.cuda_graph on a CUDA device in one process; CPU runs and runs under torchrun (data
+    parallelism: DDP's gradient all-reduce is not recorded) take eager steps, the latter with a note."""
     if not (cfg.cuda_graph and device.startswith("cuda")):
-        return False
+        return False, None
     if distributed:
-        raise ConfigError("cuda_graph=True runs one process; under torchrun (DistributedDataParallel) pass "
-                          "--cuda_graph=false")
-    return True
+        return False, "cuda_graph=True is for one process: under torchrun the steps run eagerly"
+    return True, None
 
 
 class GraphedStep:

@@ -236,7 +236,7 @@ def _train(cfg, launched, ending):
         torch.set_num_threads(cfg.num_threads)
     device, dtype = resolve_device(cfg)
     dd, device = distributed.setup(device)  # one process per GPU under torchrun; a no-op otherwise
-    graphed = graph_wanted(cfg, device, dd.enabled)
+    graphed, graph_note = graph_wanted(cfg, device, dd.enabled)
     meta, train_tokens, val_tokens = load_dataset(cfg)
     out_dir = Path(cfg.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -272,7 +272,7 @@ def _train(cfg, launched, ending):
                                 path=Path(cfg.dataset) / "train.bin")
     step, best_val, tokens_seen, state = 0, float("inf"), 0, None
     loss_sum, loss_n = 0.0, 0  # this rank's train loss summed over micro-batches since the last log line
-    notes = []
+    notes = [graph_note] if graph_note else []
     if ckpt is not None:
         raw = ckpt.get("model_raw", ckpt["model"])  # with EMA, "model" is the average and "model_raw" trains
         check_model_keys(model, raw, ckpt_path)
