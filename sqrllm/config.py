@@ -42,6 +42,8 @@ class Config:
     dataset: str = "builtin"  # folder under data_dir holding train.bin, val.bin, meta.json
     data_dir: str = "data"  # where datasets live, relative to the working directory
     batching: str = "stream"  # "stream": rows read consecutive windows, memory carried; "random": nanoGPT windows
+    burn_in: int = 0  # random batching: read the N tokens before each window first (no gradient), so it starts from a real memory
+    burn_in_rows: float = 0.5  # with burn_in: the share of rows that start from that memory; the others start from zero
     reset_every: int = 0  # with stream batching, zero the carried memory every N steps; 0 = never
     reset_at_eot: bool = False  # zero the memory at each end-of-text token (datasets of documents, e.g. data/hf)
     # --- model ---
@@ -113,7 +115,7 @@ class Config:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("n_mem", "n_ffn", "mlp_every", "max_iters", "reset_every", "eval_interval", "warmup_iters",
-                    "max_bad_steps", "ema_start", "eval_block_size"):
+                    "max_bad_steps", "ema_start", "eval_block_size", "burn_in"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.model == "gpt" and (self.n_head < 1 or self.n_embd % self.n_head):
@@ -121,6 +123,14 @@ class Config:
         if self.model == "gpt" and self.eval_block_size > self.block_size:
             raise ConfigError(f"eval_block_size={self.eval_block_size} is longer than the GPT's context "
                               f"(block_size={self.block_size}); use at most {self.block_size}, or 0 for block_size")
+        if self.burn_in and self.batching != "random":
+            raise ConfigError(f"burn_in={self.burn_in} is for batching='random' (stream batching carries the memory "
+                              "from batch to batch already); pass --burn_in=0 or --batching=random")
+        if self.burn_in and self.model != "sqrll":
+            raise ConfigError(f"burn_in={self.burn_in} needs a model with memory; model={self.model!r} has none: "
+                              "pass --burn_in=0")
+        if not 0.0 < self.burn_in_rows <= 1.0:
+            raise ConfigError(f"burn_in_rows must be in (0, 1], got {self.burn_in_rows}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -220,19 +220,29 @@ class StreamBatches:
 
 
 class RandomBatches:
-    """nanoGPT-style: B windows at random offsets; no memory is carried."""
+    """nanoGPT-style: B windows at random offsets; no memory is carried.
 
-    def __init__(self, tokens, batch_size, block_size, seed=0, path="split"):
-        self.tokens, self.B, self.T = tokens, batch_size, block_size
-        if len(tokens) < block_size + 1:
-            raise DataError(f"{path}: {len(tokens)} tokens are fewer than block_size + 1 = {block_size + 1}; "
-                            "lower block_size or use more data")
+    With burn_in = K, each row also holds the K tokens before its window (x and y are K + T long), for
+    the trainer to read first without a gradient, so that the window starts from the memory they
+    leave; a random burn_in_rows of the rows keep that memory, the others start from zero (`reset`)."""
+
+    def __init__(self, tokens, batch_size, block_size, seed=0, path="split", burn_in=0, burn_in_rows=1.0):
+        self.tokens, self.B, self.T = tokens, batch_size, burn_in + block_size
+        self.burn_in, self.burn_in_rows = burn_in, burn_in_rows
+        if len(tokens) < self.T + 1:
+            what = f"burn_in + block_size + 1 = {self.T + 1}" if burn_in else f"block_size + 1 = {self.T + 1}"
+            raise DataError(f"{path}: {len(tokens)} tokens are fewer than {what}; lower block_size or use more data")
         self.gen = torch.Generator().manual_seed(seed)
 
     def next(self):
+        """-> x (B, T), y (B, T) int64 (T: burn_in + block_size) and reset (B,) bool: rows whose memory
+        starts from zero (all of them without burn_in)."""
         ix = torch.randint(len(self.tokens) - self.T, (self.B,), generator=self.gen).numpy()
         chunk = torch.from_numpy(self.tokens[ix[:, None] + np.arange(self.T + 1)].astype(np.int64))
-        return chunk[:, :-1], chunk[:, 1:], torch.ones(self.B, dtype=torch.bool)
+        reset = torch.ones(self.B, dtype=torch.bool)
+        if self.burn_in:
+            reset = torch.rand(self.B, generator=self.gen) >= self.burn_in_rows
+        return chunk[:, :-1], chunk[:, 1:], reset
 
     def state_dict(self):
         return {"generator": self.gen.get_state()}

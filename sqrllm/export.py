@@ -45,12 +45,12 @@ CONFIG_KEYS = {
     "initialization only": ("init", "init_std", "forget_init", "max_timescale"),
     "training and system only": (
         "out_dir", "init_from", "log_interval", "eval_interval", "eval_only", "eval_stream", "eval_streams",
-        "eval_max_tokens",
-        "eval_batch_size", "eval_block_size", "always_save_checkpoint", "progress", "dataset", "data_dir", "batching",
-        "reset_every", "batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "max_time", "learning_rate",
-        "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip", "device",
-        "dtype", "compile", "cuda_graph", "num_threads", "seed", "keep_checkpoints", "max_bad_steps", "allow_batch_change",
-        "deterministic", "peak_flops", "ema_decay", "ema_start", "wandb_log", "wandb_project", "wandb_run_name"),
+        "eval_max_tokens", "eval_batch_size", "eval_block_size", "always_save_checkpoint", "progress", "dataset",
+        "data_dir", "batching", "reset_every", "burn_in", "burn_in_rows", "batch_size", "block_size",
+        "gradient_accumulation_steps", "max_iters", "max_time", "learning_rate", "min_lr", "warmup_iters",
+        "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip", "device", "dtype", "compile", "cuda_graph",
+        "num_threads", "seed", "keep_checkpoints", "max_bad_steps", "allow_batch_change", "deterministic",
+        "peak_flops", "ema_decay", "ema_start", "wandb_log", "wandb_project", "wandb_run_name"),
     "memory restarts at end-of-text (refused when true: the runtime keeps its memory there)": ("reset_at_eot",),
 }
 

@@ -143,6 +143,16 @@ class SqrLLM(nn.Module):
         over all targets (None without targets). The new state is detached. With reset_token set,
         memory restarts at each position holding that token (documents separated by end-of-text).
         """
+        x, new_state = self._blocks(idx, state)
+        return (*self.head(x, targets, last_only), new_state)
+
+    @torch.no_grad()
+    def memory_after(self, idx, state=None):
+        """The memory (one (B, n_mem) tensor per sqrll layer) after reading idx (B, K) from `state`
+        (None: zero), without the output head."""
+        return self._blocks(idx, state)[1]
+
+    def _blocks(self, idx, state):
         x = self.drop(self.wte(idx))  # (B, T, n_embd)
         reset = None if self.reset_token is None else idx == self.reset_token  # (B, T)
         new_state = []
@@ -154,7 +164,7 @@ class SqrLLM(nn.Module):
                 layer += 1
             else:
                 x, _ = block(x)
-        return (*self.head(x, targets, last_only), new_state)
+        return x, new_state
 
     def head(self, x, targets=None, last_only=False):
         """Final norm and output head on x (B, T, n_embd) -> (logits, mean cross-entropy or None)."""

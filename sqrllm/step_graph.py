@@ -36,40 +36,53 @@ class GraphedStep:
     amp(): the autocast context (its weight cache off, as recording requires); scale(loss): what to
     backpropagate from the mean loss. keep_state: return the memory the batch leaves (a copy, so that
     later replays leave it alone); without it the step returns None there.
+    burn_in = K (random windows, cfg.burn_in): x and y hold K tokens before the window; the step reads
+    them first without a gradient and starts the window from the memory they leave on the rows where
+    keep (B,) bool is True, from zero on the others (state is not read).
     """
 
-    def __init__(self, model, amp, scale, keep_state):
-        self.model, self.amp, self.scale, self.keep_state = model, amp, scale, keep_state
+    def __init__(self, model, amp, scale, keep_state, burn_in=0):
+        self.model, self.amp, self.scale, self.keep_state, self.burn_in = model, amp, scale, keep_state, burn_in
         self.graph, self.warm = None, False
         self.side = torch.cuda.Stream()  # warm-up and recording off the current stream, as CUDA graphs want
 
-    def _run(self, x, y, state):
+    def _run(self, x, y, state, keep):
         with self.amp():
+            if self.burn_in:
+                K = self.burn_in
+                state = [m * keep for m in self.model.memory_after(x[:, :K])]
+                x, y = x[:, K:], y[:, K:]
             _, loss, new = self.model(x, y, state)
         self.scale(loss).backward()
         return loss.detach(), new
 
-    def __call__(self, x, y, state):
+    def __call__(self, x, y, state, keep=None):
+        if self.burn_in:
+            keep, state = keep[:, None].float(), None  # (B, 1): 1 where a row keeps its burned-in memory
         if self.graph is None:
             # the warm-up and the recording take the same inputs: memory as float32 tensors, zero for None
-            zero = self.model.init_state(x.shape[0], x.device) or None  # (the GPT baseline has none)
+            # (the GPT baseline has none; with burn_in the step makes its own)
+            zero = None if self.burn_in else self.model.init_state(x.shape[0], x.device) or None
             state = zero if state is None or zero is None else [s.float() for s in state]
             if not self.warm:  # the first micro-step, eagerly
                 self.warm = True
                 self.side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(self.side):
-                    loss, new = self._run(x, y, state)
+                    loss, new = self._run(x, y, state, keep)
                 torch.cuda.current_stream().wait_stream(self.side)
                 return loss, (new if self.keep_state else None)
             self.x, self.y = torch.empty_like(x), torch.empty_like(y)  # the graph's inputs
             self.state = None if state is None else [torch.empty_like(s) for s in state]
+            self.keep = None if keep is None else torch.empty_like(keep)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, stream=self.side):
-                self.loss, self.new = self._run(self.x, self.y, self.state)
+                self.loss, self.new = self._run(self.x, self.y, self.state, self.keep)
         if x.shape != self.x.shape or y.shape != self.y.shape:
             raise ValueError(f"GraphedStep was recorded for batches of {tuple(self.x.shape)}, got {tuple(x.shape)}")
         self.x.copy_(x)
         self.y.copy_(y)
+        if self.keep is not None:
+            self.keep.copy_(keep)
         if self.state:
             if state is None:
                 torch._foreach_zero_(self.state)

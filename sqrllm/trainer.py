@@ -262,14 +262,15 @@ def _train(cfg, launched, ending):
                                           device.split(":")[0])
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
     accum = cfg.gradient_accumulation_steps
-    micro_step = GraphedStep(model, lambda: autocast(device, dtype, cache=False),
-                             lambda loss: scaler.scale(loss / accum), keep_state=cfg.batching == "stream") if graphed else None
+    micro_step = GraphedStep(model, lambda: autocast(device, dtype, cache=False), lambda loss: scaler.scale(loss / accum),
+                             keep_state=cfg.batching == "stream", burn_in=cfg.burn_in) if graphed else None
     if cfg.batching == "stream":
         batches = StreamBatches(train_tokens, cfg.batch_size, cfg.block_size, rank=dd.rank, world_size=dd.world_size,
                                 path=Path(cfg.dataset) / "train.bin")
     else:
         batches = RandomBatches(train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed + dd.rank,
-                                path=Path(cfg.dataset) / "train.bin")
+                                path=Path(cfg.dataset) / "train.bin", burn_in=cfg.burn_in,
+                                burn_in_rows=cfg.burn_in_rows)
     step, best_val, tokens_seen, state = 0, float("inf"), 0, None
     loss_sum, loss_n = 0.0, 0  # this rank's train loss summed over micro-batches since the last log line
     notes = [graph_note] if graph_note else []
@@ -438,8 +439,14 @@ def _train(cfg, launched, ending):
                     # DDP all-reduces the gradients in the backward of the last micro-step only
                     last = micro == cfg.gradient_accumulation_steps - 1
                     if micro_step:
-                        loss, state = micro_step(x, y, state)
+                        loss, state = micro_step(x, y, state, keep=(~reset).to(device) if cfg.burn_in else None)
                     else:
+                        if cfg.burn_in:  # the memory the tokens before each window leave; reset rows start at zero
+                            with autocast(device, dtype):
+                                state = model.memory_after(x[:, :cfg.burn_in])
+                            keep = (~reset).to(device)[:, None]
+                            state = [s * keep for s in state]
+                            x, y = x[:, cfg.burn_in:], y[:, cfg.burn_in:]
                         with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
                             with autocast(device, dtype):
                                 _, loss, state = fwd(x, y, state)

@@ -33,10 +33,13 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("--dropout=1.5", "dropout must be in \\[0, 1\\)"),
     ("--n_layer=0", "n_layer must be at least 1"),
     ("--eval_block_size=-1", "eval_block_size must be >= 0"),
+    ("--burn_in=16", "burn_in=16 is for batching='random'"),
+    ("--burn_in=16 --batching=random --model=gpt --n_head=4", "needs a model with memory"),
+    ("--burn_in_rows=0", "burn_in_rows must be in \\(0, 1\\]"),
 ])
 def test_bad_overrides_name_the_field(arg, message):
     with pytest.raises(ConfigError, match=message):
-        load_config([arg])
+        load_config(arg.split())
 
 
 def test_wrong_type_in_file_names_field_and_file(tmp_path):

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from sqrllm.data import DataError, RandomBatches, StreamBatches, read_tokens, write_tokens
 from sqrllm.prepare import prepare_text
@@ -106,6 +107,8 @@ def test_split_too_short_is_an_error():
         StreamBatches(np.arange(50, dtype=np.uint8), batch_size=8, block_size=10)
     with pytest.raises(DataError, match="fewer than block_size"):
         RandomBatches(np.arange(5, dtype=np.uint8), 2, 10)
+    with pytest.raises(DataError, match="fewer than burn_in \\+ block_size"):
+        RandomBatches(np.arange(15, dtype=np.uint8), 2, 10, burn_in=8)
 
 
 def test_random_batches_are_seeded_and_resumable():
@@ -116,6 +119,20 @@ def test_random_batches_are_seeded_and_resumable():
     nxt = a.next()[0]
     b.load_state_dict(state)
     assert np.array_equal(b.next()[0].numpy(), nxt.numpy())
+
+
+def test_random_batches_with_burn_in_hold_the_tokens_before_each_window():
+    """burn_in = 8: rows of 8 + 16 tokens, y one ahead of x; about burn_in_rows of the rows keep the
+    burned-in memory (reset False); without burn_in the windows and draws are as they were."""
+    tokens = np.arange(10_000, dtype=np.uint16)
+    plain, burnt = RandomBatches(tokens, 64, 16, seed=3), RandomBatches(tokens, 64, 16, seed=3, burn_in=8,
+                                                                       burn_in_rows=0.25)
+    x, y, reset = burnt.next()
+    assert x.shape == y.shape == (64, 24) and torch.equal(y[:, :-1], x[:, 1:])
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(64, 23, dtype=torch.int64))  # consecutive tokens
+    kept = sum(int((~burnt.next()[2]).sum()) for _ in range(50)) / (50 * 64)
+    assert 0.2 < kept < 0.3
+    assert plain.next()[2].all()  # no burn-in: every row starts from zero memory
 
 
 def test_stream_decoder_holds_partial_utf8():

@@ -62,6 +62,16 @@ def test_state_carries_information():
     assert all(s.shape == (2, 24) and not s.requires_grad for s in state)
 
 
+def test_memory_after_is_the_memory_a_forward_leaves():
+    model = tiny()
+    idx = torch.randint(0, 37, (3, 11))
+    start = model.init_state(3, dtype=torch.float64)
+    start[0].normal_()
+    _, _, state = model(idx, state=start)
+    after = model.memory_after(idx, start)
+    assert len(after) == 3 and all(torch.equal(a, b) for a, b in zip(after, state))
+
+
 def test_layout_follows_mlp_every():
     kinds = lambda m: "".join("s" if b.is_sqrll else "m" for b in m.blocks)  # noqa: E731
     assert kinds(tiny(n_layer=4, mlp_every=1)) == "smsmsmsm"

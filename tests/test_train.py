@@ -81,6 +81,21 @@ def test_streamed_val_loss_carries_the_memory_through_the_whole_split(data_dir, 
     assert four > one
 
 
+def test_burn_in_trains_and_resumes_exactly(data_dir, tmp_path):
+    """Random windows that start from the memory of the 8 tokens before them on half the rows: the
+    loss falls, and a run stopped at step 10 and resumed logs the losses of one that did not stop
+    (the rows' draws live in the checkpointed generator)."""
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    common = ("--batching=random", "--burn_in=8", "--dropout=0.1", "--lr_decay_iters=20", "--deterministic=true")
+    train(tiny_config(data_dir, whole, *common, "--max_iters=20"))
+    train(tiny_config(data_dir, halves, *common, "--max_iters=10"))
+    train(tiny_config(data_dir, halves, *common, "--max_iters=20", "--init_from=resume"))
+    logged = {k: [(r["step"], r["loss"]) for r in read_metrics(out) if "loss" in r] for k, out in
+              (("whole", whole), ("halves", halves))}
+    assert logged["halves"] == logged["whole"] and len(logged["whole"]) == 4
+    assert logged["whole"][-1][1] < 0.7 * logged["whole"][0][1]
+
+
 def test_resume_continues_from_saved_step(data_dir, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(data_dir, out, "--max_iters=20"))
