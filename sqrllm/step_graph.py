@@ -27,6 +27,13 @@ def graph_wanted(cfg, device, distributed):
     return True, None
 
 
+def burn_in_window(model, x, y, keep, K):
+    """Random windows with burn_in = K: x, y (B, K + T) -> (the memory the first K tokens leave, zero on
+    the rows where keep (B,) is False or 0; x and y of the window itself). Call it under autocast."""
+    state = [m * keep[:, None] for m in model.memory_after(x[:, :K])]
+    return state, x[:, K:], y[:, K:]
+
+
 class GraphedStep:
     """step(x, y, state) -> (loss, new state): forward and backward of one micro-batch of `model`.
 
@@ -49,16 +56,14 @@ class GraphedStep:
     def _run(self, x, y, state, keep):
         with self.amp():
             if self.burn_in:
-                K = self.burn_in
-                state = [m * keep for m in self.model.memory_after(x[:, :K])]
-                x, y = x[:, K:], y[:, K:]
+                state, x, y = burn_in_window(self.model, x, y, keep, self.burn_in)
             _, loss, new = self.model(x, y, state)
         self.scale(loss).backward()
         return loss.detach(), new
 
     def __call__(self, x, y, state, keep=None):
         if self.burn_in:
-            keep, state = keep[:, None].float(), None  # (B, 1): 1 where a row keeps its burned-in memory
+            keep, state = keep.float(), None  # (B,): 1 where a row keeps its burned-in memory (a graph input)
         if self.graph is None:
             # the warm-up and the recording take the same inputs: memory as float32 tensors, zero for None
             # (the GPT baseline has none; with burn_in the step makes its own)

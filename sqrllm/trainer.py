@@ -36,7 +36,7 @@ from sqrllm.flops import flops_per_token, mfu, peak_flops
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
 from sqrllm.prepare import prepare_builtin
-from sqrllm.step_graph import GraphedStep, graph_wanted
+from sqrllm.step_graph import GraphedStep, burn_in_window, graph_wanted
 from sqrllm.tokenizer import from_meta
 
 
@@ -443,10 +443,7 @@ def _train(cfg, launched, ending):
                     else:
                         if cfg.burn_in:  # the memory the tokens before each window leave; reset rows start at zero
                             with autocast(device, dtype):
-                                state = model.memory_after(x[:, :cfg.burn_in])
-                            keep = (~reset).to(device)[:, None]
-                            state = [s * keep for s in state]
-                            x, y = x[:, cfg.burn_in:], y[:, cfg.burn_in:]
+                                state, x, y = burn_in_window(model, x, y, (~reset).to(device), cfg.burn_in)
                         with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
                             with autocast(device, dtype):
                                 _, loss, state = fwd(x, y, state)
