@@ -348,3 +348,64 @@ def qrnn_bwd(g, bias, c_all, c0, dh, dc_last, H, gates, reverse, s, td, want_dbi
     elif dc0 is not None:
         dc0 = dc_last.clone() if dc_last is not None else dc0.zero_()
     return dg, dc0, None if parts is None else parts.sum(0)
+
+
+# --- a sqrll layer's elementwise work around its scan (kernels/core.cu), for sqrllm.core ---
+
+CORE_THREADS = 256  # at most, a block: one row's features at a time (kernels/core.cu)
+
+
+@functools.cache
+def _core_function(name, device):
+    import cupy
+
+    with _on(device):
+        return cupy.RawModule(code=_source("core.cu"), options=("-std=c++17",)).get_function(name)
+
+
+@functools.cache
+def _threads_per_sm(device):
+    return torch.cuda.get_device_properties(device).max_threads_per_multi_processor
+
+
+def _core_launch(step, ref, *args):
+    """Launch core_<step>_<storage> over ref's rows (grid-stride, as many blocks as fit at once) and
+    features (a block's threads, a warp multiple up to CORE_THREADS); args: tensors (as pointers) or None."""
+    device = ref.device.index
+    C = ref.shape[-1]
+    n = ref.numel() // C if C else 0
+    if n == 0:
+        return
+    threads = min(CORE_THREADS, -(-C // 32) * 32)
+    blocks = min(n, _resident(device, 1) * (_threads_per_sm(device) // threads))
+    with _on(device):
+        fn = _core_function(f"core_{step}_{STORAGE[ref.dtype]}", device)
+        fn((blocks,), (threads,), (*map(_ptr, args), np.int64(n), np.int64(C)), stream=_stream(device))
+
+
+class CoreSteps:
+    """sqrllm.core's four elementwise steps on CUDA tensors: p (B, T, 4C) and the (B, T, C) tensors
+    contiguous, reset (B, T) bool or None; the same signatures as sqrllm.core._StepsRef."""
+
+    @staticmethod
+    def gates_fwd(p, reset):
+        C = p.shape[-1] // 4
+        x, r = p.new_empty(*p.shape[:-1], C), p.new_empty(*p.shape[:-1], C)
+        _core_launch("gates_fwd", x, p, reset, x, r)
+        return x, r
+
+    @staticmethod
+    def out_fwd(y, p):
+        z = torch.empty_like(y)
+        _core_launch("out_fwd", y, y, p, z)
+        return z
+
+    @staticmethod
+    def out_bwd(dz, y, p, dp):
+        dy = torch.empty_like(y)
+        _core_launch("out_bwd", y, dz, y, p, dy, dp)
+        return dy
+
+    @staticmethod
+    def gates_bwd(dx, dr, p, reset, dp):
+        _core_launch("gates_bwd", dx, dx, dr, p, reset, dp)

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sqrllm.core import core
 from sqrllm.optim import AdamW
-from sqrllm.scan import scan
 
 
 class SqrllLayer(nn.Module):
@@ -36,14 +36,10 @@ class SqrllLayer(nn.Module):
         self.out = nn.Linear(n_mem, n_out or n_in, bias=bias)
 
     def forward(self, x, mem=None, reset=None):
-        f, i, ig, og = self.proj(x).chunk(4, dim=-1)  # each (B, T, n_mem)
-        r = torch.sigmoid(f)
-        if reset is not None:  # (B, T) bool: y[t] = x[t] there, nothing before t is remembered
-            r = r.masked_fill(reset[..., None], 0.0)
-        i = i * torch.sigmoid(ig)
-        y = scan(i, r, mem)  # (B, T, n_mem)
-        out = self.out(F.softsign(y) * torch.sigmoid(og))
-        return out, y[:, -1].detach()
+        # forget gate, input, input gate, output gate (B, T, 4 n_mem) -> gates, scan, output gate
+        # (sqrllm/core.py): (B, T, n_mem) and the last y, the memory to carry
+        z, last = core(self.proj(x), mem, reset)
+        return self.out(z), last
 
 
 class GatedMLP(nn.Module):

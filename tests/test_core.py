@@ -1,0 +1,97 @@
+"""sqrllm.core: the layer's elementwise work around the scan as one op. Its fused form (`_Core`:
+four steps, CUDA kernels on the GPU) against the composition of torch ops it replaces."""
+
+import pytest
+import torch
+
+from sqrllm.core import core, core_ref
+from sqrllm.model import SqrLLM
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # fused: one rounding per output
+
+
+def inputs(B, T, C, dtype=torch.float64, device="cpu", seed=0, h0=True, reset=True):
+    g = torch.Generator().manual_seed(seed)
+    p = (2 * torch.randn(B, T, 4 * C, generator=g, dtype=torch.float64)).to(device, dtype).requires_grad_()
+    h = torch.randn(B, C, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_() if h0 else None
+    cut = (torch.rand(B, T, generator=g) < 0.1).to(device) if reset else None
+    return p, h, cut
+
+
+@pytest.mark.parametrize("h0,reset", [(True, True), (False, False), (True, False)])
+def test_fused_backward_matches_numerical_gradients(h0, reset):
+    p, h, cut = inputs(2, 7, 3, h0=h0, reset=reset)
+    args = (p, h) if h0 else (p,)
+    assert torch.autograd.gradcheck(lambda *a: core(a[0], a[1] if h0 else None, cut, fused=True)[0], args)
+
+
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_fused_equals_the_composition(T):
+    p, h, cut = inputs(3, T, 8, dtype=torch.float32)
+    z_ref, last_ref = core_ref(p, h, cut)
+    dz = torch.randn_like(z_ref)
+    grads_ref = torch.autograd.grad(z_ref, (p, h), dz)
+    z, last = core(p, h, cut, fused=True)
+    grads = torch.autograd.grad(z, (p, h), dz)
+    torch.testing.assert_close(z, z_ref)
+    torch.testing.assert_close(last, last_ref)
+    assert not last.requires_grad  # the memory to carry is detached, as the layer's always was
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_layer_on_the_cpu_is_the_composition():
+    """CPU runs take core_ref: the model's numbers do not change with the op."""
+    p, h, cut = inputs(2, 9, 4, dtype=torch.float32)
+    z, last = core(p, h, cut)
+    z_ref, last_ref = core_ref(p, h, cut)
+    assert torch.equal(z, z_ref) and torch.equal(last, last_ref)
+
+
+def test_bad_shape_is_named():
+    with pytest.raises(ValueError, match=r"\(B, T, 4C\)"):
+        core(torch.zeros(2, 3, 5))
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,C", [(1, 1, 1), (2, 63, 5), (4, 256, 128), (1, 4097, 64)])
+def test_cuda_kernels_equal_the_composition(dtype, B, T, C):
+    p, h, cut = inputs(B, T, C, dtype=torch.float32, device="cuda")
+    ref = [t.detach().double().requires_grad_() for t in (p, h)]
+    z_ref, last_ref = core_ref(ref[0], ref[1], cut)
+    dz = torch.randn_like(z_ref)
+    grads_ref = torch.autograd.grad(z_ref, ref, dz)
+    q = [t.detach().to(dtype).requires_grad_() for t in (p, h)]
+    z, last = core(q[0], q[1], cut)
+    grads = torch.autograd.grad(z, q, dz.to(dtype))
+    tol = TOL[dtype]
+    torch.testing.assert_close(z.double(), z_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(last.double(), last_ref, rtol=tol, atol=tol)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_model_with_fused_layers_trains_as_the_composition(monkeypatch):
+    """A SqrLLM's loss and gradients on CUDA in float32 with the fused op and with the composition."""
+    torch.manual_seed(0)
+    model = SqrLLM(50, n_layer=2, n_embd=32, n_mem=16).cuda()
+    idx = torch.randint(0, 50, (4, 40), device="cuda")
+    model.reset_token = 7
+
+    def run():
+        model.zero_grad()
+        _, loss, _ = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    fused_loss, fused_grads = run()
+    monkeypatch.setattr("sqrllm.core.fused_available", lambda p: False)
+    ref_loss, ref_grads = run()
+    assert fused_loss == pytest.approx(ref_loss, rel=1e-5)
+    for a, b in zip(fused_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
