@@ -8,7 +8,6 @@ from sqrllm.core import core, core_ref
 from sqrllm.model import SqrLLM
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # fused: one rounding per output
 
 
 def inputs(B, T, C, dtype=torch.float64, device="cpu", seed=0, h0=True, reset=True):
@@ -54,24 +53,33 @@ def test_bad_shape_is_named():
         core(torch.zeros(2, 3, 5))
 
 
+def max_errors(dtype, p, h, cut, dz, ref, fused):
+    q = [t.detach().to(dtype).requires_grad_() for t in (p, h)]
+    z, last = core(q[0], q[1], cut, fused=fused)
+    grads = torch.autograd.grad(z, q, dz.to(dtype))
+    return [(a.double() - b).abs().max().item() for a, b in zip((z, last, *grads), ref)]
+
+
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,T,C", [(1, 1, 1), (2, 63, 5), (4, 256, 128), (1, 4097, 64)])
-def test_cuda_kernels_equal_the_composition(dtype, B, T, C):
+def test_cuda_kernels_are_as_exact_as_the_composition(dtype, B, T, C):
+    """Against float64: the fused op in `dtype` errs no more than the composition of torch ops in `dtype`
+    (the path it replaces) does, output by output, give or take a quarter and one ulp of slack; and in
+    float32 it agrees to 1e-5 outright."""
     p, h, cut = inputs(B, T, C, dtype=torch.float32, device="cuda")
-    ref = [t.detach().double().requires_grad_() for t in (p, h)]
-    z_ref, last_ref = core_ref(ref[0], ref[1], cut)
+    ref_in = [t.detach().double().requires_grad_() for t in (p, h)]
+    z_ref, last_ref = core_ref(ref_in[0], ref_in[1], cut)
     dz = torch.randn_like(z_ref)
-    grads_ref = torch.autograd.grad(z_ref, ref, dz)
-    q = [t.detach().to(dtype).requires_grad_() for t in (p, h)]
-    z, last = core(q[0], q[1], cut)
-    grads = torch.autograd.grad(z, q, dz.to(dtype))
-    tol = TOL[dtype]
-    torch.testing.assert_close(z.double(), z_ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(last.double(), last_ref, rtol=tol, atol=tol)
-    for a, b in zip(grads, grads_ref):
-        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+    ref = (z_ref, last_ref, *torch.autograd.grad(z_ref, ref_in, dz))
+    fused = max_errors(dtype, p, h, cut, dz, ref, fused=True)
+    composed = max_errors(dtype, p, h, cut, dz, ref, fused=False)
+    ulp = torch.finfo(dtype).eps
+    for name, a, b in zip(("z", "last", "dp", "dh0"), fused, composed):
+        assert a <= 1.25 * b + ulp, f"{name}: fused errs {a:.3g}, the composition {b:.3g}"
+        if dtype == torch.float32:
+            assert a <= 1e-5, f"{name}: fused errs {a:.3g}"
 
 
 @needs_cuda
