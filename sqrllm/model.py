@@ -178,9 +178,7 @@ class SqrLLM(nn.Module):
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if device_type == "cuda":
-            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
-        return AdamW(groups, lr=learning_rate, betas=betas)
+        return AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
 
 def round_to_bf16(model):
