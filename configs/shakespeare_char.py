@@ -1,6 +1,6 @@
 # Tiny Shakespeare, char-level, the one-GPU race (docs/benchmarks.md): val loss (whole val split,
-# windows of 256, memory reset) about 1.42 after about 39 s on an H200, start-up and the one
-# evaluation included; streamed through the whole split (memory carried) about 1.40.
+# windows of 256, memory reset) 1.417-1.429 after 31-42 s on an H200, start-up and the one
+# evaluation included; streamed through the whole split (memory carried) 1.397-1.410.
 #   python data/shakespeare_char/prepare.py && python train.py configs/shakespeare_char.py
 # The corpus is 1 MB, so regularisation decides: random windows of 256 characters (the windows the
 # evaluation sees; carried streams overfit sooner), a narrow memory (n_mem 128) in a deep stack
