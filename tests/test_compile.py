@@ -49,3 +49,27 @@ def test_compiled_sqrll_block_fuses_and_matches_eager():
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(new_mem, want_mem)
     torch.testing.assert_close(gx, want_gx)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_model_on_cuda_is_one_graph_and_matches_the_fused_eager_model():
+    """On CUDA, eager layers run the fused core op (sqrllm/core.py) and compiled ones the composition
+    that Inductor fuses: the model still compiles to one graph, and both give the same loss and gradients."""
+    torch.manual_seed(0)
+    model = SqrLLM(65, n_layer=2, n_embd=64, n_mem=32).cuda()
+    idx = torch.randint(0, 65, (4, 48), device="cuda")
+    e = torch._dynamo.explain(model)(idx[:, :-1], idx[:, 1:])
+    assert (e.graph_count, e.graph_break_count) == (1, 0), e.break_reasons
+
+    def loss_and_grads(m):
+        model.zero_grad()
+        _, loss, _ = m(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    eager_loss, eager_grads = loss_and_grads(model)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model))
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
