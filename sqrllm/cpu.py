@@ -1,11 +1,14 @@
-"""The CPU decode kernel: `kernels/decode_cpu.cpp`, compiled on first use with the system C++
-compiler (OpenMP, tuned for this machine; without them where the compiler refuses) and loaded
-through ctypes.
+"""CPU kernels compiled on first use with the system C++ compiler (OpenMP, tuned for this machine;
+without them where the compiler refuses) and loaded through ctypes:
 
-The shared library is cached under $SQRLLM_CACHE (default ~/.cache/sqrllm), keyed by the source,
+- `kernels/decode_cpu.cpp`: one decoding step of a model (sqrllm.decode's NativeStep); `load()`.
+- `kernels/scan_cpu.cpp`: the scan, forward and backward (sqrllm.scan's CPU path); `scan_fwd`,
+  `scan_bwd`.
+
+Each shared library is cached under $SQRLLM_CACHE (default ~/.cache/sqrllm), keyed by its source,
 the compiler command and this CPU's feature flags, and written by rename so that concurrent first
-uses do not see half a file. `load()` raises ImportError, saying why, when there is no compiler
-or the build fails; callers fall back to the pure-PyTorch step.
+uses do not see half a file. Loading raises ImportError, saying why, when there is no compiler or the
+build fails (once; later calls raise it again without retrying); callers fall back to PyTorch code.
 """
 
 import ctypes
@@ -17,9 +20,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from sqrllm.kernels import SOURCE_DIR
 
-SOURCE = SOURCE_DIR / "decode_cpu.cpp"
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17"]
 # tried in order: tuned and threaded, then without OpenMP (one thread), then without -march=native
 OPTIONAL = [["-march=native", "-fopenmp"], ["-march=native"], []]
@@ -35,31 +39,34 @@ def _cpu_flags():
     return platform.processor()
 
 
-_lib = None
-_error = None
+_libs = {}  # kernel name -> the loaded library, or the ImportError message of its failed build
+
+
+def _library(name):
+    """kernels/<name>.cpp built and loaded, with its functions typed; ImportError if it cannot be."""
+    if name not in _libs:
+        try:
+            _libs[name] = _build_and_load(name)
+        except ImportError as e:
+            _libs[name] = str(e)
+    if isinstance(_libs[name], str):
+        raise ImportError(_libs[name])
+    return _libs[name]
 
 
 def load():
-    """The compiled kernel as a ctypes library with typed functions; ImportError (the same one on
-    every later call, without retrying) if it cannot be built here."""
-    global _lib, _error
-    if _lib is None and _error is None:
-        try:
-            _lib = _build_and_load()
-        except ImportError as e:
-            _error = str(e)
-    if _error is not None:
-        raise ImportError(_error)
-    return _lib
+    """The decode kernel as a ctypes library with typed functions; ImportError if it cannot be built here."""
+    return _library("decode_cpu")
 
 
-def _build_and_load():
+def _build_and_load(name):
     compiler = shlex.split(os.environ.get("CXX", "c++"))
-    source = SOURCE.read_bytes()
+    path = SOURCE_DIR / f"{name}.cpp"
+    source = path.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(compiler + FLAGS + sum(OPTIONAL, [])).encode(),
                                      _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("SQRLLM_CACHE", Path.home() / ".cache" / "sqrllm"))
-    lib_path = cache / f"decode_cpu-{key}.so"
+    lib_path = cache / f"{name}-{key}.so"
     if not lib_path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
@@ -67,7 +74,7 @@ def _build_and_load():
         try:
             for extra in OPTIONAL:
                 try:
-                    run = subprocess.run([*compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True,
+                    run = subprocess.run([*compiler, *FLAGS, *extra, str(path), "-o", tmp], capture_output=True,
                                          text=True)
                 except OSError as e:
                     why = f"no C++ compiler ({compiler[0]}: {e.strerror}); set CXX or install g++"
@@ -75,7 +82,7 @@ def _build_and_load():
                 if run.returncode == 0:
                     break
             else:
-                raise ImportError(f"building {SOURCE.name} failed: {run.stderr.strip()[-2000:]}")
+                raise ImportError(f"building {path.name} failed: {run.stderr.strip()[-2000:]}")
             os.replace(tmp, lib_path)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -83,18 +90,64 @@ def _build_and_load():
         lib = ctypes.CDLL(str(lib_path))
     except OSError as e:
         raise ImportError(f"loading {lib_path} failed: {e}") from None
+    SIGNATURES[name](lib)
+    return lib
+
+
+def _decode_signatures(lib):
     p, f, i, vp = ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
     lib.sq_plan_new.argtypes, lib.sq_plan_new.restype = [i, i, i, p, p, p, f], vp
     lib.sq_plan_add.argtypes, lib.sq_plan_add.restype = [vp, i, i, f, p, p, p, p, p], None
     lib.sq_plan_free.argtypes, lib.sq_plan_free.restype = [vp], None
     lib.sq_step.argtypes, lib.sq_step.restype = [vp, i, p, p, p, i], i
-    return lib
 
 
-def available():
-    """(True, "") if the kernel builds and loads here, else (False, why)."""
+def _scan_signatures(lib):
+    p, n, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for kind in ("f32", "f64"):
+        getattr(lib, f"sq_scan_fwd_{kind}").argtypes = [p, p, p, p, n, n, n, i, i]
+        getattr(lib, f"sq_scan_bwd_{kind}").argtypes = [p, p, p, p, p, p, p, n, n, n, i, i]
+        getattr(lib, f"sq_scan_fwd_{kind}").restype = getattr(lib, f"sq_scan_bwd_{kind}").restype = None
+
+
+SIGNATURES = {"decode_cpu": _decode_signatures, "scan_cpu": _scan_signatures}
+
+
+def available(name="decode_cpu"):
+    """(True, "") if kernels/<name>.cpp builds and loads here, else (False, why)."""
     try:
-        load()
+        _library(name)
     except ImportError as e:
         return False, str(e)
     return True, ""
+
+
+def _acc(t):
+    """t as the kernel's arithmetic type, contiguous: float64 stays, the rest become float32."""
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous()
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def scan_fwd(x, r, h0, reverse):
+    """sqrllm.scan's forward for CPU tensors that `scan` has validated: y (B, T, C) in x's dtype,
+    computed in float32 (float64 for float64). ImportError where the kernel cannot be built."""
+    lib = _library("scan_cpu")
+    xa, ra, ha = _acc(x), _acc(r), None if h0 is None else _acc(h0)
+    y = torch.empty_like(xa)
+    fn = lib.sq_scan_fwd_f64 if xa.dtype == torch.float64 else lib.sq_scan_fwd_f32
+    fn(_ptr(xa), _ptr(ra), _ptr(ha), _ptr(y), *x.shape, int(reverse), torch.get_num_threads())
+    return y.to(x.dtype)
+
+
+def scan_bwd(dy, r, y, h0, reverse):
+    """(dx, dr, dh0) for scan_fwd's inputs, in dy's dtype; dh0 (B, C) whether or not there was an h0."""
+    lib = _library("scan_cpu")
+    dya, ra, ya, ha = _acc(dy), _acc(r), _acc(y), None if h0 is None else _acc(h0)
+    dx, dr, dh0 = torch.empty_like(dya), torch.empty_like(dya), dya.new_empty(dy.shape[0], dy.shape[2])
+    fn = lib.sq_scan_bwd_f64 if dya.dtype == torch.float64 else lib.sq_scan_bwd_f32
+    fn(_ptr(dya), _ptr(ra), _ptr(ya), _ptr(ha), _ptr(dx), _ptr(dr), _ptr(dh0), *dy.shape, int(reverse),
+       torch.get_num_threads())
+    return dx.to(dy.dtype), dr.to(dy.dtype), dh0.to(dy.dtype)

@@ -9,8 +9,12 @@ dr[t] = g[t] * y[t-1]; dh0 = r[0] * g[0].
 
 Implementations, all with the signature of `scan`:
 - `scan_ref`: a plain loop through autograd, any dtype including float64. The test oracle.
-- the loop path: one fused multiply-add per time step on a time-major float32 copy, with its own
-  backward (no per-step autograd graph). Runs on any device; the CPU path.
+- the loop path: one fused multiply-add per time step on (B, C) slices, with its own backward (no
+  per-step autograd graph). Runs on any device: the CPU path where the C++ kernel cannot be built,
+  the GPU path where CuPy is missing.
+- the C++ kernel (`sqrllm.cpu`, `kernels/scan_cpu.cpp`), used for CPU tensors when the system C++
+  compiler builds it (once, cached): the loop path spends more on launching its per-step ops than
+  on arithmetic.
 - the CUDA kernel (`sqrllm.cuda`), used for CUDA tensors when CuPy is installed.
 
 `scan` is registered as the custom ops `sqrllm::scan_fwd` / `sqrllm::scan_bwd`, so
@@ -78,6 +82,17 @@ def _loop_bwd(dy, r, y, h0, reverse):
 
 
 _cuda_backend = None  # the sqrllm.cuda module, False once known to be unavailable
+_cpu_backend = None  # the sqrllm.cpu module once its scan kernel has loaded, False where it cannot
+
+
+def _cpu():
+    """sqrllm.cpu when its C++ scan builds and loads here, else None: the loop path serves, as fast
+    as it ever was, so there is no warning (`sqrllm.cpu.available("scan_cpu")` says why)."""
+    global _cpu_backend
+    if _cpu_backend is None:
+        from sqrllm import cpu
+        _cpu_backend = cpu if cpu.available("scan_cpu")[0] else False
+    return _cpu_backend or None
 
 
 def _cuda():
@@ -99,14 +114,21 @@ def _cuda():
     return _cuda_backend or None
 
 
+def _backend(t):
+    """The kernel module for t's device (sqrllm.cuda, sqrllm.cpu), or None for the loop path."""
+    if t.is_cuda:
+        return _cuda() if t.dtype != torch.float64 else None
+    return _cpu() if t.device.type == "cpu" else None
+
+
 def _forward(x, r, h0, reverse):
-    if x.is_cuda and x.dtype != torch.float64 and (k := _cuda()) is not None:
+    if (k := _backend(x)) is not None:
         return k.scan_fwd(x, r, h0, reverse)
     return _loop_fwd(x, r, h0, reverse)
 
 
 def _grads(dy, r, y, h0, reverse):
-    if dy.is_cuda and dy.dtype != torch.float64 and (k := _cuda()) is not None:
+    if (k := _backend(dy)) is not None:
         return k.scan_bwd(dy, r, y, h0, reverse)
     return _loop_bwd(dy, r, y, h0, reverse)
 

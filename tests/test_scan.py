@@ -1,9 +1,18 @@
-"""The scan op's CPU path held to the float64 reference."""
+"""The scan op's CPU paths (the C++ kernel, and the PyTorch loop it falls back to) held to the float64
+reference and to each other."""
+
+import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from sqrllm import cpu
 from sqrllm.scan import scan, scan_ref
+
+scan_mod = importlib.import_module("sqrllm.scan")  # the module; `sqrllm.scan` the package exports is the op
+KERNEL, WHY = cpu.available("scan_cpu")
 
 # max |fast - ref| / (max |ref| + 1), per storage dtype (accumulation is float32 throughout)
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -22,10 +31,19 @@ def rel_err(a, ref):
     return ((a.double() - ref).abs().max() / (ref.abs().max() + 1)).item()
 
 
+@pytest.fixture(params=["kernel", "loop"])
+def path(request, monkeypatch):
+    """Runs a test on the C++ kernel (skipped, saying why, where it cannot be built) and on the loop."""
+    if request.param == "kernel" and not KERNEL:
+        pytest.skip(f"the C++ scan kernel cannot be built here: {WHY}")
+    monkeypatch.setattr(scan_mod, "_cpu_backend", cpu if request.param == "kernel" else False)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("T", LENGTHS)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_forward_and_gradients_match_reference(dtype, T, reverse):
+def test_forward_and_gradients_match_reference(dtype, T, reverse, path):
     x, r, h0 = inputs(3, T, 5, dtype, seed=T)
     leaves = [t.clone().requires_grad_() for t in (x, r, h0)]
     y = scan(*leaves, reverse=reverse)
@@ -42,14 +60,14 @@ def test_forward_and_gradients_match_reference(dtype, T, reverse):
         assert rel_err(g, g_ref) < TOL[dtype], name
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(path):
     x, r, h0 = (t.requires_grad_() for t in inputs(2, 5, 3, torch.float64))
     assert torch.autograd.gradcheck(lambda a, b, c: scan(a, b, c), (x, r, h0))
     assert torch.autograd.gradcheck(lambda a, b, c: scan(a, b, c, reverse=True), (x, r, h0))
     assert torch.autograd.gradcheck(lambda a, b: scan(a, b), (x, r))
 
 
-def test_r_one_is_cumulative_sum_and_r_zero_is_identity():
+def test_r_one_is_cumulative_sum_and_r_zero_is_identity(path):
     x = torch.randn(2, 33, 4, dtype=torch.float64)
     torch.testing.assert_close(scan(x, torch.ones_like(x)), x.cumsum(1))
     torch.testing.assert_close(scan(x, torch.ones_like(x), reverse=True), x.flip(1).cumsum(1).flip(1))
@@ -57,7 +75,7 @@ def test_r_one_is_cumulative_sum_and_r_zero_is_identity():
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_chunks_with_carried_state_equal_one_call(reverse):
+def test_chunks_with_carried_state_equal_one_call(reverse, path):
     x, r, h0 = inputs(2, 50, 6, torch.float32)
     whole = scan(x, r, h0, reverse=reverse)
     cuts = [0, 1, 18, 19, 50]
@@ -71,7 +89,7 @@ def test_chunks_with_carried_state_equal_one_call(reverse):
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(path):
     x, r, _ = inputs(4, 9, 6, torch.float32)
     xt, rt = x.transpose(0, 2).contiguous().transpose(0, 2), r.transpose(0, 2).contiguous().transpose(0, 2)
     assert not xt.is_contiguous()
@@ -98,3 +116,31 @@ def test_torch_compile_matches_eager():
     f = lambda a, b, c: scan(a, b, c) * 2  # noqa: E731
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(x, r, h0), f(x, r, h0))
+
+
+@pytest.mark.skipif(not KERNEL, reason=f"the C++ scan kernel cannot be built here: {WHY}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("B,T,C,h0,reverse", [(1, 1, 1, False, False), (3, 131, 300, True, False),
+                                              (3, 131, 300, True, True), (2, 64, 513, False, True)])
+def test_kernel_equals_the_loop(dtype, B, T, C, h0, reverse):
+    """The kernel does the loop's arithmetic in the loop's order: the same numbers, whatever the
+    feature blocks (C = 300 and 513 cross the kernel's blocks of 256) and threads."""
+    x, r, h = inputs(B, T, C, dtype, seed=C)
+    h = h if h0 else None
+    y = cpu.scan_fwd(x, r, h, reverse)
+    torch.testing.assert_close(y, scan_mod._loop_fwd(x, r, h, reverse), rtol=1e-6, atol=1e-6)
+    dy = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    for a, b in zip(cpu.scan_bwd(dy, r, y, h, reverse), scan_mod._loop_bwd(dy, r, y, h, reverse)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_without_a_compiler_the_loop_serves_and_says_why(tmp_path):
+    """CXX naming no compiler: the kernel reports why it is unavailable, and scan still works."""
+    code = ("import sys, torch; from sqrllm import cpu; from sqrllm.scan import scan; ok, why = cpu.available('scan_cpu'); "
+            "x = torch.ones(1, 3, 2); print(ok, why, scan(x, x * 0.5)[0, -1].tolist(), sep='|')")
+    env = {"CXX": str(tmp_path / "no-such-compiler"), "SQRLLM_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    ok, why, last = out.strip().split("|")
+    assert ok == "False" and "no C++ compiler" in why and "set CXX" in why
+    assert last == "[1.75, 1.75]"
