@@ -128,6 +128,13 @@ def fit_steps(label, config, overrides, args, out):
     return [f"--max_iters={steps}", f"--max_time={args.budget}"]
 
 
+def seed_list(text):
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. --seeds 1337,2,3") from None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", choices=list(RUNS), help="run only these of the two configs")
@@ -139,7 +146,7 @@ def main():
     ap.add_argument("--table", help="also write the table to this file")
     ap.add_argument("--budget", type=float, default=0.0, help="seconds from launch per run, steps fitted by a probe")
     ap.add_argument("--probe_iters", type=int, default=150, help="steps of the --budget probe run")
-    ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=None,
+    ap.add_argument("--seeds", type=seed_list, default=None,
                     help="comma-separated seeds: every run once per seed, then the spread per variant")
     args = ap.parse_args()
 
