@@ -221,7 +221,8 @@ def train(cfg: Config, launched=None):
         with contextlib.ExitStack() as ending:  # what _train opened that must close however it ends
             return _train(cfg, launched or process_start_time(), ending)
     finally:
-        torch.use_deterministic_algorithms(deterministic)
+        if torch.are_deterministic_algorithms_enabled() != deterministic:  # setting it imports torch._inductor (2 s)
+            torch.use_deterministic_algorithms(deterministic)
         distributed.teardown()
 
 

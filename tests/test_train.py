@@ -96,6 +96,19 @@ def test_burn_in_trains_and_resumes_exactly(data_dir, tmp_path):
     assert logged["whole"][-1][1] < 0.7 * logged["whole"][0][1]
 
 
+def test_train_leaves_the_deterministic_setting_as_it_found_it(data_dir, tmp_path):
+    """A run with deterministic=true switches torch's deterministic algorithms on for itself only."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    train(tiny_config(data_dir, tmp_path / "a", "--max_iters=2", "--deterministic=true"))
+    assert not torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        train(tiny_config(data_dir, tmp_path / "b", "--max_iters=2"))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_resume_continues_from_saved_step(data_dir, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(data_dir, out, "--max_iters=20"))
