@@ -68,8 +68,12 @@ def _build_and_load(name):
     cache = Path(os.environ.get("SQRLLM_CACHE", Path.home() / ".cache" / "sqrllm"))
     lib_path = cache / f"{name}-{key}.so"
     if not lib_path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
+        except OSError as e:
+            raise ImportError(f"cannot write to the kernel cache {cache} ({e.strerror or e}); set SQRLLM_CACHE "
+                              "to a writable folder") from None
         os.close(fd)
         try:
             for extra in OPTIONAL:

@@ -2,6 +2,7 @@
 reference and to each other."""
 
 import importlib
+import os
 import subprocess
 import sys
 
@@ -143,4 +144,18 @@ def test_without_a_compiler_the_loop_serves_and_says_why(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     ok, why, last = out.strip().split("|")
     assert ok == "False" and "no C++ compiler" in why and "set CXX" in why
+    assert last == "[1.75, 1.75]"
+
+
+def test_an_unwritable_kernel_cache_is_named_and_the_loop_serves(tmp_path):
+    """SQRLLM_CACHE under a regular file: the kernel says where it could not write and what to set, and
+    scan still works (on the loop)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = ("import torch; from sqrllm import cpu; from sqrllm.scan import scan; ok, why = cpu.available('scan_cpu'); "
+            "x = torch.ones(1, 3, 2); print(ok, why, scan(x, x * 0.5)[0, -1].tolist(), sep='|')")
+    env = {**os.environ, "SQRLLM_CACHE": str(blocker / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    ok, why, last = out.strip().split("|")
+    assert ok == "False" and str(blocker / "cache") in why and "SQRLLM_CACHE" in why
     assert last == "[1.75, 1.75]"
