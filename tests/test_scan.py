@@ -136,13 +136,18 @@ def test_kernel_equals_the_loop(dtype, B, T, C, h0, reverse):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def scan_in_a_process(env):
+    """In a fresh process with `env`: (whether the C++ scan loaded, why not, the last y of a 3-step scan)."""
+    code = ("import torch; from sqrllm import cpu; from sqrllm.scan import scan; ok, why = cpu.available('scan_cpu'); "
+            "x = torch.ones(1, 3, 2); print(ok, why, scan(x, x * 0.5)[0, -1].tolist(), sep='|')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    return out.strip().split("|")
+
+
 def test_without_a_compiler_the_loop_serves_and_says_why(tmp_path):
     """CXX naming no compiler: the kernel reports why it is unavailable, and scan still works."""
-    code = ("import sys, torch; from sqrllm import cpu; from sqrllm.scan import scan; ok, why = cpu.available('scan_cpu'); "
-            "x = torch.ones(1, 3, 2); print(ok, why, scan(x, x * 0.5)[0, -1].tolist(), sep='|')")
     env = {"CXX": str(tmp_path / "no-such-compiler"), "SQRLLM_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    ok, why, last = out.strip().split("|")
+    ok, why, last = scan_in_a_process(env)
     assert ok == "False" and "no C++ compiler" in why and "set CXX" in why
     assert last == "[1.75, 1.75]"
 
@@ -152,10 +157,6 @@ def test_an_unwritable_kernel_cache_is_named_and_the_loop_serves(tmp_path):
     scan still works (on the loop)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code = ("import torch; from sqrllm import cpu; from sqrllm.scan import scan; ok, why = cpu.available('scan_cpu'); "
-            "x = torch.ones(1, 3, 2); print(ok, why, scan(x, x * 0.5)[0, -1].tolist(), sep='|')")
-    env = {**os.environ, "SQRLLM_CACHE": str(blocker / "cache")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    ok, why, last = out.strip().split("|")
+    ok, why, last = scan_in_a_process({**os.environ, "SQRLLM_CACHE": str(blocker / "cache")})
     assert ok == "False" and str(blocker / "cache") in why and "SQRLLM_CACHE" in why
     assert last == "[1.75, 1.75]"
