@@ -17,7 +17,7 @@ Implementations:
   (`kernels/core.cu`) on CUDA tensors, which reads p's column slices in place and writes dp slice
   by slice: on the GPU the composition runs its elementwise ops on strided views of p, which
   PyTorch's vectorized kernels do not take, and assembles dp with a concatenation. On CPU tensors
-  the same steps run as torch ops (`_steps_ref`), so that the backward's formulas are tested without
+  the same steps run as torch ops (`_StepsRef`), so that the backward's formulas are tested without
   a GPU.
 """
 

@@ -357,10 +357,16 @@ CORE_THREADS = 256  # at most, a block: one row's features at a time (kernels/co
 
 @functools.cache
 def _core_function(name, device):
+    with _on(device):
+        return _core_module(device).get_function(name)
+
+
+@functools.cache
+def _core_module(device):
+    """kernels/core.cu as one module: its twelve kernels from one NVRTC compile."""
     import cupy
 
-    with _on(device):
-        return cupy.RawModule(code=_source("core.cu"), options=("-std=c++17",)).get_function(name)
+    return cupy.RawModule(code=_source("core.cu"), options=("-std=c++17",))
 
 
 @functools.cache
