@@ -439,12 +439,14 @@ def _train(cfg, launched, ending):
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     # DDP all-reduces the gradients in the backward of the last micro-step only
                     last = micro == cfg.gradient_accumulation_steps - 1
+                    # burn_in: the rows that start from the memory the tokens before their window leave
+                    burned = (~reset).to(device) if cfg.burn_in else None
                     if micro_step:
-                        loss, state = micro_step(x, y, state, keep=(~reset).to(device) if cfg.burn_in else None)
+                        loss, state = micro_step(x, y, state, keep=burned)
                     else:
-                        if cfg.burn_in:  # the memory the tokens before each window leave; reset rows start at zero
+                        if cfg.burn_in:  # the other rows start from zero
                             with autocast(device, dtype):
-                                state, x, y = burn_in_window(model, x, y, (~reset).to(device), cfg.burn_in)
+                                state, x, y = burn_in_window(model, x, y, burned, cfg.burn_in)
                         with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
                             with autocast(device, dtype):
                                 _, loss, state = fwd(x, y, state)
