@@ -8,13 +8,11 @@
   signature, and every window starts from nothing.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sqrllm.model import Block, GatedMLP, SqrLLM
+from sqrllm.model import Block, GatedMLP, SqrLLM, init_weights
 
 
 class CausalSelfAttention(nn.Module):
@@ -56,12 +54,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         if tie_weights:
             self.lm_head.weight = self.wte.weight
-        out_std = init_std / math.sqrt(2 * len(self.blocks)) if init == "scaled" else init_std
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif p.dim() >= 2:
-                nn.init.normal_(p, 0.0, out_std if name.endswith("out.weight") else init_std)
+        init_weights(self, init, init_std)
 
     @classmethod
     def from_config(cls, cfg, vocab_size):

@@ -55,6 +55,17 @@ class GatedMLP(nn.Module):
         return self.out(h * torch.sigmoid(g))
 
 
+def init_weights(model, init, std):
+    """Biases zero, matrices normal(0, std); with init="scaled" the residual branches' output
+    projections (`*.out.weight`) get std / sqrt(2 * blocks), GPT-2's scaling by depth."""
+    out_std = std / math.sqrt(2 * len(model.blocks)) if init == "scaled" else std
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif p.dim() >= 2:
+            nn.init.normal_(p, 0.0, out_std if name.endswith("out.weight") else std)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + dropout(f(rmsnorm(x))), f a sqrll layer or a gated MLP."""
 
@@ -107,12 +118,7 @@ class SqrLLM(nn.Module):
                    max_timescale=cfg.max_timescale)
 
     def _init(self, init, std, forget_init, max_timescale):
-        out_std = std / math.sqrt(2 * len(self.blocks)) if init == "scaled" else std
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif p.dim() >= 2:
-                nn.init.normal_(p, 0.0, out_std if name.endswith("out.weight") else std)
+        init_weights(self, init, std)
         if forget_init == "spread":
             # timescale tau in tokens, log-spaced; r = exp(-1/tau), bias = logit(r)
             tau = torch.logspace(0, math.log10(max_timescale), self.n_mem)
