@@ -33,9 +33,10 @@ def scan_ref(x, r, h0=None, reverse=False):
     """Readable reference: differentiable, computes in the inputs' dtype (use float64 as oracle)."""
     B, T, C = x.shape
     h = x.new_zeros(B, C) if h0 is None else h0
+    xs, rs = x.unbind(1), r.unbind(1)  # (unbind's gradient is one stack; indexing x[:, t] would make T)
     ys = [None] * T
     for t in (reversed(range(T)) if reverse else range(T)):
-        h = r[:, t] * h + x[:, t]
+        h = rs[t] * h + xs[t]
         ys[t] = h
     return torch.stack(ys, dim=1)
 
