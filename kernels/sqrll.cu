@@ -187,6 +187,28 @@ __device__ __forceinline__ void for_nodes(const ulonglong2* nodes, long long str
     }
 }
 
+// With TRACE defined (scripts/trace_scan.py), thread 0 of each of the first TRACE blocks records, for
+// its first tile, the global nanosecond timer at: 0 start; 1 inputs loaded and folded; 2 carry-in
+// known; 3 outputs issued; in chunk mode also 5 the tree nodes that end at the tile published, and
+// 6 the carry-in's first POLL nodes folded; and at 4 its multiprocessor. Without TRACE, no code.
+#ifdef TRACE
+__device__ unsigned long long sqrll_trace[TRACE][8];
+__device__ __forceinline__ void trace_at(int point, long long tile) {
+    if (threadIdx.x == 0 && blockIdx.x < TRACE && tile == 0) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        sqrll_trace[blockIdx.x][point] = t;
+        if (point == 0) {
+            unsigned sm;
+            asm("mov.u32 %0, %%smid;" : "=r"(sm));
+            sqrll_trace[blockIdx.x][4] = sm;
+        }
+    }
+}
+#else
+__device__ __forceinline__ void trace_at(int, long long) {}
+#endif
+
 // Chunk mode, for one feature: publish tile k's nodes and return the state entering the tile.
 // (A, b) is the tile's map for this feature, h the state entering the sequence, and `nodes` points
 // at this column and feature: node slot s is nodes[s * stride].
@@ -207,16 +229,21 @@ __device__ float chunk_carry_in(float A, float b, float h, unsigned k, unsigned 
         A *= cA;
         put_map(nodes + (long long)node_slot(n, lg, j, ((k + 1) >> (lg * j)) - 1) * stride, A, b);
     }
+    trace_at(5, 0);
     // h through the nodes that cover [0, k), longest first: k's digits in base R, high to low
     int count = 0;
     for (unsigned x = k; x; x >>= lg) count += x & (R - 1);
     unsigned s = 0;
+    int folded = 0;  // (for TRACE)
     for_nodes(nodes, stride, count, [&] {
         const int j = (31 - __clz(k - s)) / lg;
         const unsigned slot = node_slot(n, lg, j, s >> (lg * j));
         s += 1u << (lg * j);
         return slot;
-    }, [&](float2 m) { h = fmaf(m.x, h, m.y); });
+    }, [&](float2 m) {
+        h = fmaf(m.x, h, m.y);
+        if (++folded == min(POLL, count)) trace_at(6, 0);
+    });
     return h;
 }
 
@@ -347,6 +374,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         }
     };
 
+    trace_at(0, 0);
     issue(0, 0);
     for (long long tile = 0; tile < n_tiles; ++tile) {
         const int b = MODE == LOOP ? (int)(tile & 1) : 0;
@@ -396,6 +424,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         if (full) thread_map(Rows<true>{});
         else thread_map(Rows<false>{});
         __syncthreads();
+        trace_at(1, tile);
 
         // per feature: the tile's map, the state entering the tile, then the state entering each thread
         float tA = 1.f, tB = 0.f;
@@ -407,6 +436,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         if (f_ok) each_map(sA, sB, tid, NT * V, CW, [&](int i, float m, float c) { sA[i] = h; h = fmaf(m, h, c); });
         carry = h;
         __syncthreads();
+        trace_at(2, tile);
 
         // replay this thread's positions from its entering state and write the outputs
         auto replay = [&](auto all) {
@@ -441,6 +471,10 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         };
         if (full) replay(Rows<true>{});
         else replay(Rows<false>{});
+#ifdef TRACE
+        __syncthreads();  // every thread's outputs issued
+        trace_at(3, tile);
+#endif
         // No barrier before the next tile: a thread copies into and reads back only its own slots of
         // the tile buffers and of sA / sB, and the next tile's per-feature steps touch sA / sB only
         // after its first barrier, which every thread reaches after this replay.

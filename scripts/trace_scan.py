@@ -1,0 +1,155 @@
+"""A timeline of one launch of the sqrll CUDA scan, from timestamps the kernel itself records.
+
+    python scripts/trace_scan.py 1,131072,256 bf16 [--bwd] [--save trace.npz]
+
+Compiles kernels/sqrll.cu with TRACE defined: each block stamps the GPU's global nanosecond timer
+at its start, once its first tile's inputs are loaded and folded, once that tile's carry-in is known
+(chunk mode: the tree's nodes before it), and once its outputs are issued. Prints the launch's span
+against the per-call time of the same kernel in CUDA-graph replays (scripts/bench_kernel.py's
+harness: what the span leaves out is the scratch memset and the gaps between launches), the phases'
+quantiles, and, bin by bin, how many blocks are in each phase and how much of the work is done.
+
+In chunk mode it also splits a tile's wait for its carry-in: for the tiles before it to be loaded
+and folded (the last of them, in time), then the tree: publishing the nodes that end at the tile
+(reading their children), the first POLL nodes of the carry-in, the rest of them.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from sqrllm import cuda
+from sqrllm.scan import scan
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernel import DTYPES, copy_bandwidth, gpu_ms  # noqa: E402
+
+MAX_BLOCKS = 1 << 16  # blocks traced: the .cu's TRACE
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("shape", help="B,T,C")
+    ap.add_argument("dtype", choices=list(DTYPES))
+    ap.add_argument("--bwd", action="store_true", help="trace the backward kernel instead")
+    ap.add_argument("--bin-us", type=float, default=2.0, help="timeline bin width, us")
+    ap.add_argument("--calls", type=int, default=5, help="traced launches; the median-span one is shown")
+    ap.add_argument("--save", help="write every traced launch's stamps to this .npz")
+    ap.add_argument("--define", nargs="+", default=[], metavar="NAME=VALUE",
+                    help="more macros put in front of kernels/sqrll.cu, e.g. POLL=8")
+    ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
+    args = ap.parse_args()
+    if args.tree_log2 is not None:
+        cuda.TREE_LOG2 = args.tree_log2
+
+    import cupy
+
+    source = cuda._source
+    defines = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in [f"TRACE={MAX_BLOCKS}", *args.define])
+    cuda._source = lambda name="sqrll.cu": (defines if name == "sqrll.cu" else "") + source(name)
+    modules = []
+    made = cupy.RawModule
+
+    def recording(*a, **k):  # keep the module, whose global holds the stamps
+        modules.append(made(*a, **k))
+        return modules[-1]
+
+    cupy.RawModule = recording
+
+    B, T, C = map(int, args.shape.split(","))
+    dtype = DTYPES[args.dtype]
+    x = torch.randn(B, T, C, device="cuda").to(dtype)
+    r = torch.rand(B, T, C, device="cuda").mul_(0.3).add_(0.7).to(dtype)
+    dy = torch.randn(B, T, C, device="cuda").to(dtype)
+    nbytes = B * T * C * x.element_size()
+
+    def make(x, r, dy):  # the traced kernel's call on these inputs
+        if not args.bwd:
+            return lambda: scan(x, r)
+        y = scan(x, r)
+        return lambda: cuda.scan_bwd(dy, r, y)
+
+    moved = (5 if args.bwd else 3) * nbytes
+    call = make(x, r, dy)
+    call()
+    torch.cuda.synchronize()
+    trace = cupy.ndarray((MAX_BLOCKS, 8), cupy.uint64, memptr=modules[-1].get_global("sqrll_trace"))
+    graph_us = 1e3 * gpu_ms(make, (x, r, dy), moved)
+    copy = copy_bandwidth()
+
+    runs = []
+    for _ in range(args.calls):
+        trace.fill(0)
+        torch.cuda.synchronize()
+        call()
+        torch.cuda.synchronize()
+        host = cupy.asnumpy(trace)
+        host = host[host[:, 0] != 0]
+        runs.append(host)
+    spans = [(h[:, 3].max() - h[:, 0].min()) / 1e3 for h in runs]
+    h = runs[int(np.argsort(spans)[len(spans) // 2])]
+    if args.save:
+        np.savez(args.save, *runs)
+
+    t0 = h[:, 0].min()
+    s = (h[:, :4].astype(np.int64) - int(t0)) / 1e3  # us from the launch's first block
+    span = s[:, 3].max()
+    ideal = moved / copy / 1e3  # us at the copy bandwidth
+    print(f"{args.shape} {args.dtype} {'backward' if args.bwd else 'forward'}: {len(h)} blocks on "
+          f"{len(np.unique(h[:, 4]))} SMs; span {span:.1f} us (spans of {args.calls} launches: "
+          f"{', '.join(f'{v:.1f}' for v in spans)}); graph replay {graph_us:.1f} us per call; "
+          f"{moved / 1e6:.0f} MB = {ideal:.1f} us at the copy's {copy:.0f} GB/s")
+    phases = {"load+fold": s[:, 1] - s[:, 0], "wait carry-in": s[:, 2] - s[:, 1],
+              "replay": s[:, 3] - s[:, 2], "block": s[:, 3] - s[:, 0]}
+    print("\n| phase, us | p10 | p50 | p90 | max |\n|---|---:|---:|---:|---:|")
+    for name, v in phases.items():
+        q = np.percentile(v, [10, 50, 90, 100])
+        print(f"| {name} | " + " | ".join(f"{a:.2f}" for a in q) + " |")
+    p = cuda.plan(B, T, C, *plan_args(x, args.bwd))
+    if p.mode == "CHUNKS":
+        tree_phases(s, h, p.ncol)
+    print("\n| from us | started | loading | waiting | replaying | done % |\n|---:|---:|---:|---:|---:|---:|")
+    for e in np.arange(0, span + args.bin_us, args.bin_us):
+        mid = e + args.bin_us / 2
+        started = int(((s[:, 0] >= e) & (s[:, 0] < e + args.bin_us)).sum())
+        loading = int(((s[:, 0] <= mid) & (s[:, 1] > mid)).sum())
+        waiting = int(((s[:, 1] <= mid) & (s[:, 2] > mid)).sum())
+        replaying = int(((s[:, 2] <= mid) & (s[:, 3] > mid)).sum())
+        done = 100 * (s[:, 3] <= e + args.bin_us).mean()
+        print(f"| {e:.0f} | {started} | {loading} | {waiting} | {replaying} | {done:.1f} |")
+
+
+def plan_args(x, bwd):
+    """plan()'s arguments after (B, T, C) for x's forward or backward, as sqrllm.cuda's launch makes them."""
+    V = cuda.vector_width(x.shape[-1], x.element_size(), [x.data_ptr()])
+    L, blocks = cuda.BWD_TILE if bwd else cuda.FWD_TILE
+    return V, L, cuda._resident(x.device.index, blocks), None, None, cuda.CHUNK_REG_ROWS[bwd]
+
+
+def tree_phases(s, h, ncol):
+    """Chunk mode: a tile's wait for its carry-in, split (blocks are numbered time-major, ncol a row)."""
+    n = len(s) // ncol * ncol
+    k = np.arange(n) // ncol
+    lg = cuda.TREE_LOG2
+    count = np.array([sum(int(d) for d in np.base_repr(i, 1 << lg)) for i in range(k.max() + 1)])[k]
+    loaded = s[:n, 1].reshape(-1, ncol)
+    before = np.maximum.accumulate(loaded, axis=0)  # the last of tiles 0..k of a column loaded and folded
+    ready = np.maximum(np.vstack([np.zeros((1, ncol)), before[:-1]]), loaded).reshape(-1)
+    t = (h[:n, [5, 6]].astype(np.int64) - int(h[:, 0].min())) / 1e3
+    first = np.where(h[:n, 6] > 0, t[:, 1], s[:n, 2])  # tile 0 reads no node
+    parts = {"publishing its nodes": t[:, 0] - s[:n, 1], "first POLL nodes": first - t[:, 0],
+             "the other nodes": s[:n, 2] - first}
+    print(f"\ncarry-in wait, us: the tiles before loaded and folded {np.median(ready - s[:n, 1]):.2f} after "
+          "the tile itself (median); its three parts, by the number of nodes the carry-in reads:")
+    print("\n| nodes | tiles | " + " | ".join(parts) + " |\n|---|---:|---:|---:|---:|")
+    for lo, hi in ((0, 4), (5, 8), (9, 12), (13, 99)):
+        m = (count >= lo) & (count <= hi)
+        if m.any():
+            print(f"| {lo}-{hi} | {m.sum()} | " + " | ".join(f"{v[m].mean():.2f}" for v in parts.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
