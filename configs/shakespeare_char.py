@@ -1,10 +1,10 @@
 # Tiny Shakespeare, char-level, the one-GPU race (docs/benchmarks.md): val loss (whole val split,
-# windows of 256, memory reset) 1.417-1.429 after 31-42 s on an H200, start-up and the one
-# evaluation included; streamed through the whole split (memory carried) 1.397-1.410.
+# windows of 256, memory reset) 1.413-1.423 after 32-33 s on an H200, start-up and the one
+# evaluation included; streamed through the whole split (memory carried) 1.393-1.403.
 #   python data/shakespeare_char/prepare.py && python train.py configs/shakespeare_char.py
 # The corpus is 1 MB, so regularisation decides: random windows of 256 characters (the windows the
 # evaluation sees; carried streams overfit sooner), a narrow memory (n_mem 128) in a deep stack
-# (12 sqrll layers, each with its MLP), dropout 0.35, weight decay 1.0, and a cosine schedule that
+# (12 sqrll layers, each with its MLP), dropout 0.35, weight decay 2.0, and a cosine schedule that
 # ends where the val loss stops falling (about 18 epochs); what is evaluated and saved is the
 # weights' moving average (ema_decay), about 0.03 lower than the last weights. The step is too
 # small to keep a GPU busy from Python, so each one is replayed from a CUDA graph (cuda_graph):
