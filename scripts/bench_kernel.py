@@ -160,6 +160,7 @@ def main():
     ap.add_argument("--loop-min-fill", type=float, help="sqrllm.cuda.LOOP_MIN_FILL (default: sqrllm.cuda's)")
     ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
     ap.add_argument("--chunk-reg-rows", help="sqrllm.cuda.CHUNK_REG_ROWS as forward,backward (default: sqrllm.cuda's)")
+    ap.add_argument("--chunk-max-ct", type=int, help="sqrllm.cuda.CHUNK_MAX_CT (default: sqrllm.cuda's)")
     ap.add_argument("--define", nargs="+", default=[], metavar="NAME=VALUE",
                     help="macros put in front of kernels/sqrll.cu, e.g. POLL=8 (default: the .cu's)")
     ap.add_argument("--kernel", metavar="FILE",
@@ -181,6 +182,8 @@ def main():
         cuda.TREE_LOG2 = args.tree_log2
     if args.chunk_reg_rows:
         cuda.CHUNK_REG_ROWS = tuple(map(int, args.chunk_reg_rows.split(",")))
+    if args.chunk_max_ct:
+        cuda.CHUNK_MAX_CT = args.chunk_max_ct
     if args.define or args.kernel:
         source = cuda._source
         defines = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in args.define)
@@ -199,7 +202,8 @@ def main():
         f"Device: {device}; device-to-device copy: {copy:.0f} GB/s (read + write). "
         f"sqrllm tiles: forward (L, blocks/SM) = {cuda.FWD_TILE}, backward = {cuda.BWD_TILE}; "
         f"loop mode from a fill of {cuda.LOOP_MIN_FILL}; "
-        f"tree radix {2 ** cuda.TREE_LOG2}; chunk-mode register rows {cuda.CHUNK_REG_ROWS}; "
+        f"tree radix {2 ** cuda.TREE_LOG2}; chunk-mode register rows {cuda.CHUNK_REG_ROWS}, "
+        f"at most {cuda.CHUNK_MAX_CT} threads across features; "
         f"macros: {' '.join(args.define) or 'the .cu defaults'}; "
         f"scan source: {args.kernel or 'kernels/sqrll.cu'}. "
         f"Host floor here: {floor:.0f} us for the autograd forward+backward of a tiny x * x.",

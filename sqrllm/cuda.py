@@ -31,6 +31,10 @@ TREE_LOG2 = 3
 # chunk mode: rows a thread holds in registers beyond its L in shared memory (forward, backward), so
 # that a tile, which waits in place for its carry-in, holds more than shared memory alone allows
 CHUNK_REG_ROWS = (6, 3)
+# chunk mode: at most this many threads across features (8, 16 or 32). Narrower feature tiles make
+# more columns, each with fewer tiles along time and so a shallower tree to wait through, at the
+# cost of longer per-feature folds in each tile (NT / CT maps a feature)
+CHUNK_MAX_CT = 32
 
 
 def ensure_available():
@@ -63,11 +67,13 @@ class Plan(NamedTuple):
         return "LOOP" if self.pipe else "CHUNKS" if self.n_chunks > 1 else "ONE_TILE"
 
 
-def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0):
+def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0, chunk_max_ct=None):
     """How to cut a (B, T, C) scan moving V features per thread; `resident` blocks fit on the GPU.
-    In chunk mode a thread holds `reg_rows` rows in registers beyond its L in shared memory."""
+    In chunk mode a thread holds `reg_rows` rows in registers beyond its L in shared memory, and at
+    most `chunk_max_ct` threads go across features."""
     min_fill = LOOP_MIN_FILL if min_fill is None else min_fill
     lg = TREE_LOG2 if tree_log2 is None else tree_log2
+    chunk_max_ct = CHUNK_MAX_CT if chunk_max_ct is None else chunk_max_ct
     nvec = C // V
     CT = min(32, 1 << (nvec - 1).bit_length())
     while CT > 8 and (-nvec % CT) * 8 > nvec:  # don't leave most of a last feature tile idle
@@ -79,6 +85,7 @@ def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0):
             return Plan(ct, n_ct, ncol, 1, ncol, 0, L, 0)
         if ncol / (-(-ncol // resident) * resident) >= min_fill:
             return Plan(ct, n_ct, ncol, 1, ncol, 0, L // 2, 1)
+    CT = min(CT, chunk_max_ct)
     n_ct = -(-nvec // CT)
     ncol = B * n_ct
     # T outgrows one shared-memory tile here; register rows may make one tile long enough, but a
@@ -168,10 +175,10 @@ def _on(device):
 
 
 @functools.lru_cache(maxsize=1024)
-def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2, reg_rows):
+def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2, reg_rows, chunk_max_ct):
     """What a launch needs besides the pointers: kernel, grid, shared memory, scratch bytes, last args."""
     L, min_blocks = tile
-    p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, reg_rows)
+    p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, reg_rows, chunk_max_ct)
     reg_rows = reg_rows if p.mode == "CHUNKS" else 0
     fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, p.mode, min_blocks, device, reg_rows)
     scratch_bytes = p.slots * p.ncol * p.CT * V * 16 if p.n_chunks > 1 else 0  # a tagged map per node and feature
@@ -190,7 +197,7 @@ def _launch(bwd, a, r, y, h0, out, dr, dh0, flip):
     with _on(device):
         fn, grid, dyn_smem, scratch_bytes, tail = _recipe(
             bwd, a.dtype, B, T, C, V, device, BWD_TILE if bwd else FWD_TILE, LOOP_MIN_FILL, TREE_LOG2,
-            CHUNK_REG_ROWS[bwd],
+            CHUNK_REG_ROWS[bwd], CHUNK_MAX_CT,
         )
         nodes = torch.zeros(scratch_bytes, dtype=torch.uint8, device=a.device) if scratch_bytes else None
         args = (*map(_ptr, tensors), _ptr(nodes), *tail, np.int32(flip))

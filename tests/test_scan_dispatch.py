@@ -104,6 +104,20 @@ def test_plan_covers_every_feature_and_fills_the_gpu(B, T, C, V, reg_rows):
         assert p.grid >= 132
 
 
+@pytest.mark.parametrize("max_ct", [8, 16, 32])
+def test_chunk_mode_narrows_its_feature_tiles_on_request(max_ct):
+    # a single long sequence of 256 features: one column of 32-wide feature tiles by default; at most
+    # max_ct threads across features make 32 / max_ct columns, each with that many times fewer tiles
+    L, resident, reg_rows = 12, 132 * 2, 6
+    p = cuda.plan(1, 131072, 256, 8, L, resident, reg_rows=reg_rows, chunk_max_ct=max_ct)
+    assert p.mode == "CHUNKS" and p.CT == max_ct and p.ncol == p.n_ct == 32 // max_ct
+    assert p.n_chunks == -(-131072 // (cuda.NT // max_ct * (L + reg_rows)))
+    assert p.grid == p.ncol * p.n_chunks
+    # plans that do not cut time into chunks are left as they were
+    for shape in [(16, 2048, 1024), (64, 256, 384), (256, 128, 1024)]:
+        assert cuda.plan(*shape, 8, L, resident, chunk_max_ct=max_ct) == cuda.plan(*shape, 8, L, resident)
+
+
 @pytest.mark.parametrize("reg_rows", [0, 3, 6])
 @pytest.mark.parametrize("C, V", [(24, 4), (256, 8), (1, 1)])
 def test_the_planned_kernel_reaches_every_position(C, V, reg_rows):
