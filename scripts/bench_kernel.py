@@ -150,6 +150,19 @@ def isolated(args):
             first = False
 
 
+def patch_scan_source(defines, kernel=None):
+    """Compile the scan from `kernel` (a .cu file; default kernels/sqrll.cu) with `defines`
+    ("NAME=VALUE" macros) put in front of it."""
+    source = cuda._source
+    text = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in defines)
+    kernel = str(Path(kernel).resolve()) if kernel else "sqrll.cu"  # absolute: not under kernels/
+
+    def patched(name="sqrll.cu"):
+        return text + source(kernel) if name == "sqrll.cu" else source(name)
+
+    cuda._source = patched
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
@@ -185,14 +198,7 @@ def main():
     if args.chunk_max_ct:
         cuda.CHUNK_MAX_CT = args.chunk_max_ct
     if args.define or args.kernel:
-        source = cuda._source
-        defines = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in args.define)
-        kernel = str(Path(args.kernel).resolve()) if args.kernel else "sqrll.cu"  # absolute: not under kernels/
-
-        def patched(name="sqrll.cu"):
-            return defines + source(kernel if name == "sqrll.cu" else name)
-
-        cuda._source = patched
+        patch_scan_source(args.define, args.kernel)
 
     device = torch.cuda.get_device_name()
     copy = copy_bandwidth()

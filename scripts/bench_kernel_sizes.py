@@ -56,9 +56,7 @@ def main():
             r = torch.rand(B, T, C, device="cuda").mul_(0.3).add_(0.7).to(dtype)
             dy = torch.randn(B, T, C, device="cuda").to(dtype)
             nbytes = B * T * C * x.element_size()
-            V = cuda.vector_width(C, x.element_size(), [x.data_ptr()])
-            L, blocks = cuda.FWD_TILE
-            mode = cuda.plan(B, T, C, V, L, cuda._resident(0, blocks), reg_rows=cuda.CHUNK_REG_ROWS[0]).mode
+            mode = cuda.launch_plan(x).mode
             us_add = 1e3 * gpu_ms(add_call, (x, r, dy), 3 * nbytes)
             us_f = 1e3 * gpu_ms(lambda *a: make(*a)[0], (x, r, dy), 3 * nbytes)
             us_fb = 1e3 * gpu_ms(lambda *a: make(*a)[1], (x, r, dy), 8 * nbytes)

@@ -25,7 +25,7 @@ from sqrllm import cuda
 from sqrllm.scan import scan
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernel import DTYPES, copy_bandwidth, gpu_ms  # noqa: E402
+from bench_kernel import DTYPES, copy_bandwidth, gpu_ms, patch_scan_source  # noqa: E402
 
 MAX_BLOCKS = 1 << 16  # blocks traced: the .cu's TRACE
 
@@ -50,9 +50,7 @@ def main():
 
     import cupy
 
-    source = cuda._source
-    defines = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in [f"TRACE={MAX_BLOCKS}", *args.define])
-    cuda._source = lambda name="sqrll.cu": (defines if name == "sqrll.cu" else "") + source(name)
+    patch_scan_source([f"TRACE={MAX_BLOCKS}", *args.define])
     modules = []
     made = cupy.RawModule
 
@@ -111,7 +109,7 @@ def main():
     for name, v in phases.items():
         q = np.percentile(v, [10, 50, 90, 100])
         print(f"| {name} | " + " | ".join(f"{a:.2f}" for a in q) + " |")
-    p = cuda.plan(B, T, C, *plan_args(x, args.bwd))
+    p = cuda.launch_plan(x, args.bwd)
     if p.mode == "CHUNKS":
         tree_phases(s, h, p.ncol)
     print("\n| from us | started | loading | waiting | replaying | done % |\n|---:|---:|---:|---:|---:|---:|")
@@ -123,13 +121,6 @@ def main():
         replaying = int(((s[:, 2] <= mid) & (s[:, 3] > mid)).sum())
         done = 100 * (s[:, 3] <= e + args.bin_us).mean()
         print(f"| {e:.0f} | {started} | {loading} | {waiting} | {replaying} | {done:.1f} |")
-
-
-def plan_args(x, bwd):
-    """plan()'s arguments after (B, T, C) for x's forward or backward, as sqrllm.cuda's launch makes them."""
-    V = cuda.vector_width(x.shape[-1], x.element_size(), [x.data_ptr()])
-    L, blocks = cuda.BWD_TILE if bwd else cuda.FWD_TILE
-    return V, L, cuda._resident(x.device.index, blocks), None, None, cuda.CHUNK_REG_ROWS[bwd]
 
 
 def tree_phases(s, h, ncol):

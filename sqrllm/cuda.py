@@ -176,7 +176,8 @@ def _on(device):
 
 @functools.lru_cache(maxsize=1024)
 def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2, reg_rows, chunk_max_ct):
-    """What a launch needs besides the pointers: kernel, grid, shared memory, scratch bytes, last args."""
+    """What a launch needs besides the pointers: its plan, kernel, grid, shared memory, scratch bytes,
+    last args."""
     L, min_blocks = tile
     p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, reg_rows, chunk_max_ct)
     reg_rows = reg_rows if p.mode == "CHUNKS" else 0
@@ -184,20 +185,33 @@ def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2, reg_rows,
     scratch_bytes = p.slots * p.ncol * p.CT * V * 16 if p.n_chunks > 1 else 0  # a tagged map per node and feature
     ints = (p.CT, p.n_ct, p.ncol, p.n_chunks, tree_log2)
     tail = (np.int64(T), np.int64(C), *map(np.int32, ints))
-    return fn, (p.grid,), dyn_smem, scratch_bytes, tail
+    return p, fn, (p.grid,), dyn_smem, scratch_bytes, tail
+
+
+def _recipe_for(bwd, a, ptrs):
+    """_recipe for a launch over (B, T, C) tensors like a, whose data pointers are ptrs, under this
+    module's current settings."""
+    B, T, C = a.shape
+    V = vector_width(C, a.element_size(), ptrs)
+    return _recipe(bwd, a.dtype, B, T, C, V, a.device.index, BWD_TILE if bwd else FWD_TILE, LOOP_MIN_FILL,
+                   TREE_LOG2, CHUNK_REG_ROWS[bwd], CHUNK_MAX_CT)
+
+
+def launch_plan(x, bwd=False):
+    """The Plan that scan_fwd (bwd: scan_bwd) follows for a contiguous CUDA (B, T, C) tensor x, with
+    every tensor of the call aligned as x is (for benchmarks and traces)."""
+    with _on(x.device.index):
+        return _recipe_for(bwd, x, [x.data_ptr()])[0]
 
 
 def _launch(bwd, a, r, y, h0, out, dr, dh0, flip):
-    B, T, C = a.shape
     if a.numel() == 0:
         return
     device = a.device.index
     tensors = (a, r, y, h0, out, dr, dh0)
-    V = vector_width(C, a.element_size(), [t.data_ptr() for t in tensors if t is not None])
     with _on(device):
-        fn, grid, dyn_smem, scratch_bytes, tail = _recipe(
-            bwd, a.dtype, B, T, C, V, device, BWD_TILE if bwd else FWD_TILE, LOOP_MIN_FILL, TREE_LOG2,
-            CHUNK_REG_ROWS[bwd], CHUNK_MAX_CT,
+        _, fn, grid, dyn_smem, scratch_bytes, tail = _recipe_for(
+            bwd, a, [t.data_ptr() for t in tensors if t is not None]
         )
         nodes = torch.zeros(scratch_bytes, dtype=torch.uint8, device=a.device) if scratch_bytes else None
         args = (*map(_ptr, tensors), _ptr(nodes), *tail, np.int32(flip))
