@@ -55,6 +55,7 @@ class Config:
     n_ffn: int = 0  # hidden width of the gated MLP; 0 = 2 * n_embd
     mlp_every: int = 1  # a gated MLP block after every N-th sqrll layer; 0 = no MLP
     dropout: float = 0.0  # dropout on residual branches and embeddings
+    drop_path: float = 0.0  # stochastic depth: a row skips a residual branch with this probability at the last block, 0 at the first
     tie_weights: bool = True  # output head shares the token embedding
     bias: bool = True  # biases in linear layers (the forget gate's bias is always on)
     init: str = "scaled"  # "scaled" (GPT-2 style, residual outputs scaled by depth) or "normal"
@@ -133,6 +134,8 @@ class Config:
             raise ConfigError(f"burn_in_rows must be in (0, 1], got {self.burn_in_rows}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"drop_path must be in [0, 1), got {self.drop_path}; 0 turns stochastic depth off")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}; 0 turns the average off, "
                               "0.99 averages over about the last 100 steps")

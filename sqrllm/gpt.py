@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sqrllm.model import Block, GatedMLP, SqrLLM, init_weights
+from sqrllm.model import Block, GatedMLP, SqrLLM, drop_path_rates, init_weights
 
 
 class CausalSelfAttention(nn.Module):
@@ -36,7 +36,7 @@ class CausalSelfAttention(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, vocab_size, block_size, n_layer=6, n_head=6, n_embd=384, n_ffn=0, dropout=0.0,
-                 tie_weights=True, bias=True, init="scaled", init_std=0.02):
+                 tie_weights=True, bias=True, init="scaled", init_std=0.02, drop_path=0.0):
         super().__init__()
         self.vocab_size = vocab_size
         self.block_size = block_size
@@ -49,6 +49,8 @@ class GPT(nn.Module):
         for _ in range(n_layer):
             blocks.append(Block(n_embd, CausalSelfAttention(n_embd, n_head, dropout, bias=bias), dropout))
             blocks.append(Block(n_embd, GatedMLP(n_embd, n_ffn, bias=bias), dropout))
+        for block, rate in zip(blocks, drop_path_rates(len(blocks), drop_path)):
+            block.drop_path = rate
         self.blocks = nn.ModuleList(blocks)
         self.norm_f = nn.RMSNorm(n_embd, eps=1e-6)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
@@ -60,7 +62,7 @@ class GPT(nn.Module):
     def from_config(cls, cfg, vocab_size):
         return cls(vocab_size, cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                    n_ffn=cfg.n_ffn, dropout=cfg.dropout, tie_weights=cfg.tie_weights, bias=cfg.bias,
-                   init=cfg.init, init_std=cfg.init_std)
+                   init=cfg.init, init_std=cfg.init_std, drop_path=cfg.drop_path)
 
     num_params = SqrLLM.num_params
     configure_optimizer = SqrLLM.configure_optimizer

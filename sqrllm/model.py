@@ -67,13 +67,18 @@ def init_weights(model, init, std):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + dropout(f(rmsnorm(x))), f a sqrll layer or a gated MLP."""
+    """Pre-norm residual block: x + dropout(f(rmsnorm(x))), f a sqrll layer or a gated MLP.
 
-    def __init__(self, n_embd, inner, dropout):
+    drop_path: in training, the probability that a row (a sequence of the batch) skips the branch
+    (stochastic depth); kept rows scale it by 1 / (1 - drop_path), so evaluation needs no change.
+    """
+
+    def __init__(self, n_embd, inner, dropout, drop_path=0.0):
         super().__init__()
         self.norm = nn.RMSNorm(n_embd, eps=1e-6)
         self.inner = inner
         self.drop = nn.Dropout(dropout)
+        self.drop_path = drop_path
 
     @property
     def is_sqrll(self):
@@ -82,14 +87,26 @@ class Block(nn.Module):
     def forward(self, x, mem=None, reset=None):
         if self.is_sqrll:
             out, mem = self.inner(self.norm(x), mem, reset)
-            return x + self.drop(out), mem
-        return x + self.drop(self.inner(self.norm(x))), None
+            return x + self._branch(out), mem
+        return x + self._branch(self.inner(self.norm(x))), None
+
+    def _branch(self, out):
+        out = self.drop(out)
+        if self.training and self.drop_path > 0:
+            keep = 1.0 - self.drop_path
+            out = out * (out.new_empty(out.size(0), 1, 1).bernoulli_(keep) / keep)  # (B, 1, 1)
+        return out
+
+
+def drop_path_rates(n_blocks, drop_path):
+    """Stochastic depth rising linearly from 0 at the first block to drop_path at the last."""
+    return [drop_path * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
 
 
 class SqrLLM(nn.Module):
     def __init__(self, vocab_size, n_layer=4, n_embd=256, n_mem=0, n_ffn=0, mlp_every=1, dropout=0.0,
                  tie_weights=True, bias=True, init="scaled", init_std=0.02, forget_init="spread",
-                 max_timescale=64.0):
+                 max_timescale=64.0, drop_path=0.0):
         super().__init__()
         self.vocab_size = vocab_size
         self.n_layer = n_layer
@@ -102,6 +119,8 @@ class SqrLLM(nn.Module):
             blocks.append(Block(n_embd, SqrllLayer(n_embd, self.n_mem, bias=bias), dropout))
             if mlp_every and (i + 1) % mlp_every == 0:
                 blocks.append(Block(n_embd, GatedMLP(n_embd, n_ffn, bias=bias), dropout))
+        for block, rate in zip(blocks, drop_path_rates(len(blocks), drop_path)):
+            block.drop_path = rate
         self.blocks = nn.ModuleList(blocks)
         self.norm_f = nn.RMSNorm(n_embd, eps=1e-6)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
@@ -115,7 +134,7 @@ class SqrLLM(nn.Module):
         return cls(vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_mem=cfg.n_mem, n_ffn=cfg.n_ffn,
                    mlp_every=cfg.mlp_every, dropout=cfg.dropout, tie_weights=cfg.tie_weights, bias=cfg.bias,
                    init=cfg.init, init_std=cfg.init_std, forget_init=cfg.forget_init,
-                   max_timescale=cfg.max_timescale)
+                   max_timescale=cfg.max_timescale, drop_path=cfg.drop_path)
 
     def _init(self, init, std, forget_init, max_timescale):
         init_weights(self, init, std)

@@ -104,6 +104,25 @@ def test_dropout_only_in_training():
         assert not torch.equal(model(idx)[0], model(idx)[0])
 
 
+def test_drop_path_skips_whole_branches_of_rows_only_in_training():
+    """Rates rise linearly over the blocks; in eval mode the output is the model's without drop_path;
+    in training, with every block at 0.9999, nearly every row skips every branch: its logits are the
+    embedding's alone (through the final norm and head)."""
+    model = tiny(drop_path=0.5, mlp_every=1)
+    rates = [b.drop_path for b in model.blocks]
+    assert rates == pytest.approx([0.5 * i / 5 for i in range(6)])
+    idx = torch.randint(0, 37, (64, 10))
+    with torch.no_grad():
+        plain = tiny(mlp_every=1)(idx)[0]
+        assert torch.equal(model(idx)[0], plain)
+        for block in model.blocks:
+            block.drop_path = 0.9999
+        bare = model.head(model.wte(idx))[0]
+        trained = model.train()(idx)[0]
+    skipped = sum(torch.allclose(a, b) for a, b in zip(trained, bare))
+    assert skipped >= 60
+
+
 def test_forget_gates_start_spread_over_timescales():
     layer = tiny(forget_init="spread", max_timescale=100.0).sqrll_layers()[0]
     r = torch.sigmoid(layer.proj.bias[:24].detach())
