@@ -174,6 +174,7 @@ def main():
     ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
     ap.add_argument("--chunk-reg-rows", help="sqrllm.cuda.CHUNK_REG_ROWS as forward,backward (default: sqrllm.cuda's)")
     ap.add_argument("--chunk-max-ct", type=int, help="sqrllm.cuda.CHUNK_MAX_CT (default: sqrllm.cuda's)")
+    ap.add_argument("--chunk-min-cols", type=int, help="sqrllm.cuda.CHUNK_MIN_COLS (default: sqrllm.cuda's)")
     ap.add_argument("--define", nargs="+", default=[], metavar="NAME=VALUE",
                     help="macros put in front of kernels/sqrll.cu, e.g. POLL=8 (default: the .cu's)")
     ap.add_argument("--kernel", metavar="FILE",
@@ -197,6 +198,8 @@ def main():
         cuda.CHUNK_REG_ROWS = tuple(map(int, args.chunk_reg_rows.split(",")))
     if args.chunk_max_ct:
         cuda.CHUNK_MAX_CT = args.chunk_max_ct
+    if args.chunk_min_cols:
+        cuda.CHUNK_MIN_COLS = args.chunk_min_cols
     if args.define or args.kernel:
         patch_scan_source(args.define, args.kernel)
 
@@ -209,7 +212,7 @@ def main():
         f"sqrllm tiles: forward (L, blocks/SM) = {cuda.FWD_TILE}, backward = {cuda.BWD_TILE}; "
         f"loop mode from a fill of {cuda.LOOP_MIN_FILL}; "
         f"tree radix {2 ** cuda.TREE_LOG2}; chunk-mode register rows {cuda.CHUNK_REG_ROWS}, "
-        f"at most {cuda.CHUNK_MAX_CT} threads across features; "
+        f"at most {cuda.CHUNK_MAX_CT} threads across features, fewer to make {cuda.CHUNK_MIN_COLS} columns; "
         f"macros: {' '.join(args.define) or 'the .cu defaults'}; "
         f"scan source: {args.kernel or 'kernels/sqrll.cu'}. "
         f"Host floor here: {floor:.0f} us for the autograd forward+backward of a tiny x * x.",

@@ -42,11 +42,14 @@ def main():
                     help="more macros put in front of kernels/sqrll.cu, e.g. POLL=8")
     ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
     ap.add_argument("--chunk-max-ct", type=int, help="sqrllm.cuda.CHUNK_MAX_CT (default: sqrllm.cuda's)")
+    ap.add_argument("--chunk-min-cols", type=int, help="sqrllm.cuda.CHUNK_MIN_COLS (default: sqrllm.cuda's)")
     args = ap.parse_args()
     if args.tree_log2 is not None:
         cuda.TREE_LOG2 = args.tree_log2
     if args.chunk_max_ct:
         cuda.CHUNK_MAX_CT = args.chunk_max_ct
+    if args.chunk_min_cols:
+        cuda.CHUNK_MIN_COLS = args.chunk_min_cols
 
     import cupy
 

@@ -35,6 +35,10 @@ CHUNK_REG_ROWS = (6, 3)
 # more columns, each with fewer tiles along time and so a shallower tree to wait through, at the
 # cost of longer per-feature folds in each tile (NT / CT maps a feature)
 CHUNK_MAX_CT = 32
+# chunk mode: narrow the feature tiles (down to 8 threads) until there are at least this many
+# columns: on one H200 a single sequence of 256 bf16 features ran 58% -> 65% of copy forward with
+# 4 columns of 8 in place of one of 32, and 1024 features 66% -> 69% with 8 of 16 (docs/benchmarks.md)
+CHUNK_MIN_COLS = 8
 
 
 def ensure_available():
@@ -67,13 +71,16 @@ class Plan(NamedTuple):
         return "LOOP" if self.pipe else "CHUNKS" if self.n_chunks > 1 else "ONE_TILE"
 
 
-def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0, chunk_max_ct=None):
+def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0, chunk_max_ct=None,
+         chunk_min_cols=None):
     """How to cut a (B, T, C) scan moving V features per thread; `resident` blocks fit on the GPU.
     In chunk mode a thread holds `reg_rows` rows in registers beyond its L in shared memory, and at
-    most `chunk_max_ct` threads go across features."""
+    most `chunk_max_ct` threads go across features, fewer (down to 8) where that makes up to
+    `chunk_min_cols` columns."""
     min_fill = LOOP_MIN_FILL if min_fill is None else min_fill
     lg = TREE_LOG2 if tree_log2 is None else tree_log2
     chunk_max_ct = CHUNK_MAX_CT if chunk_max_ct is None else chunk_max_ct
+    chunk_min_cols = CHUNK_MIN_COLS if chunk_min_cols is None else chunk_min_cols
     nvec = C // V
     CT = min(32, 1 << (nvec - 1).bit_length())
     while CT > 8 and (-nvec % CT) * 8 > nvec:  # don't leave most of a last feature tile idle
@@ -86,6 +93,8 @@ def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0, chu
         if ncol / (-(-ncol // resident) * resident) >= min_fill:
             return Plan(ct, n_ct, ncol, 1, ncol, 0, L // 2, 1)
     CT = min(CT, chunk_max_ct)
+    while CT > 8 and B * -(-nvec // CT) < chunk_min_cols:
+        CT //= 2
     n_ct = -(-nvec // CT)
     ncol = B * n_ct
     # T outgrows one shared-memory tile here; register rows may make one tile long enough, but a
@@ -175,11 +184,12 @@ def _on(device):
 
 
 @functools.lru_cache(maxsize=1024)
-def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2, reg_rows, chunk_max_ct):
+def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2, reg_rows, chunk_max_ct, chunk_min_cols):
     """What a launch needs besides the pointers: its plan, kernel, grid, shared memory, scratch bytes,
     last args."""
     L, min_blocks = tile
-    p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, reg_rows, chunk_max_ct)
+    p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, reg_rows, chunk_max_ct,
+             chunk_min_cols)
     reg_rows = reg_rows if p.mode == "CHUNKS" else 0
     fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, p.mode, min_blocks, device, reg_rows)
     scratch_bytes = p.slots * p.ncol * p.CT * V * 16 if p.n_chunks > 1 else 0  # a tagged map per node and feature
@@ -194,7 +204,7 @@ def _recipe_for(bwd, a, ptrs):
     B, T, C = a.shape
     V = vector_width(C, a.element_size(), ptrs)
     return _recipe(bwd, a.dtype, B, T, C, V, a.device.index, BWD_TILE if bwd else FWD_TILE, LOOP_MIN_FILL,
-                   TREE_LOG2, CHUNK_REG_ROWS[bwd], CHUNK_MAX_CT)
+                   TREE_LOG2, CHUNK_REG_ROWS[bwd], CHUNK_MAX_CT, CHUNK_MIN_COLS)
 
 
 def launch_plan(x, bwd=False):

@@ -100,11 +100,12 @@ def test_more_tiles_than_resident_blocks_match_reference(monkeypatch, dtype, reg
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
 
 
-@pytest.mark.parametrize("max_ct", [8, 16])
+@pytest.mark.parametrize("max_ct", [8, 16, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_narrower_chunk_feature_tiles_match_reference(monkeypatch, max_ct, dtype):
     # (2, 6000, 256): chunk mode with 256 / (max_ct * V) feature tiles a sequence instead of one or two
     monkeypatch.setattr(cuda, "CHUNK_MAX_CT", max_ct)
+    monkeypatch.setattr(cuda, "CHUNK_MIN_COLS", 1)
     monkeypatch.setattr(cuda, "LOOP_MIN_FILL", 2)
     x, r, h0, dy = inputs(2, 6000, 256, dtype, seed=4)
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)

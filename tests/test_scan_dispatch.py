@@ -106,16 +106,29 @@ def test_plan_covers_every_feature_and_fills_the_gpu(B, T, C, V, reg_rows):
 
 @pytest.mark.parametrize("max_ct", [8, 16, 32])
 def test_chunk_mode_narrows_its_feature_tiles_on_request(max_ct):
-    # a single long sequence of 256 features: one column of 32-wide feature tiles by default; at most
-    # max_ct threads across features make 32 / max_ct columns, each with that many times fewer tiles
+    # a single long sequence of 256 features: one column of 32-wide feature tiles without a column
+    # floor; at most max_ct threads across features make 32 / max_ct columns, each with that many
+    # times fewer tiles
     L, resident, reg_rows = 12, 132 * 2, 6
-    p = cuda.plan(1, 131072, 256, 8, L, resident, reg_rows=reg_rows, chunk_max_ct=max_ct)
+    p = cuda.plan(1, 131072, 256, 8, L, resident, reg_rows=reg_rows, chunk_max_ct=max_ct, chunk_min_cols=1)
     assert p.mode == "CHUNKS" and p.CT == max_ct and p.ncol == p.n_ct == 32 // max_ct
     assert p.n_chunks == -(-131072 // (cuda.NT // max_ct * (L + reg_rows)))
     assert p.grid == p.ncol * p.n_chunks
     # plans that do not cut time into chunks are left as they were
     for shape in [(16, 2048, 1024), (64, 256, 384), (256, 128, 1024)]:
         assert cuda.plan(*shape, 8, L, resident, chunk_max_ct=max_ct) == cuda.plan(*shape, 8, L, resident)
+
+
+@pytest.mark.parametrize("B, C, V, cols, CT", [
+    (1, 256, 8, 8, 8),  # 32 vectors of features: 4 columns of 8 threads, as narrow as a tile goes
+    (1, 1024, 8, 8, 16),  # 128 vectors: 8 columns of 16
+    (1, 1024, 4, 8, 32),  # fp32, 256 vectors: 8 columns of 32 already
+    (2, 1024, 8, 8, 32),  # two sequences of 4 columns each
+    (1, 1024, 8, 1, 32),  # no floor: the widest tiles
+])
+def test_chunk_mode_narrows_feature_tiles_to_make_columns(B, C, V, cols, CT):
+    p = cuda.plan(B, 131072, C, V, 12, 132 * 2, reg_rows=6, chunk_min_cols=cols)
+    assert p.mode == "CHUNKS" and p.CT == CT and p.ncol == B * C // V // CT
 
 
 @pytest.mark.parametrize("reg_rows", [0, 3, 6])
