@@ -185,6 +185,51 @@ def test_runs_on_the_current_stream():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_mode_launches_one_after_another_match_reference(dtype):
+    # the same shape with other values right after (the tree's nodes at the very slots the last
+    # launch wrote), then a shorter and a longer one
+    for seed, (B, T, C) in enumerate([(1, 40000, 256), (1, 40000, 256), (1, 9000, 256), (2, 60000, 128)]):
+        x, r, h0, dy = inputs(B, T, C, dtype, seed=20 + seed)
+        assert cuda.launch_plan(x).mode == "CHUNKS"
+        assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
+
+
+def test_chunk_mode_on_two_streams_at_once():
+    # launches running side by side do not read each other's nodes
+    data = [inputs(1, 60000, 256, torch.float32, seed=30 + i) for i in range(2)]
+    streams = [torch.cuda.Stream() for _ in data]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    got = []
+    for (x, r, h0, dy), s in zip(data, streams):
+        with torch.cuda.stream(s):
+            got.append([cuda.scan_fwd(x, r, h0) for _ in range(3)])
+    torch.cuda.synchronize()
+    for (x, r, h0, dy), ys in zip(data, got):
+        for y in ys:
+            assert rel_err(y, reference(x, r, h0, dy)[0]) < TOL[torch.float32]
+
+
+def test_chunk_mode_replays_from_a_cuda_graph():
+    x, r, h0, dy = inputs(1, 50000, 256, torch.bfloat16, seed=40)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cuda.scan_fwd(x, r, h0)  # warm-up: compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = cuda.scan_fwd(x, r, h0)
+    for seed in range(41, 44):
+        new = inputs(1, 50000, 256, torch.bfloat16, seed=seed)
+        for static, value in zip((x, r, h0), new):
+            static.copy_(value)
+        graph.replay()
+        assert rel_err(y, reference(*new)[0]) < TOL[torch.bfloat16]
+        assert torch.equal(y, cuda.scan_fwd(*new[:3]))  # an eager launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_five_runs_are_bitwise_identical(dtype):
     # (1, 65536, 256): over a thousand blocks along time, more than fit at once, whose carry-ins
     # meet in the range tree
