@@ -150,6 +150,33 @@ def isolated(args):
             first = False
 
 
+def add_plan_args(ap):
+    """Options that override sqrllm.cuda's launch-planning settings (see apply_plan_args)."""
+    ap.add_argument("--tiles", help="sqrllm forward and backward tiles as L,blocks,L,blocks (default: sqrllm.cuda's)")
+    ap.add_argument("--loop-min-fill", type=float, help="sqrllm.cuda.LOOP_MIN_FILL (default: sqrllm.cuda's)")
+    ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
+    ap.add_argument("--chunk-reg-rows", help="sqrllm.cuda.CHUNK_REG_ROWS as forward,backward (default: sqrllm.cuda's)")
+    ap.add_argument("--chunk-max-ct", type=int, help="sqrllm.cuda.CHUNK_MAX_CT (default: sqrllm.cuda's)")
+    ap.add_argument("--chunk-min-cols", type=int, help="sqrllm.cuda.CHUNK_MIN_COLS (default: sqrllm.cuda's)")
+
+
+def apply_plan_args(args):
+    """Set the sqrllm.cuda settings that add_plan_args's options name; the others keep their defaults."""
+    if args.tiles:
+        f_l, f_b, b_l, b_b = map(int, args.tiles.split(","))
+        cuda.FWD_TILE, cuda.BWD_TILE = (f_l, f_b), (b_l, b_b)
+    if args.loop_min_fill is not None:
+        cuda.LOOP_MIN_FILL = args.loop_min_fill
+    if args.tree_log2 is not None:
+        cuda.TREE_LOG2 = args.tree_log2
+    if args.chunk_reg_rows:
+        cuda.CHUNK_REG_ROWS = tuple(map(int, args.chunk_reg_rows.split(",")))
+    if args.chunk_max_ct:
+        cuda.CHUNK_MAX_CT = args.chunk_max_ct
+    if args.chunk_min_cols:
+        cuda.CHUNK_MIN_COLS = args.chunk_min_cols
+
+
 def patch_scan_source(defines, kernel=None):
     """Compile the scan from `kernel` (a .cu file; default kernels/sqrll.cu) with `defines`
     ("NAME=VALUE" macros) put in front of it."""
@@ -169,12 +196,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in SHAPES], help="B,T,C")
     ap.add_argument("--impls", nargs="+", default=None, help="only these rows, e.g. sqrllm baseline")
     ap.add_argument("--accel-cuda", action="store_true", help="also accelerated-scan's CUDA variant")
-    ap.add_argument("--tiles", help="sqrllm forward and backward tiles as L,blocks,L,blocks (default: sqrllm.cuda's)")
-    ap.add_argument("--loop-min-fill", type=float, help="sqrllm.cuda.LOOP_MIN_FILL (default: sqrllm.cuda's)")
-    ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
-    ap.add_argument("--chunk-reg-rows", help="sqrllm.cuda.CHUNK_REG_ROWS as forward,backward (default: sqrllm.cuda's)")
-    ap.add_argument("--chunk-max-ct", type=int, help="sqrllm.cuda.CHUNK_MAX_CT (default: sqrllm.cuda's)")
-    ap.add_argument("--chunk-min-cols", type=int, help="sqrllm.cuda.CHUNK_MIN_COLS (default: sqrllm.cuda's)")
+    add_plan_args(ap)
     ap.add_argument("--define", nargs="+", default=[], metavar="NAME=VALUE",
                     help="macros put in front of kernels/sqrll.cu, e.g. POLL=8 (default: the .cu's)")
     ap.add_argument("--kernel", metavar="FILE",
@@ -187,19 +209,7 @@ def main():
     if args.isolate:
         isolated(args)
         return
-    if args.tiles:
-        f_l, f_b, b_l, b_b = map(int, args.tiles.split(","))
-        cuda.FWD_TILE, cuda.BWD_TILE = (f_l, f_b), (b_l, b_b)
-    if args.loop_min_fill is not None:
-        cuda.LOOP_MIN_FILL = args.loop_min_fill
-    if args.tree_log2 is not None:
-        cuda.TREE_LOG2 = args.tree_log2
-    if args.chunk_reg_rows:
-        cuda.CHUNK_REG_ROWS = tuple(map(int, args.chunk_reg_rows.split(",")))
-    if args.chunk_max_ct:
-        cuda.CHUNK_MAX_CT = args.chunk_max_ct
-    if args.chunk_min_cols:
-        cuda.CHUNK_MIN_COLS = args.chunk_min_cols
+    apply_plan_args(args)
     if args.define or args.kernel:
         patch_scan_source(args.define, args.kernel)
 

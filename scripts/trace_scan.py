@@ -25,7 +25,8 @@ from sqrllm import cuda
 from sqrllm.scan import scan
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernel import DTYPES, copy_bandwidth, gpu_ms, patch_scan_source  # noqa: E402
+from bench_kernel import (  # noqa: E402
+    DTYPES, add_plan_args, apply_plan_args, copy_bandwidth, gpu_ms, patch_scan_source)
 
 MAX_BLOCKS = 1 << 16  # blocks traced: the .cu's TRACE
 
@@ -40,16 +41,9 @@ def main():
     ap.add_argument("--save", help="write every traced launch's stamps to this .npz")
     ap.add_argument("--define", nargs="+", default=[], metavar="NAME=VALUE",
                     help="more macros put in front of kernels/sqrll.cu, e.g. POLL=8")
-    ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
-    ap.add_argument("--chunk-max-ct", type=int, help="sqrllm.cuda.CHUNK_MAX_CT (default: sqrllm.cuda's)")
-    ap.add_argument("--chunk-min-cols", type=int, help="sqrllm.cuda.CHUNK_MIN_COLS (default: sqrllm.cuda's)")
+    add_plan_args(ap)
     args = ap.parse_args()
-    if args.tree_log2 is not None:
-        cuda.TREE_LOG2 = args.tree_log2
-    if args.chunk_max_ct:
-        cuda.CHUNK_MAX_CT = args.chunk_max_ct
-    if args.chunk_min_cols:
-        cuda.CHUNK_MIN_COLS = args.chunk_min_cols
+    apply_plan_args(args)
 
     import cupy
 
