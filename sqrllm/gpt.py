@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sqrllm.model import Block, GatedMLP, SqrLLM, drop_path_rates, init_weights
+from sqrllm.model import Block, GatedMLP, SqrLLM, init_weights, spread_drop_path
 
 
 class CausalSelfAttention(nn.Module):
@@ -49,8 +49,7 @@ class GPT(nn.Module):
         for _ in range(n_layer):
             blocks.append(Block(n_embd, CausalSelfAttention(n_embd, n_head, dropout, bias=bias), dropout))
             blocks.append(Block(n_embd, GatedMLP(n_embd, n_ffn, bias=bias), dropout))
-        for block, rate in zip(blocks, drop_path_rates(len(blocks), drop_path)):
-            block.drop_path = rate
+        spread_drop_path(blocks, drop_path)
         self.blocks = nn.ModuleList(blocks)
         self.norm_f = nn.RMSNorm(n_embd, eps=1e-6)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)

@@ -73,12 +73,12 @@ class Block(nn.Module):
     (stochastic depth); kept rows scale it by 1 / (1 - drop_path), so evaluation needs no change.
     """
 
-    def __init__(self, n_embd, inner, dropout, drop_path=0.0):
+    def __init__(self, n_embd, inner, dropout):
         super().__init__()
         self.norm = nn.RMSNorm(n_embd, eps=1e-6)
         self.inner = inner
         self.drop = nn.Dropout(dropout)
-        self.drop_path = drop_path
+        self.drop_path = 0.0  # set by spread_drop_path
 
     @property
     def is_sqrll(self):
@@ -98,9 +98,10 @@ class Block(nn.Module):
         return out
 
 
-def drop_path_rates(n_blocks, drop_path):
-    """Stochastic depth rising linearly from 0 at the first block to drop_path at the last."""
-    return [drop_path * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
+def spread_drop_path(blocks, drop_path):
+    """Give `blocks` stochastic depth rising linearly from 0 at the first to drop_path at the last."""
+    for i, block in enumerate(blocks):
+        block.drop_path = drop_path * i / max(len(blocks) - 1, 1)
 
 
 class SqrLLM(nn.Module):
@@ -119,8 +120,7 @@ class SqrLLM(nn.Module):
             blocks.append(Block(n_embd, SqrllLayer(n_embd, self.n_mem, bias=bias), dropout))
             if mlp_every and (i + 1) % mlp_every == 0:
                 blocks.append(Block(n_embd, GatedMLP(n_embd, n_ffn, bias=bias), dropout))
-        for block, rate in zip(blocks, drop_path_rates(len(blocks), drop_path)):
-            block.drop_path = rate
+        spread_drop_path(blocks, drop_path)
         self.blocks = nn.ModuleList(blocks)
         self.norm_f = nn.RMSNorm(n_embd, eps=1e-6)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
