@@ -56,6 +56,7 @@ class Config:
     mlp_every: int = 1  # a gated MLP block after every N-th sqrll layer; 0 = no MLP
     dropout: float = 0.0  # dropout on residual branches and embeddings
     drop_path: float = 0.0  # stochastic depth: a row skips a residual branch with this probability at the last block, 0 at the first
+    zoneout: float = 0.0  # sqrll layers in training: a memory feature keeps its value at a step with this probability
     tie_weights: bool = True  # output head shares the token embedding
     bias: bool = True  # biases in linear layers (the forget gate's bias is always on)
     init: str = "scaled"  # "scaled" (GPT-2 style, residual outputs scaled by depth) or "normal"
@@ -136,6 +137,11 @@ class Config:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"drop_path must be in [0, 1), got {self.drop_path}; 0 turns stochastic depth off")
+        if not 0.0 <= self.zoneout < 1.0:
+            raise ConfigError(f"zoneout must be in [0, 1), got {self.zoneout}; 0 turns zoneout off")
+        if self.zoneout and self.model != "sqrll":
+            raise ConfigError(f"zoneout={self.zoneout} acts on sqrll layers' memory; model={self.model!r} has none: "
+                              "pass --zoneout=0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}; 0 turns the average off, "
                               "0.99 averages over about the last 100 steps")

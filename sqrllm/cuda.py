@@ -422,13 +422,14 @@ def _core_launch(step, ref, *args):
 
 class CoreSteps:
     """sqrllm.core's four elementwise steps on CUDA tensors: p (B, T, 4C) and the (B, T, C) tensors
-    contiguous, reset (B, T) bool or None; the same signatures as sqrllm.core._StepsRef."""
+    contiguous, reset (B, T) bool or None, zone (B, T, C) bool or None; the same signatures as
+    sqrllm.core._StepsRef."""
 
     @staticmethod
-    def gates_fwd(p, reset):
+    def gates_fwd(p, reset, zone):
         C = p.shape[-1] // 4
         x, r = p.new_empty(*p.shape[:-1], C), p.new_empty(*p.shape[:-1], C)
-        _core_launch("gates_fwd", x, p, reset, x, r)
+        _core_launch("gates_fwd", x, p, reset, zone, x, r)
         return x, r
 
     @staticmethod
@@ -444,5 +445,5 @@ class CoreSteps:
         return dy
 
     @staticmethod
-    def gates_bwd(dx, dr, p, reset, dp):
-        _core_launch("gates_bwd", dx, dx, dr, p, reset, dp)
+    def gates_bwd(dx, dr, p, reset, zone, dp):
+        _core_launch("gates_bwd", dx, dx, dr, p, reset, zone, dp)

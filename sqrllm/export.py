@@ -40,7 +40,7 @@ KNOWN = "SqrLLM, Block, SqrllLayer, GatedMLP, nn.Embedding, nn.Linear, nn.RMSNor
 # did not. Keys that shape the model are read from the module tree instead of the config.
 CONFIG_KEYS = {
     "shape (read from the modules)": ("n_layer", "n_embd", "n_mem", "n_ffn", "mlp_every", "tie_weights", "bias"),
-    "identity at inference": ("dropout", "drop_path"),
+    "identity at inference": ("dropout", "drop_path", "zoneout"),
     "the model kind (only model='sqrll' exports; n_head is the GPT's)": ("model", "n_head"),
     "initialization only": ("init", "init_std", "forget_init", "max_timescale"),
     "training and system only": (

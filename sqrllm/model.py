@@ -26,11 +26,16 @@ from sqrllm.optim import AdamW
 
 
 class SqrllLayer(nn.Module):
-    """x (B, T, n_in) -> (B, T, n_out), memory (B, n_mem) in and out."""
+    """x (B, T, n_in) -> (B, T, n_out), memory (B, n_mem) in and out.
 
-    def __init__(self, n_in, n_mem, n_out=None, bias=True):
+    zoneout: in training, the probability that a memory feature keeps its value at a step (forget
+    gate 1, input 0 there; Krueger et al., 2016); evaluation needs no change.
+    """
+
+    def __init__(self, n_in, n_mem, n_out=None, bias=True, zoneout=0.0):
         super().__init__()
         self.n_mem = n_mem
+        self.zoneout = zoneout
         # forget gate, input, input gate, output gate: one matrix multiply
         self.proj = nn.Linear(n_in, 4 * n_mem, bias=True)
         self.out = nn.Linear(n_mem, n_out or n_in, bias=bias)
@@ -38,7 +43,10 @@ class SqrllLayer(nn.Module):
     def forward(self, x, mem=None, reset=None):
         # forget gate, input, input gate, output gate (B, T, 4 n_mem) -> gates, scan, output gate
         # (sqrllm/core.py): (B, T, n_mem) and the last y, the memory to carry
-        z, last = core(self.proj(x), mem, reset)
+        zone = None
+        if self.training and self.zoneout > 0:
+            zone = torch.empty(*x.shape[:-1], self.n_mem, dtype=torch.bool, device=x.device).bernoulli_(self.zoneout)
+        z, last = core(self.proj(x), mem, reset, zone)
         return self.out(z), last
 
 
@@ -107,7 +115,7 @@ def spread_drop_path(blocks, drop_path):
 class SqrLLM(nn.Module):
     def __init__(self, vocab_size, n_layer=4, n_embd=256, n_mem=0, n_ffn=0, mlp_every=1, dropout=0.0,
                  tie_weights=True, bias=True, init="scaled", init_std=0.02, forget_init="spread",
-                 max_timescale=64.0, drop_path=0.0):
+                 max_timescale=64.0, drop_path=0.0, zoneout=0.0):
         super().__init__()
         self.vocab_size = vocab_size
         self.n_layer = n_layer
@@ -117,7 +125,7 @@ class SqrLLM(nn.Module):
         self.drop = nn.Dropout(dropout)
         blocks = []
         for i in range(n_layer):
-            blocks.append(Block(n_embd, SqrllLayer(n_embd, self.n_mem, bias=bias), dropout))
+            blocks.append(Block(n_embd, SqrllLayer(n_embd, self.n_mem, bias=bias, zoneout=zoneout), dropout))
             if mlp_every and (i + 1) % mlp_every == 0:
                 blocks.append(Block(n_embd, GatedMLP(n_embd, n_ffn, bias=bias), dropout))
         spread_drop_path(blocks, drop_path)
@@ -134,7 +142,7 @@ class SqrLLM(nn.Module):
         return cls(vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_mem=cfg.n_mem, n_ffn=cfg.n_ffn,
                    mlp_every=cfg.mlp_every, dropout=cfg.dropout, tie_weights=cfg.tie_weights, bias=cfg.bias,
                    init=cfg.init, init_std=cfg.init_std, forget_init=cfg.forget_init,
-                   max_timescale=cfg.max_timescale, drop_path=cfg.drop_path)
+                   max_timescale=cfg.max_timescale, drop_path=cfg.drop_path, zoneout=cfg.zoneout)
 
     def _init(self, init, std, forget_init, max_timescale):
         init_weights(self, init, std)

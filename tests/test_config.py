@@ -32,6 +32,8 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("--batching=sequential", "batching='sequential' is not one of 'stream', 'random'"),
     ("--dropout=1.5", "dropout must be in \\[0, 1\\)"),
     ("--drop_path=1", "drop_path must be in \\[0, 1\\)"),
+    ("--zoneout=-0.1", "zoneout must be in \\[0, 1\\)"),
+    ("--zoneout=0.1 --model=gpt --n_head=4", "zoneout=0.1 acts on sqrll layers' memory"),
     ("--n_layer=0", "n_layer must be at least 1"),
     ("--eval_block_size=-1", "eval_block_size must be >= 0"),
     ("--burn_in=16", "burn_in=16 is for batching='random'"),

@@ -123,6 +123,25 @@ def test_drop_path_skips_whole_branches_of_rows_only_in_training():
     assert skipped >= 60
 
 
+def test_zoneout_acts_only_in_training():
+    """In eval mode the output is the model's without zoneout. In training, with every feature zoned
+    at (nearly) every step, no sqrll layer's memory moves from zero; with 30% zoned, two training
+    passes draw different positions."""
+    model = tiny(zoneout=0.3)
+    idx = torch.randint(0, 37, (4, 12))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], tiny()(idx)[0])
+        for layer in model.sqrll_layers():
+            layer.zoneout = 1 - 1e-12
+        _, _, state = model.train()(idx)
+        assert all(torch.all(mem == 0) for mem in state)
+        model.eval()
+        for layer in model.sqrll_layers():
+            layer.zoneout = 0.3
+        a, b = model.train()(idx)[0], model(idx)[0]  # two draws of the zoned positions
+        assert not torch.equal(a, b)
+
+
 def test_forget_gates_start_spread_over_timescales():
     layer = tiny(forget_init="spread", max_timescale=100.0).sqrll_layers()[0]
     r = torch.sigmoid(layer.proj.bias[:24].detach())

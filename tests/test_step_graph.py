@@ -57,7 +57,8 @@ def test_cpu_run_with_cuda_graph_trains_eagerly(data_dir, tmp_path):
     ("--batching=random", "--dtype=float16"),
     ("--batching=random", "--dtype=float32", "--burn_in=8"),
     ("--batching=random", "--dtype=float32", "--drop_path=0.2"),
-], ids=["random", "stream-accum2", "stream-bf16-ema", "gpt", "fp16-scaler", "burn-in", "drop-path"])
+    ("--batching=stream", "--dtype=bfloat16", "--zoneout=0.1"),
+], ids=["random", "stream-accum2", "stream-bf16-ema", "gpt", "fp16-scaler", "burn-in", "drop-path", "zoneout"])
 def test_graphed_steps_train_as_eager_steps(data_dir, tmp_path, extra):
     """30 steps with dropout: every logged train loss and val loss as the eager run's (the same
     kernels on the same inputs and the same dropout draws; matrix products may pick other algorithms
