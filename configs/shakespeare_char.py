@@ -1,6 +1,6 @@
 # Tiny Shakespeare, char-level, the one-GPU race (docs/benchmarks.md): val loss (whole val split,
-# windows of 256, memory reset) 1.413-1.423 after 32-33 s on an H200, start-up and the one
-# evaluation included; streamed through the whole split (memory carried) 1.393-1.403.
+# windows of 256, memory reset) 1.405-1.420 after 32.6-35.3 s on an H200, start-up and the one
+# evaluation included; streamed through the whole split (memory carried) 1.381-1.400 over 14 runs.
 #   python data/shakespeare_char/prepare.py && python train.py configs/shakespeare_char.py
 # The corpus is 1 MB, so regularisation decides: random windows of 256 characters (the windows the
 # evaluation sees; carried streams overfit sooner), a narrow memory (n_mem 128) in a deep stack
