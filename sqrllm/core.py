@@ -133,8 +133,8 @@ def fused_available(p):
 
 def core(p, h0=None, reset=None, zone=None, fused=None):
     """(z, y[:, -1]) for p (B, T, 4C), h0 (B, C) or None, reset (B, T) bool or None, zone (B, T, C)
-    bool or None (zoneout); see the module docstring. fused: None = `_Core` where CUDA kernels serve it, else `core_ref`; True forces `_Core`
-    (on CPU tensors with its torch steps, for tests)."""
+    bool or None (zoneout); see the module docstring. fused: None = `_Core` where CUDA kernels serve
+    it, else `core_ref`; True forces `_Core` (on CPU tensors with its torch steps, for tests)."""
     if p.dim() != 3 or p.shape[-1] % 4:
         raise ValueError(f"core: p must be (B, T, 4C), got shape {tuple(p.shape)}")
     if zone is not None and (zone.dtype != torch.bool or zone.shape != (*p.shape[:-1], p.shape[-1] // 4)):
