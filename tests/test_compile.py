@@ -18,9 +18,10 @@ def test_every_block_is_one_graph():
     torch.manual_seed(0)
     x, mem = torch.randn(2, 16, 32), torch.randn(2, 32)
     sqrll = SqrLLM(65, n_layer=1, n_embd=32, dropout=0.1)
+    zoned = SqrLLM(65, n_layer=1, n_embd=32, zoneout=0.1)  # in training: the zone drawn inside the graph
     gpt = GPT(65, 16, n_layer=1, n_head=4, n_embd=32, dropout=0.1)
     calls = [(sqrll.blocks[0], (x,)), (sqrll.blocks[0], (x, mem)), (sqrll.blocks[1], (x,)),
-             (gpt.blocks[0], (x,)), (gpt.blocks[1], (x,))]
+             (zoned.blocks[0], (x, mem)), (gpt.blocks[0], (x,)), (gpt.blocks[1], (x,))]
     for block, inputs in calls:
         e = torch._dynamo.explain(block)(*inputs)
         assert (e.graph_count, e.graph_break_count) == (1, 0), (type(block.inner).__name__, e.break_reasons)
