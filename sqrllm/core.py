@@ -35,15 +35,19 @@ def _zone_only(zone, reset):
     return zone if reset is None else zone & ~reset[..., None]
 
 
-def core_ref(p, h0=None, reset=None, zone=None):
-    f, a, g, o = p.chunk(4, dim=-1)
-    r = torch.sigmoid(f)
-    x = a * torch.sigmoid(g)
+def _masked(r, x, reset, zone):
+    """The scan's inputs r, x with zoneout and resets applied."""
     if zone is not None:  # (B, T, C) bool: y[t] = y[t-1] there
         zone = _zone_only(zone, reset)
         r, x = r.masked_fill(zone, 1.0), x.masked_fill(zone, 0.0)
     if reset is not None:  # (B, T) bool: y[t] = x[t] there, nothing before t is remembered
         r = r.masked_fill(reset[..., None], 0.0)
+    return r, x
+
+
+def core_ref(p, h0=None, reset=None, zone=None):
+    f, a, g, o = p.chunk(4, dim=-1)
+    r, x = _masked(torch.sigmoid(f), a * torch.sigmoid(g), reset, zone)
     y = scan(x, r, h0)
     return F.softsign(y) * torch.sigmoid(o), y[:, -1].detach()
 
@@ -59,12 +63,7 @@ class _StepsRef:
     @staticmethod
     def gates_fwd(p, reset, zone):
         f, a, g, _ = _acc(p).chunk(4, dim=-1)
-        r, x = torch.sigmoid(f), a * torch.sigmoid(g)
-        if zone is not None:
-            zone = _zone_only(zone, reset)
-            r, x = r.masked_fill(zone, 1.0), x.masked_fill(zone, 0.0)
-        if reset is not None:
-            r = r.masked_fill(reset[..., None], 0.0)
+        r, x = _masked(torch.sigmoid(f), a * torch.sigmoid(g), reset, zone)
         return x.to(p.dtype), r.to(p.dtype)
 
     @staticmethod
