@@ -153,6 +153,8 @@ def isolated(args):
 def add_plan_args(ap):
     """Options that override sqrllm.cuda's launch-planning settings (see apply_plan_args)."""
     ap.add_argument("--tiles", help="sqrllm forward and backward tiles as L,blocks,L,blocks (default: sqrllm.cuda's)")
+    ap.add_argument("--loop-tiles", help="loop mode's forward and backward tiles as L,blocks,L,blocks "
+                    "(default: sqrllm.cuda's)")
     ap.add_argument("--loop-min-fill", type=float, help="sqrllm.cuda.LOOP_MIN_FILL (default: sqrllm.cuda's)")
     ap.add_argument("--tree-log2", type=int, help="sqrllm.cuda.TREE_LOG2 (default: sqrllm.cuda's)")
     ap.add_argument("--chunk-reg-rows", help="sqrllm.cuda.CHUNK_REG_ROWS as forward,backward (default: sqrllm.cuda's)")
@@ -165,6 +167,9 @@ def apply_plan_args(args):
     if args.tiles:
         f_l, f_b, b_l, b_b = map(int, args.tiles.split(","))
         cuda.FWD_TILE, cuda.BWD_TILE = (f_l, f_b), (b_l, b_b)
+    if args.loop_tiles:
+        f_l, f_b, b_l, b_b = map(int, args.loop_tiles.split(","))
+        cuda.LOOP_FWD_TILE, cuda.LOOP_BWD_TILE = (f_l, f_b), (b_l, b_b)
     if args.loop_min_fill is not None:
         cuda.LOOP_MIN_FILL = args.loop_min_fill
     if args.tree_log2 is not None:
@@ -219,7 +224,8 @@ def main():
     floor = call_us(lambda: torch.autograd.grad((tiny * tiny).sum(), tiny), 0.001)
     lines = [
         f"Device: {device}; device-to-device copy: {copy:.0f} GB/s (read + write). "
-        f"sqrllm tiles: forward (L, blocks/SM) = {cuda.FWD_TILE}, backward = {cuda.BWD_TILE}; "
+        f"sqrllm tiles: forward (L, blocks/SM) = {cuda.FWD_TILE}, backward = {cuda.BWD_TILE}, "
+        f"loop mode's {cuda.LOOP_FWD_TILE} and {cuda.LOOP_BWD_TILE}; "
         f"loop mode from a fill of {cuda.LOOP_MIN_FILL}; "
         f"tree radix {2 ** cuda.TREE_LOG2}; chunk-mode register rows {cuda.CHUNK_REG_ROWS}, "
         f"at most {cuda.CHUNK_MAX_CT} threads across features, fewer to make {cuda.CHUNK_MIN_COLS} columns; "

@@ -23,6 +23,14 @@ STORAGE = {torch.float32: "float", torch.float16: "f16_t", torch.bfloat16: "bf16
 # 2 (forward) or 3 (backward) * L * NT * 16 bytes, sized to fill an H100's or H200's 227 KB twice
 FWD_TILE = (12, 2)
 BWD_TILE = (8, 2)
+# loop mode's long tiles (L, blocks per multiprocessor), for columns at least LOOP_LONG_MIN_TILES of
+# them long: one block an SM, so that columns twice as wide fill the GPU, each buffer 96 KB in flight.
+# On one H200, (16, 2048, 1024) bf16 ran 84-85% of copy forward and 89.5% forward+backward against
+# 76% and 80-82% with the tiles above; short columns ((256, 128, 1024): 1.3 long tiles) lost 6 points
+# forward with them (docs/benchmarks.md)
+LOOP_FWD_TILE = (24, 1)
+LOOP_BWD_TILE = (16, 1)
+LOOP_LONG_MIN_TILES = 4
 # loop mode (one block walks all of T, the next tile's copies in flight) once the (sequence, feature
 # tile) columns fill the GPU's block slots, wave after wave, at least this well; else chunk mode
 LOOP_MIN_FILL = 0.8
@@ -64,6 +72,7 @@ class Plan(NamedTuple):
     slots: int  # chunk mode: nodes of the tree per column
     rows: int  # positions per thread and tile
     pipe: int  # loop mode: two half-size buffers, the next tile loading while this one is worked on
+    long_tiles: int = 0  # loop mode on its long tiles (LOOP_FWD_TILE / LOOP_BWD_TILE)
 
     @property
     def mode(self):
@@ -71,9 +80,16 @@ class Plan(NamedTuple):
         return "LOOP" if self.pipe else "CHUNKS" if self.n_chunks > 1 else "ONE_TILE"
 
 
+def _fill(ncol, resident):
+    """How well `ncol` blocks fill waves of `resident` block slots."""
+    return ncol / (-(-ncol // resident) * resident)
+
+
 def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0, chunk_max_ct=None,
-         chunk_min_cols=None):
+         chunk_min_cols=None, loop=None):
     """How to cut a (B, T, C) scan moving V features per thread; `resident` blocks fit on the GPU.
+    Loop mode takes the long tiles `loop` = (L, resident blocks) gives, if any, where its columns fill
+    the GPU with them and are at least LOOP_LONG_MIN_TILES of them long; else tiles of L.
     In chunk mode a thread holds `reg_rows` rows in registers beyond its L in shared memory, and at
     most `chunk_max_ct` threads go across features, fewer (down to 8) where that makes up to
     `chunk_min_cols` columns."""
@@ -90,7 +106,9 @@ def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0, chu
         ncol = B * n_ct
         if T <= NT // ct * L:
             return Plan(ct, n_ct, ncol, 1, ncol, 0, L, 0)
-        if ncol / (-(-ncol // resident) * resident) >= min_fill:
+        if loop and _fill(ncol, loop[1]) >= min_fill and T >= LOOP_LONG_MIN_TILES * NT // ct * (loop[0] // 2):
+            return Plan(ct, n_ct, ncol, 1, ncol, 0, loop[0] // 2, 1, 1)
+        if _fill(ncol, resident) >= min_fill:
             return Plan(ct, n_ct, ncol, 1, ncol, 0, L // 2, 1)
     CT = min(CT, chunk_max_ct)
     while CT > 8 and B * -(-nvec // CT) < chunk_min_cols:
@@ -184,12 +202,15 @@ def _on(device):
 
 
 @functools.lru_cache(maxsize=1024)
-def _recipe(bwd, dtype, B, T, C, V, device, tile, min_fill, tree_log2, reg_rows, chunk_max_ct, chunk_min_cols):
+def _recipe(bwd, dtype, B, T, C, V, device, tile, loop_tile, min_fill, tree_log2, reg_rows, chunk_max_ct,
+            chunk_min_cols):
     """What a launch needs besides the pointers: its plan, kernel, grid, shared memory, scratch bytes,
     last args."""
     L, min_blocks = tile
     p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, reg_rows, chunk_max_ct,
-             chunk_min_cols)
+             chunk_min_cols, loop=(loop_tile[0], _resident(device, loop_tile[1])))
+    if p.long_tiles:
+        L, min_blocks = loop_tile
     reg_rows = reg_rows if p.mode == "CHUNKS" else 0
     fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, p.mode, min_blocks, device, reg_rows)
     scratch_bytes = p.slots * p.ncol * p.CT * V * 16 if p.n_chunks > 1 else 0  # a tagged map per node and feature
@@ -203,7 +224,8 @@ def _recipe_for(bwd, a, ptrs):
     module's current settings."""
     B, T, C = a.shape
     V = vector_width(C, a.element_size(), ptrs)
-    return _recipe(bwd, a.dtype, B, T, C, V, a.device.index, BWD_TILE if bwd else FWD_TILE, LOOP_MIN_FILL,
+    return _recipe(bwd, a.dtype, B, T, C, V, a.device.index, BWD_TILE if bwd else FWD_TILE,
+                   LOOP_BWD_TILE if bwd else LOOP_FWD_TILE, LOOP_MIN_FILL,
                    TREE_LOG2, CHUNK_REG_ROWS[bwd], CHUNK_MAX_CT, CHUNK_MIN_COLS)
 
 

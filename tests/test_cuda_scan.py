@@ -78,16 +78,20 @@ def test_reverse_and_no_initial_state_match_reference(dtype, T, with_h0):
     assert_matches_reference(got, reference(x, r, h0, dy, reverse=True), dtype)
 
 
-@pytest.mark.parametrize("time_split", ["chunks", "chunks-shared-only", "loop"])
+@pytest.mark.parametrize("time_split", ["chunks", "chunks-shared-only", "loop", "loop-long"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_both_ways_of_splitting_time_match_reference(monkeypatch, time_split, reverse, dtype):
     # chunk mode (blocks along time, carry-in through the range tree; with rows in registers or not)
-    # or loop mode (one block walks T)
-    monkeypatch.setattr(cuda, "LOOP_MIN_FILL", 0 if time_split == "loop" else 2)
+    # or loop mode (one block walks T), on its tiles of L or, where a column is long enough, its long ones
+    monkeypatch.setattr(cuda, "LOOP_MIN_FILL", 0 if time_split.startswith("loop") else 2)
     if time_split == "chunks-shared-only":
         monkeypatch.setattr(cuda, "CHUNK_REG_ROWS", (0, 0))
-    x, r, h0, dy = inputs(3, 1000, 72, dtype, seed=1)
+    x, r, h0, dy = inputs(*((2, 6000, 72) if time_split == "loop-long" else (3, 1000, 72)), dtype, seed=1)
+    for bwd in (False, True):
+        p = cuda.launch_plan(x, bwd)
+        assert p.mode == ("CHUNKS" if time_split.startswith("chunks") else "LOOP")
+        assert p.long_tiles == (time_split == "loop-long")
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy, reverse), reference(x, r, h0, dy, reverse), dtype)
 
 

@@ -104,6 +104,23 @@ def test_plan_covers_every_feature_and_fills_the_gpu(B, T, C, V, reg_rows):
         assert p.grid >= 132
 
 
+@pytest.mark.parametrize("B, T, C, V, CT, long_tiles", [
+    (16, 2048, 1024, 8, 16, 1),  # 128 columns of 16 threads fill 132 SMs at one block each, 10.7 long tiles
+    (8, 2048, 4096, 4, 32, 1),
+    (256, 128, 1024, 8, 32, 0),  # columns 1.3 long tiles long: the tiles of L, two blocks an SM
+    (64, 256, 384, 4, 8, 0),  # one tile (of L) covers T
+])
+def test_loop_mode_takes_its_long_tiles_on_long_columns(B, T, C, V, CT, long_tiles):
+    L, resident, loop = 12, 132 * 2, (24, 132)
+    p = cuda.plan(B, T, C, V, L, resident, reg_rows=6, loop=loop)
+    assert p.CT == CT and p.long_tiles == long_tiles
+    if long_tiles:
+        assert p.mode == "LOOP" and p.rows == 12 and p.grid == B * C // V // CT
+        assert T >= cuda.LOOP_LONG_MIN_TILES * cuda.NT // CT * p.rows
+    else:  # as without long tiles
+        assert p == cuda.plan(B, T, C, V, L, resident, reg_rows=6)
+
+
 @pytest.mark.parametrize("max_ct", [8, 16, 32])
 def test_chunk_mode_narrows_its_feature_tiles_on_request(max_ct):
     # a single long sequence of 256 features: one column of 32-wide feature tiles without a column
