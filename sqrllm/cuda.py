@@ -25,9 +25,10 @@ FWD_TILE = (12, 2)
 BWD_TILE = (8, 2)
 # loop mode's long tiles (L, blocks per multiprocessor), for columns at least LOOP_LONG_MIN_TILES of
 # them long: one block an SM, so that columns twice as wide fill the GPU, each buffer 96 KB in flight.
-# On one H200, (16, 2048, 1024) bf16 ran 84-85% of copy forward and 89.5% forward+backward against
-# 76% and 80-82% with the tiles above; short columns ((256, 128, 1024): 1.3 long tiles) lost 6 points
-# forward with them (docs/benchmarks.md)
+# On one H200, (16, 2048, 1024) bf16 ran 80-85% of copy forward and 88-90.5% forward+backward against
+# 73-76% and 80-82% with the tiles above; short columns ((256, 128, 1024): 1.3 long tiles) lost 6
+# points forward with them (docs/benchmarks.md). Taken only where the device's shared memory per
+# block holds them (208 KB: an H100 or H200, not an A100)
 LOOP_FWD_TILE = (24, 1)
 LOOP_BWD_TILE = (16, 1)
 LOOP_LONG_MIN_TILES = 4
@@ -151,12 +152,34 @@ def _function(name, entry, device, dyn_smem):
     return kernel
 
 
+def _tile_smem(dtype, V, L, bwd):
+    """Shared memory of a scan block: the tile buffers (dynamic), and the threads' maps (static)."""
+    return (3 if bwd else 2) * L * NT * V * torch.finfo(dtype).bits // 8, 2 * NT * V * 4
+
+
+@functools.cache
+def _smem_per_block(device):
+    """The most shared memory a block of `device` may have, opted into."""
+    import cupy
+
+    return cupy.cuda.runtime.getDeviceProperties(device)["sharedMemPerBlockOptin"]
+
+
+def _long_loop_tiles(bwd, dtype, V, device, loop_tile):
+    """`plan`'s loop argument for loop_tile = (L, blocks per SM) on `device`: (L, resident blocks), or
+    None where a block of that L would not fit the device's shared memory."""
+    L, min_blocks = loop_tile
+    if sum(_tile_smem(dtype, V, L, bwd)) > _smem_per_block(device):
+        return None
+    return L, _resident(device, min_blocks)
+
+
 def _scan_kernel(dtype, V, L, bwd, mode, min_blocks, device, reg_rows=0):
     S = STORAGE[dtype]
     name = f"sqrll_{'bwd' if bwd else 'fwd'}_{S}_v{V}_l{L}_{mode.lower()}_b{min_blocks}"
     name += f"_x{reg_rows}" if reg_rows else ""
     entry = f"\nSQRLL_SCAN({name}, {S}, {V}, {L}, {'true' if bwd else 'false'}, {mode}, {min_blocks}, {reg_rows})\n"
-    dyn_smem = (3 if bwd else 2) * L * NT * V * torch.finfo(dtype).bits // 8
+    dyn_smem = _tile_smem(dtype, V, L, bwd)[0]
     return _function(name, entry, device, dyn_smem), dyn_smem
 
 
@@ -208,7 +231,7 @@ def _recipe(bwd, dtype, B, T, C, V, device, tile, loop_tile, min_fill, tree_log2
     last args."""
     L, min_blocks = tile
     p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, reg_rows, chunk_max_ct,
-             chunk_min_cols, loop=(loop_tile[0], _resident(device, loop_tile[1])))
+             chunk_min_cols, loop=_long_loop_tiles(bwd, dtype, V, device, loop_tile))
     if p.long_tiles:
         L, min_blocks = loop_tile
     reg_rows = reg_rows if p.mode == "CHUNKS" else 0

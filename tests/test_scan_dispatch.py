@@ -121,6 +121,20 @@ def test_loop_mode_takes_its_long_tiles_on_long_columns(B, T, C, V, CT, long_til
         assert p == cuda.plan(B, T, C, V, L, resident, reg_rows=6)
 
 
+@pytest.mark.parametrize("smem_kb, dtype, bwd, fits", [
+    (227, torch.bfloat16, False, True),  # an H100 or H200: 192 KB of tile buffers and 16 KB of maps
+    (227, torch.float32, True, True),
+    (163, torch.bfloat16, False, False),  # an A100: loop mode keeps its tiles of L
+    (163, torch.float32, True, False),
+])
+def test_long_loop_tiles_only_where_shared_memory_holds_them(monkeypatch, smem_kb, dtype, bwd, fits):
+    monkeypatch.setattr(cuda, "_smem_per_block", lambda device: smem_kb * 1024)
+    monkeypatch.setattr(cuda, "_resident", lambda device, blocks: 132 * blocks)
+    V = 16 // (torch.finfo(dtype).bits // 8)
+    tile = cuda.LOOP_BWD_TILE if bwd else cuda.LOOP_FWD_TILE
+    assert cuda._long_loop_tiles(bwd, dtype, V, 0, tile) == ((tile[0], 132 * tile[1]) if fits else None)
+
+
 @pytest.mark.parametrize("max_ct", [8, 16, 32])
 def test_chunk_mode_narrows_its_feature_tiles_on_request(max_ct):
     # a single long sequence of 256 features: one column of 32-wide feature tiles without a column
