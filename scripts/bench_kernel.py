@@ -162,14 +162,18 @@ def add_plan_args(ap):
     ap.add_argument("--chunk-min-cols", type=int, help="sqrllm.cuda.CHUNK_MIN_COLS (default: sqrllm.cuda's)")
 
 
+def tile_pair(text):
+    """"L,blocks,L,blocks" as the forward and backward tiles ((L, blocks), (L, blocks))."""
+    f_l, f_b, b_l, b_b = map(int, text.split(","))
+    return (f_l, f_b), (b_l, b_b)
+
+
 def apply_plan_args(args):
     """Set the sqrllm.cuda settings that add_plan_args's options name; the others keep their defaults."""
     if args.tiles:
-        f_l, f_b, b_l, b_b = map(int, args.tiles.split(","))
-        cuda.FWD_TILE, cuda.BWD_TILE = (f_l, f_b), (b_l, b_b)
+        cuda.FWD_TILE, cuda.BWD_TILE = tile_pair(args.tiles)
     if args.loop_tiles:
-        f_l, f_b, b_l, b_b = map(int, args.loop_tiles.split(","))
-        cuda.LOOP_FWD_TILE, cuda.LOOP_BWD_TILE = (f_l, f_b), (b_l, b_b)
+        cuda.LOOP_FWD_TILE, cuda.LOOP_BWD_TILE = tile_pair(args.loop_tiles)
     if args.loop_min_fill is not None:
         cuda.LOOP_MIN_FILL = args.loop_min_fill
     if args.tree_log2 is not None:
