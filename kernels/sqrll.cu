@@ -15,7 +15,7 @@
 // A span of positions acts on the state as an affine map h -> A * h + b (A the product of r, b the
 // scan started from 0); maps compose associatively, which is what lets time be split. Within a
 // tile, one thread per feature folds the threads' maps through shared memory. Across tiles, one of
-// three modes (MODE, a template argument: each mode is its own kernel, carrying only its own code):
+// four modes (MODE, a template argument: each mode is its own kernel, carrying only its own code):
 // - one tile (ONE_TILE): all of T fits in one tile; one block per (sequence, feature tile) column.
 // - loop mode (LOOP): one block walks all of T tile by tile, carrying the state in a register, with
 //   two half-size tile buffers so that the next tile's copies are in flight while this one is
@@ -28,6 +28,10 @@
 //   not); a tile reads at most (R - 1) log_R(k) nodes, all published by blocks with lower indices,
 //   and a node of level j is ready j hops after its last tile is. Every input is read once and
 //   every output written once.
+// - stream mode (STREAM): where chunk mode's columns are few, a resident grid of a few blocks a
+//   column, each walking every Gc-th tile of it, replaying each tile a round after folding it so
+//   that its look-back over the column's other blocks' maps overlaps the next tile's copies
+//   (scan_stream).
 //
 // Backward (see sqrllm/scan.py): g[t] = dy[t] + r[t+1] * g[t+1], dx = g, dr[t] = g[t] * y[t-1],
 // dh0 = r[0] * g[0]. It is the same scan run the other way, at position p reading the multiplier
@@ -161,8 +165,21 @@ __device__ __forceinline__ unsigned get_map(const ulonglong2* p, float2& m) {
     return (unsigned)((w0 & w1) >> 32);
 }
 
+// Wait for the entries whose bits are set in `pending` (of N): load(i) reads entry i and says
+// whether it is written yet. Each round reads all that are still missing, in flight at once.
+template <int N, class Load> __device__ __forceinline__ void poll(unsigned pending, Load load) {
+    while (pending) {
+        const unsigned want = pending;  // the loads depend on this snapshot only: all in flight at once
+        unsigned got = 0;
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+            if ((want >> i) & 1) got |= (unsigned)load(i) << i;
+        pending = want & ~got;
+    }
+}
+
 // Hand the maps of `count` nodes to use(map), in order: next() names each node's slot. Nodes are
-// waited for POLL at a time, polled together.
+// waited for POLL at a time.
 template <class Next, class Use>
 __device__ __forceinline__ void for_nodes(const ulonglong2* nodes, long long stride, int count, Next next,
                                           Use use) {
@@ -172,15 +189,7 @@ __device__ __forceinline__ void for_nodes(const ulonglong2* nodes, long long str
         float2 m[POLL];
 #pragma unroll
         for (int i = 0; i < POLL; ++i) sl[i] = i < cnt ? next() : 0;
-        unsigned pending = (1u << cnt) - 1;
-        while (pending) {
-            const unsigned want = pending;  // the loads depend on this snapshot only: all in flight at once
-            unsigned got = 0;
-#pragma unroll
-            for (int i = 0; i < POLL; ++i)
-                if ((want >> i) & 1) got |= get_map(nodes + (long long)sl[i] * stride, m[i]) << i;
-            pending = want & ~got;
-        }
+        poll<POLL>((1u << cnt) - 1, [&](int i) { return get_map(nodes + (long long)sl[i] * stride, m[i]) != 0; });
 #pragma unroll
         for (int i = 0; i < POLL; ++i)
             if (i < cnt) use(m[i]);
@@ -249,10 +258,6 @@ __device__ float chunk_carry_in(float A, float b, float h, unsigned k, unsigned 
 
 extern __shared__ __align__(16) unsigned char dyn_smem[];
 
-template <bool F> struct Rows {  // whether all of a thread's rows in a tile are there: see scan_tiles
-    static constexpr bool full = F;
-};
-
 // Forward (BWD = false): a = x, out = y; y, dr, dh0 unused.
 // Backward (BWD = true): a = dy, y = the forward's output, out = dx; writes dr and dh0.
 // nodes: chunk-mode scratch, zeroed, 16 bytes per (tree node, column, feature); lg: the tree's log2 radix.
@@ -278,10 +283,276 @@ __device__ __forceinline__ void each_map(const float* sA, const float* sB, int f
     }
 }
 
-// The three ways of cutting time (sqrllm/cuda.py's plan picks one), each compiled as its own kernel.
+// Copy this thread's rows p0, p0 + 1, ... (LR of them, fewer where T ends) of a and r (backward: dy,
+// r one position back and y one position on, as scan positions run) into shared memory at sa, each
+// array ARR = LR * NT vectors after the one before and each row NT vectors after the one before.
+// No commit. Returns the offset of row LR, where register rows go on.
+template <typename S, typename Raw, int LR, bool BWD>
+__device__ __forceinline__ long long copy_rows(const S* __restrict__ a, const S* __restrict__ r,
+                                               const S* __restrict__ y, const S* __restrict__ h0, long long T,
+                                               long long C, long long bi, long long cv, bool v_ok, int flip,
+                                               long long p0, unsigned sa) {
+    constexpr unsigned ROW = NT * sizeof(Raw), ARR = LR * ROW;
+    const long long rows = min((long long)LR, T - p0), step = flip ? -C : C;
+    long long at = bi * T * C + (flip ? T - 1 - p0 : p0) * C + cv;  // row l's offset, stepped as l goes
+#pragma unroll
+    for (int l = 0; l < LR; ++l, at += step, sa += ROW) {
+        if (v_ok && l < rows) {
+            copy_async<sizeof(Raw)>(sa, a + at);
+            if (!BWD) {
+                copy_async<sizeof(Raw)>(sa + ARR, r + at);
+            } else {  // multiplier from position p - 1, previous output from position p + 1
+                if (p0 + l > 0) copy_async<sizeof(Raw)>(sa + ARR, r + (at - step));
+                else zero_shared<sizeof(Raw)>(sa + ARR);
+                if (p0 + l + 1 < T) copy_async<sizeof(Raw)>(sa + 2 * ARR, y + (at + step));
+                else if (h0 != nullptr) copy_async<sizeof(Raw)>(sa + 2 * ARR, h0 + bi * C + cv);
+                else zero_shared<sizeof(Raw)>(sa + 2 * ARR);
+            }
+        }
+    }
+    return at;
+}
+
+// The map (A, B) of this thread's rows l < rows of N, whose a and r vectors are row_a(l), row_m(l).
+// FULL: all N rows are there, so no test per row stands between their loads, which issue together.
+template <typename S, int V, int N, bool FULL, class RowA, class RowM>
+__device__ __forceinline__ void rows_map(RowA row_a, RowM row_m, bool v_ok, long long rows, float (&A)[V],
+                                        float (&B)[V]) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) A[v] = 1.f, B[v] = 0.f;
+#pragma unroll
+    for (int l = 0; l < N; ++l) {
+        if (FULL || (v_ok && l < rows)) {
+            float fa[V], fm[V];
+            unpack<S>(row_a(l), fa);
+            unpack<S>(row_m(l), fm);
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+                B[v] = fmaf(fm[v], B[v], fa[v]);
+                A[v] *= fm[v];
+            }
+        }
+    }
+}
+
+// Replay this thread's rows l < rows of N (all when FULL) from the state g entering them, writing
+// out at offset at0 + l * step; backward also writes dr = g * (row_y), and dh0 = r[first row] * g
+// at position T - 1 (p0 + l + 1 == T).
+template <typename S, int V, int N, bool BWD, bool FULL, class RowA, class RowM, class RowY>
+__device__ __forceinline__ void replay_rows(float (&g)[V], RowA row_a, RowM row_m, RowY row_y, bool v_ok, long long rows,
+                                            S* __restrict__ out, S* __restrict__ dr, S* __restrict__ dh0,
+                                            const S* __restrict__ r, long long at0, long long step,
+                                            long long p0, long long T, long long dh0_at) {
+    typedef typename RawOf<sizeof(S) * V>::T Raw;
+#pragma unroll
+    for (int l = 0; l < N; ++l) {
+        if (FULL || (v_ok && l < rows)) {
+            const long long at = at0 + l * step;
+            float fa[V], fm[V];
+            unpack<S>(row_a(l), fa);
+            unpack<S>(row_m(l), fm);
+#pragma unroll
+            for (int v = 0; v < V; ++v) g[v] = fmaf(fm[v], g[v], fa[v]);
+            store_vec<S, V>(out + at, g);
+            if (BWD) {
+                float d[V];
+                unpack<S>(row_y(l), d);
+#pragma unroll
+                for (int v = 0; v < V; ++v) d[v] *= g[v];
+                store_vec<S, V>(dr + at, d);
+                if (p0 + l + 1 == T) {  // dh0 = r[first row] * g[first row]
+                    unpack<S>(*(const Raw*)(r + at), d);
+#pragma unroll
+                    for (int v = 0; v < V; ++v) d[v] *= g[v];
+                    store_vec<S, V>(dh0 + dh0_at, d);
+                }
+            }
+        }
+    }
+}
+
+// Stream mode: a tile's map is one 64-bit word (A's bits low, b's high) in scratch filled with 0xff
+// bytes, which no map word reads as (an A of all ones bits, a NaN, is stored as another NaN).
+#define UNSET_WORD 0xffffffffu
+__device__ __forceinline__ void put_word(unsigned long long* p, float A, float b) {
+    unsigned a = __float_as_uint(A);
+    a = a == UNSET_WORD ? 0x7fffffffu : a;
+    asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"((unsigned long long)__float_as_uint(b) << 32 | a)
+                 : "memory");
+}
+__device__ __forceinline__ unsigned long long get_word(const unsigned long long* p) {
+    unsigned long long w;
+    asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(w) : "l"(p) : "memory");
+    return w;
+}
+__device__ __forceinline__ bool word_set(unsigned long long w) { return (unsigned)w != UNSET_WORD; }
+
+// Stream mode (STREAM). A resident grid, Gc blocks a (sequence, feature tile) column, one a
+// multiprocessor and all running at once (a cooperative launch): block k0 of a column walks tiles
+// k0, k0 + Gc, k0 + 2 Gc, ... and publishes each tile's map as soon as it is folded. The state
+// entering tile k is then the state leaving this block's previous tile, k - Gc, carried through the
+// maps of the Gc - 1 tiles between, which the column's other blocks folded up to a round before.
+// To keep that wait off the copies' path, a tile is replayed one round late: iteration m waits for
+// tile m's copies, folds it and publishes its map, and only then finishes tile m - 1's look-back
+// (issued before the wait) and replays it. Three tile buffers: m - 1 replaying, m folding, m + 1 in
+// flight; tile m + 2 is issued into m - 1's buffer once that is replayed. A feature's look-back is
+// split over the G = NT / CW threads of its slot (up to a warp's worth), each folding a contiguous
+// share of the maps, the shares then composed in order by warp shuffles: results depend on the
+// tile's index alone, so they are bitwise reproducible. Every input is read once, every output
+// written once. LR: rows a thread owns per tile, all in shared memory.
+#define LOOK 8  // stream mode: look-back maps a thread waits for at once
+template <typename S, int V, int LR, bool BWD>
+__device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
+    typedef typename RawOf<sizeof(S) * V>::T Raw;
+    // per thread and feature, [ty][v][cx]: the thread's map, then the map from the tile's start to
+    // the thread's first row; hin: per feature slot, the state entering the tile being replayed
+    __shared__ float sA[NT * V], sB[NT * V], hin[NT];
+    Raw* const tile_in = (Raw*)dyn_smem;  // 3 buffers of (BWD ? 3 : 2) * LR * NT vectors
+    constexpr int ARRAYS = BWD ? 3 : 2;
+    constexpr unsigned ARR = LR * NT * sizeof(Raw);
+
+    const int tid = threadIdx.x;
+    const int TT = NT / CT, cx = tid % CT, ty = tid / CT, CW = CT * V;
+    const long long k0 = blockIdx.x / ncol, Gc = gridDim.x / ncol;
+    const int col = blockIdx.x - (int)k0 * ncol;
+    const long long bi = col / n_ct, c0 = (long long)(col - bi * n_ct) * CW, cv = c0 + (long long)cx * V;
+    const bool v_ok = cv < C;
+    const long long step = flip ? -C : C;
+    // thread tid serves feature slot fs = tid / G (feature c0 + (fs % CT) * V + fs / CT) as its
+    // share p of that slot's look-back; p = 0 also does the slot's per-feature steps
+    const int G = NT / CW, fs = tid / G, p = tid % G, GL = min(G, 32);
+    const bool fs_ok = c0 + (long long)(fs % CT) * V < C, f_ok = p == 0 && fs_ok;
+    const long long Tc = (long long)TT * LR;
+    const long long n = k0 < n_chunks ? (n_chunks - 1 - k0) / Gc + 1 : 0;  // this block's tiles
+    const long long wstride = (long long)ncol * CW;  // from one tile's map words to the next's
+    unsigned long long* const words = (unsigned long long*)nodes + (long long)col * CW + fs;
+
+    float carry = 0.f;  // per-feature thread: the state leaving this block's last replayed tile
+    if (!BWD && h0 != nullptr && f_ok) carry = to_f32(h0[bi * C + c0 + (fs % CT) * V + fs / CT]);
+    // the tile folded last (c) and the one before, awaiting its replay (p): per-feature thread, the
+    // tile's map; every thread, the map from the tile's start to its own first row
+    float tAc = 1.f, tBc = 0.f, tAp = 1.f, tBp = 0.f, Pc[V], Qc[V], Pp[V], Qp[V];
+
+    auto first_position = [&](long long m) { return (k0 + m * Gc) * Tc + (long long)ty * LR; };
+    auto buffer = [&](long long m) { return tile_in + (int)(m % 3) * ARRAYS * LR * NT + tid; };
+    const unsigned slot0 = smem_u32(tile_in + tid);
+    auto issue = [&](long long m) {  // tile m into its buffer (an empty group past the block's tiles)
+        if (m < n) copy_rows<S, Raw, LR, BWD>(a, r, y, h0, T, C, bi, cv, v_ok, flip, first_position(m),
+                                              slot0 + (unsigned)(m % 3) * ARRAYS * ARR);
+        copy_async_commit();
+    };
+
+    // Tile kt's look-back: this thread's share [e0, e1) of the maps of tiles [kt - Gc + 1, kt).
+    // start() issues the reads of its first LOOK maps; finish(h) waits for them, reads the rest and
+    // returns h carried through them all (on p = 0).
+    long long e0 = 0, e1 = 0;
+    unsigned long long w[LOOK];
+    auto read = [&](long long e, int i) { return w[i] = get_word(words + (e + i) * wstride), word_set(w[i]); };
+    auto start = [&](long long kt) {
+        const long long lo = max(0ll, kt - Gc + 1), cnt = kt - lo;
+        e0 = lo + cnt * p / GL, e1 = lo + cnt * (p + 1) / GL;
+        const int c = (int)min((long long)LOOK, e1 - e0);
+#pragma unroll
+        for (int i = 0; i < LOOK; ++i)
+            if (fs_ok && i < c) read(e0, i);
+    };
+    auto finish = [&](float h) {
+        float A = 1.f, B = 0.f;
+        for (long long e = e0; fs_ok && e < e1; e += LOOK) {
+            const int c = (int)min((long long)LOOK, e1 - e);
+            unsigned pending = (1u << c) - 1;
+            if (e == e0) {  // read in start(): only those not yet written then
+#pragma unroll
+                for (int i = 0; i < LOOK; ++i)
+                    if (i < c && word_set(w[i])) pending &= ~(1u << i);
+            }
+            poll<LOOK>(pending, [&](int i) { return read(e, i); });
+#pragma unroll
+            for (int i = 0; i < LOOK; ++i)
+                if (i < c) {
+                    const float mA = __uint_as_float((unsigned)w[i]), mb = __uint_as_float((unsigned)(w[i] >> 32));
+                    B = fmaf(mA, B, mb);
+                    A *= mA;
+                }
+        }
+        for (int o = 1; o < GL; o <<= 1) {  // share p takes on shares p + o .. p + 2o - 1
+            const float A2 = __shfl_down_sync(0xffffffffu, A, o, GL), B2 = __shfl_down_sync(0xffffffffu, B, o, GL);
+            if (p % (2 * o) == 0) {
+                B = fmaf(A2, B, B2);
+                A *= A2;
+            }
+        }
+        return fmaf(A, h, B);
+    };
+
+    issue(0);
+    issue(1);
+    for (long long m = 0; m <= n; ++m) {
+        if (m >= 1 && p < GL) start(k0 + (m - 1) * Gc);
+        if (m < n) {  // fold tile m and publish its map
+            copy_async_wait<1>();  // tile m; tile m + 1 stays in flight
+            const long long rows = min((long long)LR, T - first_position(m));
+            const Raw* ra = buffer(m);
+            const Raw* rm = ra + LR * NT;
+            float A[V], B[V];
+            rows_map<S, V, LR, false>([&](int l) { return ra[l * NT]; }, [&](int l) { return rm[l * NT]; }, v_ok, rows,
+                                      A, B);
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+                sA[(ty * V + v) * CT + cx] = A[v];
+                sB[(ty * V + v) * CT + cx] = B[v];
+            }
+            __syncthreads();
+            if (f_ok) {  // the tile's map, and in place of each thread's map the map up to its first row
+                float tA = 1.f, tB = 0.f;
+                each_map(sA, sB, fs, NT * V, CW, [&](int i, float mA, float mB) {
+                    sA[i] = tA;
+                    sB[i] = tB;
+                    tB = fmaf(mA, tB, mB);
+                    tA *= mA;
+                });
+                tAc = tA, tBc = tB;
+                put_word(words + (k0 + m * Gc) * wstride, tA, tB);
+            }
+            __syncthreads();
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+                Pc[v] = sA[(ty * V + v) * CT + cx];
+                Qc[v] = sB[(ty * V + v) * CT + cx];
+            }
+        }
+        if (m >= 1) {  // tile m - 1's carry-in, then its replay
+            if (m == n) __syncthreads();  // no fold since the last replay read hin
+            float h = 0.f;
+            if (p < GL) h = finish(carry);
+            if (f_ok) {
+                hin[fs] = h;
+                carry = fmaf(tAp, h, tBp);
+            }
+            __syncthreads();
+            const long long p0 = first_position(m - 1), rows = min((long long)LR, T - p0);
+            const Raw* ra = buffer(m - 1);
+            const Raw* rm = ra + LR * NT;
+            const Raw* ry = rm + LR * NT;
+            float g[V];
+#pragma unroll
+            for (int v = 0; v < V; ++v) g[v] = fmaf(Pp[v], hin[v * CT + cx], Qp[v]);
+            replay_rows<S, V, LR, BWD, false>(g, [&](int l) { return ra[l * NT]; }, [&](int l) { return rm[l * NT]; },
+                                              [&](int l) { return ry[l * NT]; }, v_ok, rows, out, dr, dh0, r,
+                                              bi * T * C + (flip ? T - 1 - p0 : p0) * C + cv, step, p0, T, bi * C + cv);
+        }
+        issue(m + 2);  // into tile m - 1's buffer, whose rows this thread has just replayed
+        tAp = tAc, tBp = tBc;
+#pragma unroll
+        for (int v = 0; v < V; ++v) Pp[v] = Pc[v], Qp[v] = Qc[v];
+    }
+}
+
+// The four ways of cutting time (sqrllm/cuda.py's plan picks one), each compiled as its own kernel.
 #define ONE_TILE 0  // all of T in one tile
 #define LOOP 1      // loop mode
 #define CHUNKS 2    // chunk mode
+#define STREAM 3    // stream mode (scan_stream)
 
 // A register-held row's vector: one plain global load (2-byte vectors through unsigned short).
 template <typename Raw> __device__ __forceinline__ Raw load_raw(const void* p) { return *(const Raw*)p; }
@@ -335,24 +606,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
     constexpr unsigned ARR = LR * ROW;
     auto issue = [&](long long tile, int b) {  // copy this thread's rows of a, r (and y) into buffer b
         const long long p0 = first_position(tile);
-        const long long rows = min((long long)LR, T - p0);
-        long long at = seq + (flip ? T - 1 - p0 : p0) * C + cv;  // row l's offset, stepped as l goes
-        unsigned sa = slot0 + b * ARRAYS * ARR;
-#pragma unroll
-        for (int l = 0; l < LR; ++l, at += step, sa += ROW) {
-            if (v_ok && l < rows) {
-                copy_async<sizeof(Raw)>(sa, a + at);
-                if (!BWD) {
-                    copy_async<sizeof(Raw)>(sa + ARR, r + at);
-                } else {  // multiplier from position p - 1, previous output from position p + 1
-                    if (p0 + l > 0) copy_async<sizeof(Raw)>(sa + ARR, r + (at - step));
-                    else zero_shared<sizeof(Raw)>(sa + ARR);
-                    if (p0 + l + 1 < T) copy_async<sizeof(Raw)>(sa + 2 * ARR, y + (at + step));
-                    else if (h0 != nullptr) copy_async<sizeof(Raw)>(sa + 2 * ARR, h0 + bi * C + cv);
-                    else zero_shared<sizeof(Raw)>(sa + 2 * ARR);
-                }
-            }
-        }
+        long long at = copy_rows<S, Raw, LR, BWD>(a, r, y, h0, T, C, bi, cv, v_ok, flip, p0, slot0 + b * ARRAYS * ARR);
         copy_async_commit();
         if constexpr (LX > 0) {
             const long long rows_all = min((long long)LT, T - p0);
@@ -394,35 +648,19 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         auto row_a = [&](int l) { return l < LR ? ra[l * NT] : xa[l - LR]; };
         auto row_m = [&](int l) { return l < LR ? rm[l * NT] : xm[l - LR]; };
         auto row_y = [&](int l) { return l < LR ? ry[l * NT] : xy[l - LR]; };
+        const bool full = v_ok && rows == LT;  // all LT rows there: rows_map and replay_rows test none
 
-        // this thread's map over its positions. Rows<true>: all LT rows are there, so no test per row
-        // stands between their shared-memory loads, which then issue together.
-        auto thread_map = [&](auto all) {
+        // this thread's map over its positions
+        {
             float A[V], B[V];
-#pragma unroll
-            for (int v = 0; v < V; ++v) A[v] = 1.f, B[v] = 0.f;
-#pragma unroll
-            for (int l = 0; l < LT; ++l) {
-                if (decltype(all)::full || (v_ok && l < rows)) {
-                    float fa[V], fm[V];
-                    unpack<S>(row_a(l), fa);
-                    unpack<S>(row_m(l), fm);
-#pragma unroll
-                    for (int v = 0; v < V; ++v) {
-                        B[v] = fmaf(fm[v], B[v], fa[v]);
-                        A[v] *= fm[v];
-                    }
-                }
-            }
+            if (full) rows_map<S, V, LT, true>(row_a, row_m, v_ok, rows, A, B);
+            else rows_map<S, V, LT, false>(row_a, row_m, v_ok, rows, A, B);
 #pragma unroll
             for (int v = 0; v < V; ++v) {
                 sA[(ty * V + v) * CT + cx] = A[v];
                 sB[(ty * V + v) * CT + cx] = B[v];
             }
-        };
-        const bool full = v_ok && rows == LT;
-        if (full) thread_map(Rows<true>{});
-        else thread_map(Rows<false>{});
+        }
         __syncthreads();
         trace_at(1, tile);
 
@@ -439,38 +677,13 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         trace_at(2, tile);
 
         // replay this thread's positions from its entering state and write the outputs
-        auto replay = [&](auto all) {
-            float g[V];
+        float g[V];
 #pragma unroll
-            for (int v = 0; v < V; ++v) g[v] = sA[(ty * V + v) * CT + cx];
-#pragma unroll
-            for (int l = 0; l < LT; ++l) {
-                if (decltype(all)::full || (v_ok && l < rows)) {
-                    const long long at = at0 + l * step;
-                    float fa[V], fm[V];
-                    unpack<S>(row_a(l), fa);
-                    unpack<S>(row_m(l), fm);
-#pragma unroll
-                    for (int v = 0; v < V; ++v) g[v] = fmaf(fm[v], g[v], fa[v]);
-                    store_vec<S, V>(out + at, g);
-                    if (BWD) {
-                        float d[V];
-                        unpack<S>(row_y(l), d);
-#pragma unroll
-                        for (int v = 0; v < V; ++v) d[v] *= g[v];
-                        store_vec<S, V>(dr + at, d);
-                        if (p0 + l + 1 == T) {  // dh0 = r[first row] * g[first row]
-                            unpack<S>(*(const Raw*)(r + at), d);
-#pragma unroll
-                            for (int v = 0; v < V; ++v) d[v] *= g[v];
-                            store_vec<S, V>(dh0 + bi * C + cv, d);
-                        }
-                    }
-                }
-            }
-        };
-        if (full) replay(Rows<true>{});
-        else replay(Rows<false>{});
+        for (int v = 0; v < V; ++v) g[v] = sA[(ty * V + v) * CT + cx];
+        if (full)
+            replay_rows<S, V, LT, BWD, true>(g, row_a, row_m, row_y, v_ok, rows, out, dr, dh0, r, at0, step, p0, T, bi * C + cv);
+        else
+            replay_rows<S, V, LT, BWD, false>(g, row_a, row_m, row_y, v_ok, rows, out, dr, dh0, r, at0, step, p0, T, bi * C + cv);
 #ifdef TRACE
         __syncthreads();  // every thread's outputs issued
         trace_at(3, tile);
@@ -486,7 +699,10 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
 // chunk mode's register rows), so that each variant compiles alone and lands in CuPy's on-disk cache.
 #define SQRLL_SCAN(NAME, S, V, L, BWD, MODE, MIN_BLOCKS, LX)                                \
     extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS) NAME(SCAN_PARAMS(S)) { \
-        scan_tiles<S, V, L, BWD, MODE, LX>(SCAN_ARGS);                                  \
+        if constexpr (MODE == STREAM)                                                   \
+            scan_stream<S, V, L, BWD>(SCAN_ARGS);                                       \
+        else                                                                            \
+            scan_tiles<S, V, L, BWD, MODE, LX>(SCAN_ARGS);                              \
     }
 
 // The textbook design, kept as the benchmark's baseline: one thread per (sequence, feature),

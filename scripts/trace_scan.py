@@ -63,6 +63,9 @@ def main():
     r = torch.rand(B, T, C, device="cuda").mul_(0.3).add_(0.7).to(dtype)
     dy = torch.randn(B, T, C, device="cuda").to(dtype)
     nbytes = B * T * C * x.element_size()
+    if cuda.launch_plan(x, args.bwd).mode == "STREAM":
+        sys.exit("trace_scan.py: this shape runs in stream mode, which has no trace points; "
+                 "add --stream-max-blocks 0 to trace its chunk-mode plan instead")
 
     def make(x, r, dy):  # the traced kernel's call on these inputs
         if not args.bwd:

@@ -48,6 +48,14 @@ CHUNK_MAX_CT = 32
 # columns: on one H200 a single sequence of 256 bf16 features ran 58% -> 65% of copy forward with
 # 4 columns of 8 in place of one of 32, and 1024 features 66% -> 69% with 8 of 16 (docs/benchmarks.md)
 CHUNK_MIN_COLS = 8
+# stream mode, in place of chunk mode where each column would get from 2 to this many of the GPU's
+# multiprocessors (a resident block each): every block waits on the maps of all the others in its
+# column, so the more there are, the more often one slow block holds the rest. On one H200 a
+# single sequence of 1024 features ran 67% -> 72-74% of copy forward (bf16) and 79% -> 83-86%
+# (fp32) with 16 blocks a column, and 256 bf16 features 66% -> 57-60% with 33 (docs/benchmarks.md)
+STREAM_MAX_BLOCKS = 16
+STREAM_MAX_ROWS = 12  # stream mode: rows a thread owns per tile, at most (shared memory permitting)
+STREAM_MIN_FILL = 0.9  # stream mode: the least share of the multiprocessors its grid may use
 
 
 def ensure_available():
@@ -74,10 +82,13 @@ class Plan(NamedTuple):
     rows: int  # positions per thread and tile
     pipe: int  # loop mode: two half-size buffers, the next tile loading while this one is worked on
     long_tiles: int = 0  # loop mode on its long tiles (LOOP_FWD_TILE / LOOP_BWD_TILE)
+    stream: int = 0  # stream mode: resident blocks a column (n_chunks: tiles a column)
 
     @property
     def mode(self):
         """The kernel's way of cutting time, as kernels/sqrll.cu names it."""
+        if self.stream:
+            return "STREAM"
         return "LOOP" if self.pipe else "CHUNKS" if self.n_chunks > 1 else "ONE_TILE"
 
 
@@ -87,17 +98,20 @@ def _fill(ncol, resident):
 
 
 def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0, chunk_max_ct=None,
-         chunk_min_cols=None, loop=None):
+         chunk_min_cols=None, loop=None, stream=None, stream_max_blocks=None):
     """How to cut a (B, T, C) scan moving V features per thread; `resident` blocks fit on the GPU.
     Loop mode takes the long tiles `loop` = (L, resident blocks) gives, if any, where its columns fill
     the GPU with them and are at least LOOP_LONG_MIN_TILES of them long; else tiles of L.
     In chunk mode a thread holds `reg_rows` rows in registers beyond its L in shared memory, and at
     most `chunk_max_ct` threads go across features, fewer (down to 8) where that makes up to
-    `chunk_min_cols` columns."""
+    `chunk_min_cols` columns. `stream` = (multiprocessors, rows a thread owns in a tile), if given,
+    turns chunk mode into stream mode where each column gets 2 to `stream_max_blocks` of them, and
+    all columns together at least STREAM_MIN_FILL of them."""
     min_fill = LOOP_MIN_FILL if min_fill is None else min_fill
     lg = TREE_LOG2 if tree_log2 is None else tree_log2
     chunk_max_ct = CHUNK_MAX_CT if chunk_max_ct is None else chunk_max_ct
     chunk_min_cols = CHUNK_MIN_COLS if chunk_min_cols is None else chunk_min_cols
+    stream_max_blocks = STREAM_MAX_BLOCKS if stream_max_blocks is None else stream_max_blocks
     nvec = C // V
     CT = min(32, 1 << (nvec - 1).bit_length())
     while CT > 8 and (-nvec % CT) * 8 > nvec:  # don't leave most of a last feature tile idle
@@ -116,6 +130,12 @@ def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0, chu
         CT //= 2
     n_ct = -(-nvec // CT)
     ncol = B * n_ct
+    if stream is not None:
+        sms, rows = stream
+        n_tiles = -(-T // (NT // CT * rows))
+        gc = min(sms // ncol, n_tiles)
+        if 2 <= gc and sms // ncol <= stream_max_blocks and gc * ncol >= STREAM_MIN_FILL * sms:
+            return Plan(CT, n_ct, ncol, n_tiles, gc * ncol, 0, rows, 0, stream=gc)
     # T outgrows one shared-memory tile here; register rows may make one tile long enough, but a
     # single tile runs the ONE_TILE kernel, which has none, so chunk mode keeps at least two
     n_tiles = max(2, -(-T // (NT // CT * (L + reg_rows))))
@@ -140,12 +160,14 @@ def _source(name="sqrll.cu"):
 
 
 @functools.cache
-def _function(name, entry, device, dyn_smem):
-    """The compiled kernel `name` (a cupy.RawKernel) for `device`, which must be CuPy's current one."""
+def _function(name, entry, device, dyn_smem, cooperative=False):
+    """The compiled kernel `name` (a cupy.RawKernel) for `device`, which must be CuPy's current one;
+    `cooperative`: launched so that all of its blocks run at once (cuLaunchCooperativeKernel)."""
     import cupy
 
     # CuPy adds -arch=sm_XY of the current device, so the binary is native code for it
-    kernel = cupy.RawModule(code=_source() + entry, options=("-std=c++17",)).get_function(name)
+    module = cupy.RawModule(code=_source() + entry, options=("-std=c++17",), enable_cooperative_groups=cooperative)
+    kernel = module.get_function(name)
     if dyn_smem:  # allow past 48 KB in all, and favour shared memory over L1 (cp.async skips L1)
         kernel.max_dynamic_shared_size_bytes = dyn_smem
         kernel.preferred_shared_memory_carveout = 100
@@ -179,8 +201,27 @@ def _scan_kernel(dtype, V, L, bwd, mode, min_blocks, device, reg_rows=0):
     name = f"sqrll_{'bwd' if bwd else 'fwd'}_{S}_v{V}_l{L}_{mode.lower()}_b{min_blocks}"
     name += f"_x{reg_rows}" if reg_rows else ""
     entry = f"\nSQRLL_SCAN({name}, {S}, {V}, {L}, {'true' if bwd else 'false'}, {mode}, {min_blocks}, {reg_rows})\n"
-    dyn_smem = _tile_smem(dtype, V, L, bwd)[0]
-    return _function(name, entry, device, dyn_smem), dyn_smem
+    dyn_smem = _tile_smem(dtype, V, L, bwd)[0] * (3 if mode == "STREAM" else 1)  # stream mode: three buffers
+    return _function(name, entry, device, dyn_smem, mode == "STREAM"), dyn_smem
+
+
+def stream_rows(dtype, V, bwd, smem):
+    """Rows a thread owns in a stream-mode tile: as many as three tile buffers and the maps fit in
+    `smem` bytes of shared memory, up to STREAM_MAX_ROWS."""
+    maps = _tile_smem(dtype, V, 1, bwd)[1] + NT * 4  # the threads' maps and the states entering the tile
+    return min(STREAM_MAX_ROWS, (smem - maps) // (3 * _tile_smem(dtype, V, 1, bwd)[0]))
+
+
+@functools.cache
+def _stream_tiles(bwd, dtype, V, device):
+    """`plan`'s stream argument on `device`: (multiprocessors, stream_rows), or None where the device
+    cannot launch cooperatively or fit two rows."""
+    import cupy
+
+    rows = stream_rows(dtype, V, bwd, _smem_per_block(device))
+    if rows < 2 or not cupy.cuda.runtime.deviceGetAttribute(95, device):  # 95: cudaDevAttrCooperativeLaunch
+        return None
+    return _resident(device, 1), rows
 
 
 @functools.cache
@@ -226,20 +267,27 @@ def _on(device):
 
 @functools.lru_cache(maxsize=1024)
 def _recipe(bwd, dtype, B, T, C, V, device, tile, loop_tile, min_fill, tree_log2, reg_rows, chunk_max_ct,
-            chunk_min_cols):
-    """What a launch needs besides the pointers: its plan, kernel, grid, shared memory, scratch bytes,
-    last args."""
+            chunk_min_cols, stream_max_blocks):
+    """What a launch needs besides the pointers: its plan, kernel, grid, shared memory, scratch (bytes,
+    fill byte), last args."""
     L, min_blocks = tile
     p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, reg_rows, chunk_max_ct,
-             chunk_min_cols, loop=_long_loop_tiles(bwd, dtype, V, device, loop_tile))
+             chunk_min_cols, loop=_long_loop_tiles(bwd, dtype, V, device, loop_tile),
+             stream=_stream_tiles(bwd, dtype, V, device), stream_max_blocks=stream_max_blocks)
     if p.long_tiles:
         L, min_blocks = loop_tile
+    if p.stream:
+        L, min_blocks = p.rows, 1
     reg_rows = reg_rows if p.mode == "CHUNKS" else 0
     fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, p.mode, min_blocks, device, reg_rows)
-    scratch_bytes = p.slots * p.ncol * p.CT * V * 16 if p.n_chunks > 1 else 0  # a tagged map per node and feature
+    # scratch, and the byte it is filled with: chunk mode, a tagged map per tree node and feature
+    # (zero: none written); stream mode, a map word per tile and feature (0xff: none written)
+    scratch = (p.slots * p.ncol * p.CT * V * 16, 0) if p.mode == "CHUNKS" else (0, 0)
+    if p.stream:
+        scratch = (p.n_chunks * p.ncol * p.CT * V * 8, 0xFF)
     ints = (p.CT, p.n_ct, p.ncol, p.n_chunks, tree_log2)
     tail = (np.int64(T), np.int64(C), *map(np.int32, ints))
-    return p, fn, (p.grid,), dyn_smem, scratch_bytes, tail
+    return p, fn, (p.grid,), dyn_smem, scratch, tail
 
 
 def _recipe_for(bwd, a, ptrs):
@@ -249,7 +297,7 @@ def _recipe_for(bwd, a, ptrs):
     V = vector_width(C, a.element_size(), ptrs)
     return _recipe(bwd, a.dtype, B, T, C, V, a.device.index, BWD_TILE if bwd else FWD_TILE,
                    LOOP_BWD_TILE if bwd else LOOP_FWD_TILE, LOOP_MIN_FILL,
-                   TREE_LOG2, CHUNK_REG_ROWS[bwd], CHUNK_MAX_CT, CHUNK_MIN_COLS)
+                   TREE_LOG2, CHUNK_REG_ROWS[bwd], CHUNK_MAX_CT, CHUNK_MIN_COLS, STREAM_MAX_BLOCKS)
 
 
 def launch_plan(x, bwd=False):
@@ -265,10 +313,10 @@ def _launch(bwd, a, r, y, h0, out, dr, dh0, flip):
     device = a.device.index
     tensors = (a, r, y, h0, out, dr, dh0)
     with _on(device):
-        _, fn, grid, dyn_smem, scratch_bytes, tail = _recipe_for(
+        _, fn, grid, dyn_smem, (scratch_bytes, fill), tail = _recipe_for(
             bwd, a, [t.data_ptr() for t in tensors if t is not None]
         )
-        nodes = torch.zeros(scratch_bytes, dtype=torch.uint8, device=a.device) if scratch_bytes else None
+        nodes = torch.full((scratch_bytes,), fill, dtype=torch.uint8, device=a.device) if scratch_bytes else None
         args = (*map(_ptr, tensors), _ptr(nodes), *tail, np.int32(flip))
         fn(grid, (NT,), args, shared_mem=dyn_smem, stream=_stream(device))
 

@@ -53,6 +53,13 @@ def kernel_nan_filled(x, r, h0, dy, reverse=False):
     return (y, *cuda.scan_bwd(dy, r, y, h0, reverse, out=outs))
 
 
+def use_mode(monkeypatch, mode):
+    """Long scans with few columns run in chunk mode ("CHUNKS": blocks along time meeting in the range
+    tree) or stream mode ("STREAM": resident blocks walking a column); force one of them."""
+    monkeypatch.setattr(cuda, "STREAM_MAX_BLOCKS", 0 if mode == "CHUNKS" else 10**6)
+    monkeypatch.setattr(cuda, "LOOP_MIN_FILL", 2)
+
+
 def assert_matches_reference(got, ref, dtype):
     for name, a, b in zip(("y", "dx", "dr", "dh0"), got, ref):
         assert a.dtype == dtype and a.shape == b.shape, name
@@ -78,19 +85,22 @@ def test_reverse_and_no_initial_state_match_reference(dtype, T, with_h0):
     assert_matches_reference(got, reference(x, r, h0, dy, reverse=True), dtype)
 
 
-@pytest.mark.parametrize("time_split", ["chunks", "chunks-shared-only", "loop", "loop-long"])
+@pytest.mark.parametrize("time_split", ["chunks", "chunks-shared-only", "stream", "loop", "loop-long"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_both_ways_of_splitting_time_match_reference(monkeypatch, time_split, reverse, dtype):
-    # chunk mode (blocks along time, carry-in through the range tree; with rows in registers or not)
-    # or loop mode (one block walks T), on its tiles of L or, where a column is long enough, its long ones
+def test_every_way_of_splitting_time_matches_reference(monkeypatch, time_split, reverse, dtype):
+    # chunk mode (blocks along time, carry-in through the range tree; with rows in registers or not),
+    # stream mode (resident blocks each walking every Gc-th tile) or loop mode (one block walks T), on
+    # its tiles of L or, where a column is long enough, its long ones
+    use_mode(monkeypatch, "STREAM" if time_split == "stream" else "CHUNKS")
     monkeypatch.setattr(cuda, "LOOP_MIN_FILL", 0 if time_split.startswith("loop") else 2)
     if time_split == "chunks-shared-only":
         monkeypatch.setattr(cuda, "CHUNK_REG_ROWS", (0, 0))
-    x, r, h0, dy = inputs(*((2, 6000, 72) if time_split == "loop-long" else (3, 1000, 72)), dtype, seed=1)
+    shape = {"loop-long": (2, 6000, 72), "stream": (3, 12000, 72)}.get(time_split, (3, 1000, 72))
+    x, r, h0, dy = inputs(*shape, dtype, seed=1)
     for bwd in (False, True):
         p = cuda.launch_plan(x, bwd)
-        assert p.mode == ("CHUNKS" if time_split.startswith("chunks") else "LOOP")
+        assert p.mode == {"stream": "STREAM", "loop": "LOOP", "loop-long": "LOOP"}.get(time_split, "CHUNKS")
         assert p.long_tiles == (time_split == "loop-long")
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy, reverse), reference(x, r, h0, dy, reverse), dtype)
 
@@ -110,7 +120,7 @@ def test_narrower_chunk_feature_tiles_match_reference(monkeypatch, max_ct, dtype
     # (2, 6000, 256): chunk mode with 256 / (max_ct * V) feature tiles a sequence instead of one or two
     monkeypatch.setattr(cuda, "CHUNK_MAX_CT", max_ct)
     monkeypatch.setattr(cuda, "CHUNK_MIN_COLS", 1)
-    monkeypatch.setattr(cuda, "LOOP_MIN_FILL", 2)
+    use_mode(monkeypatch, "CHUNKS")
     x, r, h0, dy = inputs(2, 6000, 256, dtype, seed=4)
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
 
@@ -121,6 +131,32 @@ def test_every_tree_radix_matches_reference(monkeypatch, tree_log2, dtype):
     # (1, 5000, 32): tens of tiles along time, so nodes of several levels carry the state
     monkeypatch.setattr(cuda, "TREE_LOG2", tree_log2)
     x, r, h0, dy = inputs(1, 5000, 32, dtype, seed=2)
+    assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
+
+
+@pytest.mark.parametrize("B, T, C", [(1, 5000, 32), (1, 60000, 4), (1, 20000, 1), (2, 30000, 1024), (1, 40000, 72)])
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_stream_mode_matches_reference(monkeypatch, B, T, C, dtype):
+    # from 2 to 132 blocks a column, so look-backs of one map to more than a warp's threads can fold
+    # at once; C = 4 and 1 give a feature's look-back more threads than a warp, C = 72 a part-empty
+    # feature tile
+    use_mode(monkeypatch, "STREAM")
+    x, r, h0, dy = inputs(B, T, C, dtype, seed=2)
+    assert cuda.launch_plan(x).mode == "STREAM"
+    assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
+    got = kernel_nan_filled(x, r, None, dy, reverse=True)
+    assert_matches_reference(got, reference(x, r, torch.zeros_like(h0), dy, reverse=True), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_long_sequence_of_1024_features_runs_in_stream_mode(dtype):
+    # the benchmark's (1, 32768, 1024): 8 columns of 16 blocks each on an H100 or H200, where stream
+    # mode beat chunk mode (docs/benchmarks.md)
+    x, r, h0, dy = inputs(1, 32768, 1024, dtype, seed=12)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if not 8 * 2 <= sms <= 8 * cuda.STREAM_MAX_BLOCKS:
+        pytest.skip(f"{sms} multiprocessors: not 2 to {cuda.STREAM_MAX_BLOCKS} for each of 8 columns")
+    assert cuda.launch_plan(x).mode == cuda.launch_plan(x, bwd=True).mode == "STREAM"
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
 
 
@@ -188,18 +224,23 @@ def test_runs_on_the_current_stream():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["CHUNKS", "STREAM"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunk_mode_launches_one_after_another_match_reference(dtype):
-    # the same shape with other values right after (the tree's nodes at the very slots the last
-    # launch wrote), then a shorter and a longer one
+def test_long_scan_launches_one_after_another_match_reference(monkeypatch, dtype, mode):
+    # the same shape with other values right after (the maps at the very slots the last launch
+    # wrote), then a shorter and a longer one
+    use_mode(monkeypatch, mode)
     for seed, (B, T, C) in enumerate([(1, 40000, 256), (1, 40000, 256), (1, 9000, 256), (2, 60000, 128)]):
         x, r, h0, dy = inputs(B, T, C, dtype, seed=20 + seed)
-        assert cuda.launch_plan(x).mode == "CHUNKS"
+        assert cuda.launch_plan(x).mode == mode
         assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
 
 
-def test_chunk_mode_on_two_streams_at_once():
-    # launches running side by side do not read each other's nodes
+@pytest.mark.parametrize("mode", ["CHUNKS", "STREAM"])
+def test_long_scans_on_two_streams_at_once(monkeypatch, mode):
+    # launches running side by side do not read each other's maps (and in stream mode, whose blocks
+    # wait on each other, neither launch starves the other of multiprocessors)
+    use_mode(monkeypatch, mode)
     data = [inputs(1, 60000, 256, torch.float32, seed=30 + i) for i in range(2)]
     streams = [torch.cuda.Stream() for _ in data]
     for s in streams:
@@ -214,8 +255,11 @@ def test_chunk_mode_on_two_streams_at_once():
             assert rel_err(y, reference(x, r, h0, dy)[0]) < TOL[torch.float32]
 
 
-def test_chunk_mode_replays_from_a_cuda_graph():
+@pytest.mark.parametrize("mode", ["CHUNKS", "STREAM"])
+def test_long_scans_replay_from_a_cuda_graph(monkeypatch, mode):
+    use_mode(monkeypatch, mode)
     x, r, h0, dy = inputs(1, 50000, 256, torch.bfloat16, seed=40)
+    assert cuda.launch_plan(x).mode == mode
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -233,11 +277,14 @@ def test_chunk_mode_replays_from_a_cuda_graph():
         assert torch.equal(y, cuda.scan_fwd(*new[:3]))  # an eager launch
 
 
+@pytest.mark.parametrize("mode", ["CHUNKS", "STREAM"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_five_runs_are_bitwise_identical(dtype):
-    # (1, 65536, 256): over a thousand blocks along time, more than fit at once, whose carry-ins
-    # meet in the range tree
+def test_five_runs_are_bitwise_identical(monkeypatch, dtype, mode):
+    # (1, 65536, 256): over a thousand tiles along time, whose carry-ins meet in the range tree
+    # (more blocks than fit at once) or in the look-backs of the blocks walking each column
+    use_mode(monkeypatch, mode)
     x, r, h0, dy = inputs(1, 65536, 256, dtype, seed=8)
+    assert cuda.launch_plan(x).mode == mode
     first = kernel_nan_filled(x, r, h0, dy)
     for _ in range(4):
         for a, b in zip(kernel_nan_filled(x, r, h0, dy), first):

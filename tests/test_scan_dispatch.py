@@ -207,3 +207,56 @@ def test_tree_nodes_fit_the_scratch_and_cover_each_prefix(lg):
                 j = j // lg
                 assert written[slot(j, s // R**j)] == (s, s + R**j)
                 s += R**j
+
+
+@pytest.mark.parametrize("B, T, C, V, mode, CT, blocks", [
+    (1, 32768, 1024, 8, "STREAM", 16, 16),  # bf16: 8 columns of 16 threads, 16 blocks each
+    (1, 32768, 1024, 4, "STREAM", 32, 16),  # fp32: 8 columns of 32
+    (1, 131072, 256, 4, "STREAM", 8, 16),
+    (1, 131072, 256, 8, "CHUNKS", 8, 0),  # bf16: 4 columns would take 33 blocks each
+    (16, 65536, 256, 8, "STREAM", 32, 8),  # 16 columns of 32 threads, 8 blocks each
+    (40, 20000, 256, 8, "STREAM", 32, 3),  # 40 columns of 3 blocks: 120 of 132 multiprocessors
+    (50, 20000, 256, 8, "CHUNKS", 32, 0),  # 50 columns of 2 would leave 32 idle
+    (80, 20000, 256, 8, "CHUNKS", 32, 0),  # 80 columns: one block each
+    (16, 2048, 1024, 8, "LOOP", 8, 0),  # plans that never were chunk mode stay as they were
+    (64, 256, 384, 8, "ONE_TILE", 8, 0),
+])
+def test_stream_mode_takes_chunk_modes_few_column_plans(B, T, C, V, mode, CT, blocks):
+    L, resident, sms, rows = 12, 132 * 2, 132, 8
+    p = cuda.plan(B, T, C, V, L, resident, reg_rows=6, stream=(sms, rows))
+    assert p.mode == mode and p.CT == CT and p.stream == blocks
+    if mode == "STREAM":  # every position in one of n_chunks tiles of rows a thread, walked by the resident grid
+        tile = cuda.NT // CT * rows
+        assert p.rows == rows and (p.n_chunks - 1) * tile < T <= p.n_chunks * tile
+        assert p.grid == p.ncol * blocks <= sms and p.ncol == B * C // V // CT
+        assert p.n_chunks >= blocks  # no block without a tile
+    else:
+        assert p == cuda.plan(B, T, C, V, L, resident, reg_rows=6)
+    # without a stream argument (no cooperative launch), or with stream mode turned off: chunk mode
+    no_stream = cuda.plan(B, T, C, V, L, resident, reg_rows=6)
+    assert cuda.plan(B, T, C, V, L, resident, reg_rows=6, stream=(sms, rows), stream_max_blocks=0) == no_stream
+    assert no_stream.mode == ("CHUNKS" if mode == "STREAM" else mode)
+
+
+def test_stream_mode_only_where_its_columns_fill_the_gpu():
+    # 8 columns of 1024 features: 16 blocks each once a column is 16 tiles (of 16 x 8 rows) long;
+    # shorter, its blocks would leave multiprocessors idle, and chunk mode's tiles run instead
+    for tiles, mode in [(4, "CHUNKS"), (14, "CHUNKS"), (15, "STREAM"), (16, "STREAM"), (100, "STREAM")]:
+        p = cuda.plan(1, tiles * 128, 1024, 8, 12, 264, stream=(132, 8))
+        assert p.mode == mode, tiles
+        if mode == "STREAM":
+            assert p.n_chunks == tiles and p.grid == 8 * min(tiles, 16)
+
+
+@pytest.mark.parametrize("dtype, bwd, rows", [
+    (torch.bfloat16, False, 8),  # 3 buffers x 2 arrays x 4 KB a row, beside 17 KB of maps, in 227 KB
+    (torch.bfloat16, True, 5),
+    (torch.float32, False, 9),
+    (torch.float32, True, 6),
+])
+def test_stream_tiles_fill_shared_memory(dtype, bwd, rows):
+    V = 16 // (torch.finfo(dtype).bits // 8)
+    smem = 227 * 1024
+    assert cuda.stream_rows(dtype, V, bwd, smem) == rows
+    static = 2 * cuda.NT * V * 4 + cuda.NT * 4
+    assert static + 3 * cuda._tile_smem(dtype, V, rows, bwd)[0] <= smem < static + 3 * cuda._tile_smem(dtype, V, rows + 1, bwd)[0]
