@@ -134,12 +134,12 @@ def test_every_tree_radix_matches_reference(monkeypatch, tree_log2, dtype):
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
 
 
-@pytest.mark.parametrize("B, T, C", [(1, 5000, 32), (1, 60000, 4), (1, 20000, 1), (2, 30000, 1024), (1, 40000, 72)])
+@pytest.mark.parametrize("B, T, C", [(1, 80000, 32), (1, 400000, 4), (1, 400000, 1), (2, 30000, 1024), (1, 40000, 72)])
 @pytest.mark.parametrize("dtype", list(TOL))
 def test_stream_mode_matches_reference(monkeypatch, B, T, C, dtype):
-    # from 2 to 132 blocks a column, so look-backs of one map to more than a warp's threads can fold
-    # at once; C = 4 and 1 give a feature's look-back more threads than a warp, C = 72 a part-empty
-    # feature tile
+    # from 8 blocks a column to one a multiprocessor, so look-backs from a few maps to more than a
+    # warp's threads fold at once; C = 4 and 1 give a feature's look-back more threads than a warp,
+    # C = 72 a part-empty feature tile. Columns long enough for their blocks to fill the GPU.
     use_mode(monkeypatch, "STREAM")
     x, r, h0, dy = inputs(B, T, C, dtype, seed=2)
     assert cuda.launch_plan(x).mode == "STREAM"
