@@ -51,7 +51,7 @@ CHUNK_MIN_COLS = 8
 # stream mode, in place of chunk mode where each column would get from 2 to this many of the GPU's
 # multiprocessors (a resident block each): every block waits on the maps of all the others in its
 # column, so the more there are, the more often one slow block holds the rest. On one H200 a
-# single sequence of 1024 features ran 67% -> 72-74% of copy forward (bf16) and 79% -> 83-86%
+# single sequence of 1024 features ran 67-68% -> 71-74% of copy forward (bf16) and 79-80% -> 83-86%
 # (fp32) with 16 blocks a column, and 256 bf16 features 66% -> 57-60% with 33 (docs/benchmarks.md)
 STREAM_MAX_BLOCKS = 16
 STREAM_MAX_ROWS = 12  # stream mode: rows a thread owns per tile, at most (shared memory permitting)
