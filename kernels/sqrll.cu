@@ -313,7 +313,8 @@ __device__ __forceinline__ long long copy_rows(const S* __restrict__ a, const S*
     return at;
 }
 
-// The map (A, B) of this thread's rows l < rows of N, whose a and r vectors are row_a(l), row_m(l).
+// The map (A, B) of this thread's rows l < rows of N (none where !v_ok), whose a and r vectors are
+// row_a(l), row_m(l).
 // FULL: all N rows are there, so no test per row stands between their loads, which issue together.
 template <typename S, int V, int N, bool FULL, class RowA, class RowM>
 __device__ __forceinline__ void rows_map(RowA row_a, RowM row_m, bool v_ok, long long rows, float (&A)[V],
