@@ -9,6 +9,8 @@ dr[t] = g[t] * y[t-1]; dh0 = r[0] * g[0].
 
 Implementations, all with the signature of `scan`:
 - `scan_ref`: a plain loop through autograd, any dtype including float64. The test oracle.
+- `scan_doubling`: the same maps composed in log2(T) doubling steps through autograd, for an oracle
+  over long sequences, where the loop's T steps each way are slow (held to `scan_ref` by the tests).
 - the loop path: one fused multiply-add per time step on (B, C) slices, with its own backward (no
   per-step autograd graph). Runs on any device: the CPU path where the C++ kernel cannot be built,
   the GPU path where CuPy is missing.
@@ -39,6 +41,25 @@ def scan_ref(x, r, h0=None, reverse=False):
         h = rs[t] * h + xs[t]
         ys[t] = h
     return torch.stack(ys, dim=1)
+
+
+def scan_doubling(x, r, h0=None, reverse=False):
+    """scan_ref's result, from log2(T) steps that each double the span of the map every position holds.
+
+    Position t holds the map h -> A[t] h + b[t] of the steps (t - d, t]; composing it with the map
+    held at t - d gives the steps (t - 2d, t]. Once d >= T, b is y (h0 folded into step 0).
+    Elementwise products and sums only, so float64 through autograd is an oracle for any T.
+    """
+    if reverse:
+        return scan_doubling(x.flip(1), r.flip(1), h0).flip(1)
+    h0 = x.new_zeros(x.shape[0], x.shape[2]) if h0 is None else h0  # (B, C); r[0] in the graph either way
+    A, b = r, torch.cat([r[:, :1] * h0[:, None] + x[:, :1], x[:, 1:]], dim=1)
+    d, T = 1, x.shape[1]
+    while d < T:
+        b = torch.cat([b[:, :d], A[:, d:] * b[:, :-d] + b[:, d:]], dim=1)
+        A = torch.cat([A[:, :d], A[:, d:] * A[:, :-d]], dim=1)
+        d *= 2
+    return b
 
 
 def _loop_fwd(x, r, h0, reverse):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sqrllm import cpu
-from sqrllm.scan import scan, scan_ref
+from sqrllm.scan import scan, scan_doubling, scan_ref
 
 scan_mod = importlib.import_module("sqrllm.scan")  # the module; `sqrllm.scan` the package exports is the op
 KERNEL, WHY = cpu.available("scan_cpu")
@@ -59,6 +59,23 @@ def test_forward_and_gradients_match_reference(dtype, T, reverse, path):
     for name, g, g_ref in zip(("dx", "dr", "dh0"), grads, ref_grads):
         assert g.dtype == dtype
         assert rel_err(g, g_ref) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 64, 100, 1000])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_doubling_oracle_equals_the_loop(T, reverse, with_h0):
+    # the long-sequence oracle of the GPU tests, values and gradients, against the readable loop
+    x, r, h0 = inputs(2, T, 3, torch.float64, seed=T)
+    h0 = h0 if with_h0 else None
+    dy = torch.randn(2, T, 3, dtype=torch.float64)
+    results = []
+    for fn in (scan_ref, scan_doubling):
+        leaves = [t.clone().requires_grad_() for t in (x, r) + ((h0,) if with_h0 else ())]
+        y = fn(*leaves, reverse=reverse)
+        results.append((y, *torch.autograd.grad(y, leaves, dy)))
+    for got, want in zip(results[1], results[0]):
+        assert rel_err(got, want) < 1e-13
 
 
 def test_gradcheck_float64(path):
