@@ -283,6 +283,13 @@ __device__ __forceinline__ void each_map(const float* sA, const float* sB, int f
     }
 }
 
+// The element offset of scan position p0 of sequence bi, feature cv (`flip`: positions run back
+// from row T - 1).
+__device__ __forceinline__ long long position_at(long long bi, long long T, long long C, long long cv, int flip,
+                                                 long long p0) {
+    return bi * T * C + (flip ? T - 1 - p0 : p0) * C + cv;
+}
+
 // Copy this thread's rows p0, p0 + 1, ... (LR of them, fewer where T ends) of a and r (backward: dy,
 // r one position back and y one position on, as scan positions run) into shared memory at sa, each
 // array ARR = LR * NT vectors after the one before and each row NT vectors after the one before.
@@ -294,7 +301,7 @@ __device__ __forceinline__ long long copy_rows(const S* __restrict__ a, const S*
                                                long long p0, unsigned sa) {
     constexpr unsigned ROW = NT * sizeof(Raw), ARR = LR * ROW;
     const long long rows = min((long long)LR, T - p0), step = flip ? -C : C;
-    long long at = bi * T * C + (flip ? T - 1 - p0 : p0) * C + cv;  // row l's offset, stepped as l goes
+    long long at = position_at(bi, T, C, cv, flip, p0);  // row l's offset, stepped as l goes
 #pragma unroll
     for (int l = 0; l < LR; ++l, at += step, sa += ROW) {
         if (v_ok && l < rows) {
@@ -540,7 +547,7 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
             for (int v = 0; v < V; ++v) g[v] = fmaf(Pp[v], hin[v * CT + cx], Qp[v]);
             replay_rows<S, V, LR, BWD, false>(g, [&](int l) { return ra[l * NT]; }, [&](int l) { return rm[l * NT]; },
                                               [&](int l) { return ry[l * NT]; }, v_ok, rows, out, dr, dh0, r,
-                                              bi * T * C + (flip ? T - 1 - p0 : p0) * C + cv, step, p0, T, bi * C + cv);
+                                              position_at(bi, T, C, cv, flip, p0), step, p0, T, bi * C + cv);
         }
         issue(m + 2);  // into tile m - 1's buffer, whose rows this thread has just replayed
         tAp = tAc, tBp = tBc;
@@ -578,7 +585,6 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
     const long long c0 = (long long)(col - bi * n_ct) * CW;  // first feature of the tile
     const long long cv = c0 + (long long)cx * V;  // this thread's first feature; V divides C
     const bool v_ok = cv < C;
-    const long long seq = bi * T * C;
     // Per-feature steps run on thread f < CW for feature c0 + (f % CT) * V + f / CT, so that
     // consecutive threads touch consecutive shared-memory words.
     const bool f_ok = tid < CW && c0 + (long long)(tid % CT) * V < C;
@@ -641,7 +647,7 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
         }
         const long long p0 = first_position(tile);
         const long long rows = min((long long)LT, T - p0);  // positions p0 + l exist for l < rows
-        const long long at0 = seq + (flip ? T - 1 - p0 : p0) * C + cv;
+        const long long at0 = position_at(bi, T, C, cv, flip, p0);
         const Raw* ra = buffer(b);
         const Raw* rm = ra + LR * NT;
         const Raw* ry = rm + LR * NT;

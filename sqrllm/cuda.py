@@ -56,6 +56,7 @@ CHUNK_MIN_COLS = 8
 STREAM_MAX_BLOCKS = 16
 STREAM_MAX_ROWS = 12  # stream mode: rows a thread owns per tile, at most (shared memory permitting)
 STREAM_MIN_FILL = 0.9  # stream mode: the least share of the multiprocessors its grid may use
+STREAM_BUFFERS = 3  # stream mode's tile buffers, as scan_stream in the .cu has them
 
 
 def ensure_available():
@@ -201,15 +202,15 @@ def _scan_kernel(dtype, V, L, bwd, mode, min_blocks, device, reg_rows=0):
     name = f"sqrll_{'bwd' if bwd else 'fwd'}_{S}_v{V}_l{L}_{mode.lower()}_b{min_blocks}"
     name += f"_x{reg_rows}" if reg_rows else ""
     entry = f"\nSQRLL_SCAN({name}, {S}, {V}, {L}, {'true' if bwd else 'false'}, {mode}, {min_blocks}, {reg_rows})\n"
-    dyn_smem = _tile_smem(dtype, V, L, bwd)[0] * (3 if mode == "STREAM" else 1)  # stream mode: three buffers
+    dyn_smem = _tile_smem(dtype, V, L, bwd)[0] * (STREAM_BUFFERS if mode == "STREAM" else 1)
     return _function(name, entry, device, dyn_smem, mode == "STREAM"), dyn_smem
 
 
 def stream_rows(dtype, V, bwd, smem):
-    """Rows a thread owns in a stream-mode tile: as many as three tile buffers and the maps fit in
-    `smem` bytes of shared memory, up to STREAM_MAX_ROWS."""
+    """Rows a thread owns in a stream-mode tile: as many as STREAM_BUFFERS tile buffers and the maps
+    fit in `smem` bytes of shared memory, up to STREAM_MAX_ROWS."""
     maps = _tile_smem(dtype, V, 1, bwd)[1] + NT * 4  # the threads' maps and the states entering the tile
-    return min(STREAM_MAX_ROWS, (smem - maps) // (3 * _tile_smem(dtype, V, 1, bwd)[0]))
+    return min(STREAM_MAX_ROWS, (smem - maps) // (STREAM_BUFFERS * _tile_smem(dtype, V, 1, bwd)[0]))
 
 
 @functools.cache
@@ -282,9 +283,12 @@ def _recipe(bwd, dtype, B, T, C, V, device, tile, loop_tile, min_fill, tree_log2
     fn, dyn_smem = _scan_kernel(dtype, V, L, bwd, p.mode, min_blocks, device, reg_rows)
     # scratch, and the byte it is filled with: chunk mode, a tagged map per tree node and feature
     # (zero: none written); stream mode, a map word per tile and feature (0xff: none written)
-    scratch = (p.slots * p.ncol * p.CT * V * 16, 0) if p.mode == "CHUNKS" else (0, 0)
-    if p.stream:
+    if p.mode == "CHUNKS":
+        scratch = (p.slots * p.ncol * p.CT * V * 16, 0)
+    elif p.mode == "STREAM":
         scratch = (p.n_chunks * p.ncol * p.CT * V * 8, 0xFF)
+    else:
+        scratch = (0, 0)
     ints = (p.CT, p.n_ct, p.ncol, p.n_chunks, tree_log2)
     tail = (np.int64(T), np.int64(C), *map(np.int32, ints))
     return p, fn, (p.grid,), dyn_smem, scratch, tail
