@@ -214,8 +214,21 @@ __device__ __forceinline__ void trace_at(int point, long long tile) {
         }
     }
 }
+// Stream mode instead records, on thread 0 of each block and for each of its first TRACE_ROUNDS
+// iterations m: 0 the iteration's start; 1 tile m's copies landed; 2 tile m's map published; 3 tile
+// m - 1's carry-in known to every thread; 4 tile m - 1's outputs issued.
+#define TRACE_ROUNDS 64
+__device__ unsigned long long sqrll_stream_trace[NT * 4][TRACE_ROUNDS][5];
+__device__ __forceinline__ void stream_trace_at(int point, long long m) {
+    if (threadIdx.x == 0 && blockIdx.x < NT * 4 && m < TRACE_ROUNDS) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        sqrll_stream_trace[blockIdx.x][m][point] = t;
+    }
+}
 #else
 __device__ __forceinline__ void trace_at(int, long long) {}
+__device__ __forceinline__ void stream_trace_at(int, long long) {}
 #endif
 
 // Chunk mode, for one feature: publish tile k's nodes and return the state entering the tile.
@@ -496,9 +509,11 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
     issue(0);
     issue(1);
     for (long long m = 0; m <= n; ++m) {
+        stream_trace_at(0, m);
         if (m >= 1 && p < GL) start(k0 + (m - 1) * Gc);
         if (m < n) {  // fold tile m and publish its map
             copy_async_wait<1>();  // tile m; tile m + 1 stays in flight
+            stream_trace_at(1, m);
             const long long rows = min((long long)LR, T - first_position(m));
             const Raw* ra = buffer(m);
             const Raw* rm = ra + LR * NT;
@@ -522,6 +537,7 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
                 tAc = tA, tBc = tB;
                 put_word(words + (k0 + m * Gc) * wstride, tA, tB);
             }
+            stream_trace_at(2, m);
             __syncthreads();
 #pragma unroll
             for (int v = 0; v < V; ++v) {
@@ -538,6 +554,7 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
                 carry = fmaf(tAp, h, tBp);
             }
             __syncthreads();
+            stream_trace_at(3, m);
             const long long p0 = first_position(m - 1), rows = min((long long)LR, T - p0);
             const Raw* ra = buffer(m - 1);
             const Raw* rm = ra + LR * NT;
@@ -548,6 +565,7 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
             replay_rows<S, V, LR, BWD, false>(g, [&](int l) { return ra[l * NT]; }, [&](int l) { return rm[l * NT]; },
                                               [&](int l) { return ry[l * NT]; }, v_ok, rows, out, dr, dh0, r,
                                               position_at(bi, T, C, cv, flip, p0), step, p0, T, bi * C + cv);
+            stream_trace_at(4, m);
         }
         issue(m + 2);  // into tile m - 1's buffer, whose rows this thread has just replayed
         tAp = tAc, tBp = tBc;

@@ -12,6 +12,10 @@ quantiles, and, bin by bin, how many blocks are in each phase and how much of th
 In chunk mode it also splits a tile's wait for its carry-in: for the tiles before it to be loaded
 and folded (the last of them, in time), then the tree: publishing the nodes that end at the tile
 (reading their children), the first POLL nodes of the carry-in, the rest of them.
+
+In stream mode, where a block walks many tiles, thread 0 of each block stamps each iteration instead
+(its start, tile m's copies landed, tile m's map published, tile m - 1's carry-in known, tile m - 1's
+outputs issued), and the table is iteration by iteration.
 """
 
 import argparse
@@ -29,6 +33,7 @@ from bench_kernel import (  # noqa: E402
     DTYPES, add_plan_args, apply_plan_args, copy_bandwidth, gpu_ms, patch_scan_source)
 
 MAX_BLOCKS = 1 << 16  # blocks traced: the .cu's TRACE
+STREAM_BLOCKS, STREAM_ROUNDS = 256 * 4, 64  # stream mode: the .cu's NT * 4 blocks, TRACE_ROUNDS iterations
 
 
 def main():
@@ -63,9 +68,7 @@ def main():
     r = torch.rand(B, T, C, device="cuda").mul_(0.3).add_(0.7).to(dtype)
     dy = torch.randn(B, T, C, device="cuda").to(dtype)
     nbytes = B * T * C * x.element_size()
-    if cuda.launch_plan(x, args.bwd).mode == "STREAM":
-        sys.exit("trace_scan.py: this shape runs in stream mode, which has no trace points; "
-                 "add --stream-max-blocks 0 to trace its chunk-mode plan instead")
+    stream = cuda.launch_plan(x, args.bwd).mode == "STREAM"
 
     def make(x, r, dy):  # the traced kernel's call on these inputs
         if not args.bwd:
@@ -77,7 +80,11 @@ def main():
     call = make(x, r, dy)
     call()
     torch.cuda.synchronize()
-    trace = cupy.ndarray((MAX_BLOCKS, 8), cupy.uint64, memptr=modules[-1].get_global("sqrll_trace"))
+    if stream:
+        trace = cupy.ndarray((STREAM_BLOCKS, STREAM_ROUNDS, 5), cupy.uint64,
+                             memptr=modules[-1].get_global("sqrll_stream_trace"))
+    else:
+        trace = cupy.ndarray((MAX_BLOCKS, 8), cupy.uint64, memptr=modules[-1].get_global("sqrll_trace"))
     graph_us = 1e3 * gpu_ms(make, (x, r, dy), moved)
     copy = copy_bandwidth()
 
@@ -88,8 +95,9 @@ def main():
         call()
         torch.cuda.synchronize()
         host = cupy.asnumpy(trace)
-        host = host[host[:, 0] != 0]
-        runs.append(host)
+        runs.append(host[host[:, 0, 0] != 0] if stream else host[host[:, 0] != 0])
+    if stream:
+        return stream_rounds(runs, args, graph_us, moved, copy)
     spans = [(h[:, 3].max() - h[:, 0].min()) / 1e3 for h in runs]
     h = runs[int(np.argsort(spans)[len(spans) // 2])]
     if args.save:
@@ -143,6 +151,38 @@ def tree_phases(s, h, ncol):
         m = (count >= lo) & (count <= hi)
         if m.any():
             print(f"| {lo}-{hi} | {m.sum()} | " + " | ".join(f"{v[m].mean():.2f}" for v in parts.values()) + " |")
+
+
+def stream_rounds(runs, args, graph_us, moved, copy):
+    """Stream mode: each block's iterations, as quantiles over the blocks, iteration by iteration."""
+    def span(h):
+        return (h[..., 4].max() - h[:, 0, 0].min()) / 1e3
+    spans = [span(h) for h in runs]
+    h = runs[int(np.argsort(spans)[len(spans) // 2])]
+    if args.save:
+        np.savez(args.save, *runs)
+    t = np.where(h > 0, (h.astype(np.int64) - int(h[:, 0, 0].min())) / 1e3, np.nan)  # us from the first start
+    rounds = int((~np.isnan(t[:, :, 0])).sum(axis=1).max())
+    if rounds == STREAM_ROUNDS:
+        print(f"(only the first {STREAM_ROUNDS} iterations of each block are traced)")
+    ideal = moved / copy / 1e3
+    print(f"{args.shape} {args.dtype} {'backward' if args.bwd else 'forward'}, stream mode: {len(h)} blocks, "
+          f"{rounds} iterations each; span {span(h):.1f} us (spans of {args.calls} launches: "
+          f"{', '.join(f'{v:.1f}' for v in spans)}); graph replay {graph_us:.1f} us per call; "
+          f"{moved / 1e6:.0f} MB = {ideal:.1f} us at the copy's {copy:.0f} GB/s, "
+          f"{ideal / (rounds - 1):.2f} us a round")
+    print("\nIteration m folds tile m and replays tile m - 1; us, median over the blocks [90th percentile]:")
+    print("\n| m | starts at | copy wait | fold, publish | look-back wait | replay | ends at |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|")
+
+    def q(v):
+        v = v[~np.isnan(v)]
+        return f"{np.median(v):.2f} [{np.percentile(v, 90):.2f}]" if len(v) else "-"
+    for m in range(rounds):
+        s = t[:, m]
+        end = np.fmax(s[:, 2], s[:, 4])  # the iteration's last stamp (no replay in the first, no fold in the last)
+        steps = [s[:, 1] - s[:, 0], s[:, 2] - s[:, 1], s[:, 3] - np.fmax(s[:, 2], s[:, 0]), s[:, 4] - s[:, 3]]
+        print(f"| {m} | {q(s[:, 0])} | " + " | ".join(q(v) for v in steps) + f" | {q(end)} |")
 
 
 if __name__ == "__main__":
