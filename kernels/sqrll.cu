@@ -215,8 +215,8 @@ __device__ __forceinline__ void trace_at(int point, long long tile) {
     }
 }
 // Stream mode instead records, on thread 0 of each block and for each of its first TRACE_ROUNDS
-// iterations m: 0 the iteration's start; 1 tile m's copies landed; 2 tile m's map published; 3 tile
-// m - 1's carry-in known to every thread; 4 tile m - 1's outputs issued.
+// iterations m: 0 the iteration's start; 1 its own copies of tile m landed; 2 tile m's map published
+// (its feature's); 3 tile m - 1's carry-in known to every thread; 4 its outputs of tile m - 1 issued.
 #define TRACE_ROUNDS 64
 __device__ unsigned long long sqrll_stream_trace[NT * 4][TRACE_ROUNDS][5];
 __device__ __forceinline__ void stream_trace_at(int point, long long m) {
