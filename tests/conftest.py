@@ -1,7 +1,19 @@
 """Fixtures shared by the test modules."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+
+
+def load_script(name):
+    """scripts/<name>.py as a module, for tests of the functions in it."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")

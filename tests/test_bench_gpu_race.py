@@ -1,19 +1,12 @@
 """scripts/bench_gpu_race.py's summary of runs repeated over seeds (--seeds), on made-up run summaries."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu_race.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu_race", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_gpu_race")
 
 
 def run(label, val, stream, to_146):

@@ -1,22 +1,17 @@
 """scripts/trace_scan.py's stream-mode table, on made-up stamps (the kernel's own need a GPU)."""
 
-import importlib.util
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "trace_scan.py"
 NS = 1000  # stamps are nanoseconds, the table's cells microseconds
 
 
 @pytest.fixture(scope="module")
 def trace():
-    spec = importlib.util.spec_from_file_location("trace_scan", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("trace_scan")
 
 
 def stamps(blocks, iterations, slow_block=None, slow_round=None):
