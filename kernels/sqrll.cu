@@ -428,8 +428,8 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
     // per thread and feature, [ty][v][cx]: the thread's map, then the map from the tile's start to
     // the thread's first row; hin: per feature slot, the state entering the tile being replayed
     __shared__ float sA[NT * V], sB[NT * V], hin[NT];
-    Raw* const tile_in = (Raw*)dyn_smem;  // 3 buffers of (BWD ? 3 : 2) * LR * NT vectors
-    constexpr int ARRAYS = BWD ? 3 : 2;
+    constexpr int BUFFERS = 3, ARRAYS = BWD ? 3 : 2;  // sqrllm/cuda.py's STREAM_BUFFERS
+    Raw* const tile_in = (Raw*)dyn_smem;  // BUFFERS buffers of ARRAYS * LR * NT vectors
     constexpr unsigned ARR = LR * NT * sizeof(Raw);
 
     const int tid = threadIdx.x;
@@ -455,11 +455,11 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
     float tAc = 1.f, tBc = 0.f, tAp = 1.f, tBp = 0.f, Pc[V], Qc[V], Pp[V], Qp[V];
 
     auto first_position = [&](long long m) { return (k0 + m * Gc) * Tc + (long long)ty * LR; };
-    auto buffer = [&](long long m) { return tile_in + (int)(m % 3) * ARRAYS * LR * NT + tid; };
+    auto buffer = [&](long long m) { return tile_in + (int)(m % BUFFERS) * ARRAYS * LR * NT + tid; };
     const unsigned slot0 = smem_u32(tile_in + tid);
     auto issue = [&](long long m) {  // tile m into its buffer (an empty group past the block's tiles)
         if (m < n) copy_rows<S, Raw, LR, BWD>(a, r, y, h0, T, C, bi, cv, v_ok, flip, first_position(m),
-                                              slot0 + (unsigned)(m % 3) * ARRAYS * ARR);
+                                              slot0 + (unsigned)(m % BUFFERS) * ARRAYS * ARR);
         copy_async_commit();
     };
 

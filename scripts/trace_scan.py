@@ -33,7 +33,7 @@ from bench_kernel import (  # noqa: E402
     DTYPES, add_plan_args, apply_plan_args, copy_bandwidth, gpu_ms, patch_scan_source)
 
 MAX_BLOCKS = 1 << 16  # blocks traced: the .cu's TRACE
-STREAM_BLOCKS, STREAM_ROUNDS = 256 * 4, 64  # stream mode: the .cu's NT * 4 blocks, TRACE_ROUNDS iterations
+STREAM_BLOCKS, STREAM_ROUNDS = cuda.NT * 4, 64  # stream mode: blocks and iterations traced, as the .cu's
 
 
 def main():
@@ -98,10 +98,7 @@ def main():
         runs.append(host[host[:, 0, 0] != 0] if stream else host[host[:, 0] != 0])
     if stream:
         return stream_rounds(runs, args, graph_us, moved, copy)
-    spans = [(h[:, 3].max() - h[:, 0].min()) / 1e3 for h in runs]
-    h = runs[int(np.argsort(spans)[len(spans) // 2])]
-    if args.save:
-        np.savez(args.save, *runs)
+    h, spans = median_launch(runs, lambda h: (h[:, 3].max() - h[:, 0].min()) / 1e3, args.save)
 
     t0 = h[:, 0].min()
     s = (h[:, :4].astype(np.int64) - int(t0)) / 1e3  # us from the launch's first block
@@ -131,6 +128,15 @@ def main():
         print(f"| {e:.0f} | {started} | {loading} | {waiting} | {replaying} | {done:.1f} |")
 
 
+def median_launch(runs, span, save):
+    """The traced launch of median span(stamps) (us), and every launch's span; all their stamps to the
+    .npz `save`, if given."""
+    spans = [span(h) for h in runs]
+    if save:
+        np.savez(save, *runs)
+    return runs[int(np.argsort(spans)[len(spans) // 2])], spans
+
+
 def tree_phases(s, h, ncol):
     """Chunk mode: a tile's wait for its carry-in, split (blocks are numbered time-major, ncol a row)."""
     n = len(s) // ncol * ncol
@@ -157,10 +163,7 @@ def stream_rounds(runs, args, graph_us, moved, copy):
     """Stream mode: each block's iterations, as quantiles over the blocks, iteration by iteration."""
     def span(h):
         return (h[..., 4].max() - h[:, 0, 0].min()) / 1e3
-    spans = [span(h) for h in runs]
-    h = runs[int(np.argsort(spans)[len(spans) // 2])]
-    if args.save:
-        np.savez(args.save, *runs)
+    h, spans = median_launch(runs, span, args.save)
     t = np.where(h > 0, (h.astype(np.int64) - int(h[:, 0, 0].min())) / 1e3, np.nan)  # us from the first start
     rounds = int((~np.isnan(t[:, :, 0])).sum(axis=1).max())
     if rounds == STREAM_ROUNDS:
