@@ -162,6 +162,9 @@ def add_plan_args(ap):
     ap.add_argument("--chunk-min-cols", type=int, help="sqrllm.cuda.CHUNK_MIN_COLS (default: sqrllm.cuda's)")
     ap.add_argument("--stream-max-blocks", type=int,
                     help="sqrllm.cuda.STREAM_MAX_BLOCKS; 0: no stream mode (default: sqrllm.cuda's)")
+    ap.add_argument("--stream-max-rows", type=int,
+                    help="sqrllm.cuda.STREAM_MAX_ROWS, rows a thread owns in a stream-mode tile at most "
+                    "(default: sqrllm.cuda's)")
 
 
 def tile_pair(text):
@@ -188,6 +191,8 @@ def apply_plan_args(args):
         cuda.CHUNK_MIN_COLS = args.chunk_min_cols
     if args.stream_max_blocks is not None:
         cuda.STREAM_MAX_BLOCKS = args.stream_max_blocks
+    if args.stream_max_rows:
+        cuda.STREAM_MAX_ROWS = args.stream_max_rows
 
 
 def patch_scan_source(defines, kernel=None):
@@ -237,7 +242,8 @@ def main():
         f"loop mode from a fill of {cuda.LOOP_MIN_FILL}; "
         f"tree radix {2 ** cuda.TREE_LOG2}; chunk-mode register rows {cuda.CHUNK_REG_ROWS}, "
         f"at most {cuda.CHUNK_MAX_CT} threads across features, fewer to make {cuda.CHUNK_MIN_COLS} columns; "
-        f"stream mode up to {cuda.STREAM_MAX_BLOCKS} blocks a column; "
+        f"stream mode up to {cuda.STREAM_MAX_BLOCKS} blocks a column, "
+        f"tiles of up to {cuda.STREAM_MAX_ROWS} rows a thread; "
         f"macros: {' '.join(args.define) or 'the .cu defaults'}; "
         f"scan source: {args.kernel or 'kernels/sqrll.cu'}. "
         f"Host floor here: {floor:.0f} us for the autograd forward+backward of a tiny x * x.",
