@@ -10,6 +10,7 @@ arguments (contiguous (B, T, C), one dtype among float32, float16, bfloat16, one
 
 import contextlib
 import functools
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -225,6 +226,11 @@ def _stream_tiles(bwd, dtype, V, device):
     return _resident(device, 1), rows
 
 
+# devices that refused a stream-mode grid (fewer multiprocessors usable than the device reports, as
+# under MPS with an active-thread limit): their long scans take chunk mode instead
+_cooperative_refused = set()
+
+
 @functools.cache
 def _resident(device, min_blocks):
     return torch.cuda.get_device_properties(device).multi_processor_count * min_blocks
@@ -274,7 +280,8 @@ def _recipe(bwd, dtype, B, T, C, V, device, tile, loop_tile, min_fill, tree_log2
     L, min_blocks = tile
     p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, reg_rows, chunk_max_ct,
              chunk_min_cols, loop=_long_loop_tiles(bwd, dtype, V, device, loop_tile),
-             stream=_stream_tiles(bwd, dtype, V, device), stream_max_blocks=stream_max_blocks)
+             stream=None if device in _cooperative_refused else _stream_tiles(bwd, dtype, V, device),
+             stream_max_blocks=stream_max_blocks)
     if p.long_tiles:
         L, min_blocks = loop_tile
     if p.stream:
@@ -316,13 +323,21 @@ def _launch(bwd, a, r, y, h0, out, dr, dh0, flip):
         return
     device = a.device.index
     tensors = (a, r, y, h0, out, dr, dh0)
+    ptrs = [t.data_ptr() for t in tensors if t is not None]
     with _on(device):
-        _, fn, grid, dyn_smem, (scratch_bytes, fill), tail = _recipe_for(
-            bwd, a, [t.data_ptr() for t in tensors if t is not None]
-        )
+        p, fn, grid, dyn_smem, (scratch_bytes, fill), tail = _recipe_for(bwd, a, ptrs)
         nodes = torch.full((scratch_bytes,), fill, dtype=torch.uint8, device=a.device) if scratch_bytes else None
-        args = (*map(_ptr, tensors), _ptr(nodes), *tail, np.int32(flip))
-        fn(grid, (NT,), args, shared_mem=dyn_smem, stream=_stream(device))
+        try:
+            fn(grid, (NT,), (*map(_ptr, tensors), _ptr(nodes), *tail, np.int32(flip)), shared_mem=dyn_smem,
+               stream=_stream(device))
+        except Exception as e:  # CuPy's CUDADriverError; a refused launch ran nothing, so chunk mode can redo it
+            if p.mode != "STREAM" or "COOPERATIVE_LAUNCH_TOO_LARGE" not in str(e):
+                raise
+            warnings.warn(f"sqrllm: CUDA device {device} cannot run stream mode's {grid[0]} blocks at once "
+                          f"({e}); its long scans take chunk mode from now on", RuntimeWarning, stacklevel=3)
+            _cooperative_refused.add(device)
+            _recipe.cache_clear()
+            _launch(bwd, a, r, y, h0, out, dr, dh0, flip)
 
 
 def scan_fwd(x, r, h0=None, reverse=False, out=None):

@@ -277,6 +277,27 @@ def test_long_scans_replay_from_a_cuda_graph(monkeypatch, mode):
         assert torch.equal(y, cuda.scan_fwd(*new[:3]))  # an eager launch
 
 
+def test_a_stream_grid_the_gpu_cannot_hold_falls_back_to_chunk_mode(monkeypatch):
+    # planned for twice the multiprocessors there are, as when MPS limits a process to part of the GPU
+    # (the device still reports them all): the driver refuses the cooperative launch, and the scan
+    # warns once and runs in chunk mode
+    use_mode(monkeypatch, "STREAM")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = cuda._stream_tiles
+    monkeypatch.setattr(cuda, "_stream_tiles", lambda *a: (2 * sms, tiles(*a)[1]))
+    monkeypatch.setattr(cuda, "_cooperative_refused", set())
+    cuda._recipe.cache_clear()
+    try:
+        x, r, h0, dy = inputs(1, 40000, 256, torch.float32, seed=45)
+        assert cuda.launch_plan(x).mode == "STREAM" and cuda.launch_plan(x).grid > sms
+        with pytest.warns(RuntimeWarning, match="cannot run stream mode's"):
+            got = kernel_nan_filled(x, r, h0, dy)
+        assert cuda.launch_plan(x).mode == "CHUNKS"
+        assert_matches_reference(got, reference(x, r, h0, dy), torch.float32)
+    finally:
+        cuda._recipe.cache_clear()  # its plans assumed the doubled GPU
+
+
 @pytest.mark.parametrize("mode", ["CHUNKS", "STREAM"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_five_runs_are_bitwise_identical(monkeypatch, dtype, mode):

@@ -1,5 +1,6 @@
 """The scan op's host side, on the CPU: dispatch, argument checks, the CuPy fallback, launch planning."""
 
+import contextlib
 import importlib
 import importlib.util
 import warnings
@@ -260,3 +261,54 @@ def test_stream_tiles_fill_shared_memory(dtype, bwd, rows):
     assert cuda.stream_rows(dtype, V, bwd, smem) == rows
     static = 2 * cuda.NT * V * 4 + cuda.NT * 4
     assert static + 3 * cuda._tile_smem(dtype, V, rows, bwd)[0] <= smem < static + 3 * cuda._tile_smem(dtype, V, rows + 1, bwd)[0]
+
+
+@pytest.fixture
+def fake_launches(monkeypatch):
+    """Launch planning as on a 132-multiprocessor GPU whose kernels record their mode instead of
+    running; a stream-mode launch raises whatever `refusal[0]` holds, as a refused cooperative launch."""
+    launched, refusal = [], [None]
+
+    def kernel(dtype, V, L, bwd, mode, min_blocks, device, reg_rows=0):
+        def fn(grid, block, args, shared_mem, stream):
+            if mode == "STREAM" and refusal[0] is not None:
+                raise refusal[0]
+            launched.append(mode)
+        return fn, 0
+
+    monkeypatch.setattr(cuda, "_on", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "_stream", lambda device: None)
+    monkeypatch.setattr(cuda, "_resident", lambda device, blocks: 132 * blocks)
+    monkeypatch.setattr(cuda, "_long_loop_tiles", lambda *a: None)
+    monkeypatch.setattr(cuda, "_stream_tiles", lambda *a: (132, 8))
+    monkeypatch.setattr(cuda, "_scan_kernel", kernel)
+    monkeypatch.setattr(cuda, "_cooperative_refused", set())
+    cuda._recipe.cache_clear()
+    yield launched, refusal
+    cuda._recipe.cache_clear()  # its entries hold the fake kernels
+
+
+def test_refused_stream_launch_warns_once_and_runs_chunk_mode(fake_launches):
+    # under MPS with an active-thread limit, a grid of one block a multiprocessor may not fit
+    launched, refusal = fake_launches
+    x = torch.zeros(1, 32768, 1024, dtype=torch.bfloat16)
+    refusal[0] = RuntimeError("CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE: too many blocks in cooperative launch")
+    with pytest.warns(RuntimeWarning, match="cannot run stream mode's 128 blocks at once"):
+        cuda.scan_fwd(x, x)
+    assert launched == ["CHUNKS"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cuda.scan_bwd(x, x, x)  # decided for the device: straight to chunk mode, no second warning
+    assert launched == ["CHUNKS", "CHUNKS"]
+    assert cuda.launch_plan(x).mode == "CHUNKS"
+
+
+def test_other_stream_launch_errors_are_raised(fake_launches):
+    launched, refusal = fake_launches
+    x = torch.zeros(1, 32768, 1024, dtype=torch.bfloat16)
+    refusal[0] = RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="ILLEGAL_ADDRESS"):
+        cuda.scan_fwd(x, x)
+    refusal[0] = None
+    cuda.scan_fwd(x, x)
+    assert launched == ["STREAM"]
