@@ -15,7 +15,8 @@ and folded (the last of them, in time), then the tree: publishing the nodes that
 
 In stream mode, where a block walks many tiles, thread 0 of each block stamps each iteration instead
 (its start, tile m's copies landed, tile m's map published, tile m - 1's carry-in known, tile m - 1's
-outputs issued), and the table is iteration by iteration.
+outputs issued), and the table is iteration by iteration, then each phase summed over a block's
+iterations, and how long before the launch's last stamp each block's last one came.
 """
 
 import argparse
@@ -181,11 +182,18 @@ def stream_rounds(runs, args, graph_us, moved, copy):
     def q(v):
         v = v[~np.isnan(v)]
         return f"{np.median(v):.2f} [{np.percentile(v, 90):.2f}]" if len(v) else "-"
+    t = t[:, :rounds]
+    end = np.fmax(t[..., 2], t[..., 4])  # an iteration's last stamp (no replay in the first, no fold in the last)
+    # (blocks, rounds) each: copy wait, fold and publish, look-back wait, replay
+    steps = [t[..., 1] - t[..., 0], t[..., 2] - t[..., 1], t[..., 3] - np.fmax(t[..., 2], t[..., 0]),
+             t[..., 4] - t[..., 3]]
     for m in range(rounds):
-        s = t[:, m]
-        end = np.fmax(s[:, 2], s[:, 4])  # the iteration's last stamp (no replay in the first, no fold in the last)
-        steps = [s[:, 1] - s[:, 0], s[:, 2] - s[:, 1], s[:, 3] - np.fmax(s[:, 2], s[:, 0]), s[:, 4] - s[:, 3]]
-        print(f"| {m} | {q(s[:, 0])} | " + " | ".join(q(v) for v in steps) + f" | {q(end)} |")
+        print(f"| {m} | {q(t[:, m, 0])} | " + " | ".join(q(v[:, m]) for v in steps) + f" | {q(end[:, m])} |")
+    last = np.nanmax(end, axis=1)
+    names = ("copy wait", "fold and publish", "look-back wait", "replay")
+    print("\nPer block, its iterations summed, us, median [90th percentile]: "
+          + ", ".join(f"{name} {q(np.nansum(v, axis=1))}" for name, v in zip(names, steps))
+          + f"; its last stamp {q(last.max() - last)} before the launch's last")
 
 
 if __name__ == "__main__":

@@ -61,3 +61,13 @@ def test_a_slow_look_back_shows_in_its_round_and_delays_the_span(trace, capsys):
     # round 3 starts 10 us + 0.1 us a block in, but 14.3 for the slow block: the median moves by half a
     # step (10.5 and 10.6), the 90th percentile a tenth of the way from 10.9 to 14.3
     assert rows[3][0] == "10.55 [11.24]"
+
+
+def test_each_blocks_phases_are_summed_and_its_end_set_against_the_last(trace, capsys):
+    out, _ = table(trace, capsys, [stamps(10, 5, slow_block=3, slow_round=2)])
+    # four iterations of each phase at 1 us; block 3's look-back 4 us more (the 90th percentile of
+    # nine 4s and an 8 is 4.4); blocks end 0.1 us apart, block 3 now last
+    summed = "copy wait 4.00 [4.00], fold and publish 4.00 [4.00], look-back wait 4.00 [4.40], replay 4.00 [4.00]"
+    assert summed in out
+    # the others end 16 us after their starts (0.1 us apart), block 3 at 20.3: 4.3 to 3.4 us before it
+    assert "its last stamp 3.75 [4.21] before the launch's last" in out
