@@ -227,7 +227,7 @@ def _stream_tiles(bwd, dtype, V, device):
 
 
 # devices that refused a stream-mode grid (fewer multiprocessors usable than the device reports, as
-# under MPS with an active-thread limit): their long scans take chunk mode instead
+# may be for a process limited to part of the GPU): their long scans take chunk mode instead
 _cooperative_refused = set()
 
 

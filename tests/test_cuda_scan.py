@@ -278,8 +278,8 @@ def test_long_scans_replay_from_a_cuda_graph(monkeypatch, mode):
 
 
 def test_a_stream_grid_the_gpu_cannot_hold_falls_back_to_chunk_mode(monkeypatch):
-    # planned for twice the multiprocessors there are, as when MPS limits a process to part of the GPU
-    # (the device still reports them all): the driver refuses the cooperative launch, and the scan
+    # planned for twice the multiprocessors there are, as for a process limited to part of the GPU
+    # while the device reports them all: the driver refuses the cooperative launch, and the scan
     # warns once and runs in chunk mode
     use_mode(monkeypatch, "STREAM")
     sms = torch.cuda.get_device_properties(0).multi_processor_count

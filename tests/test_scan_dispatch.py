@@ -289,7 +289,7 @@ def fake_launches(monkeypatch):
 
 
 def test_refused_stream_launch_warns_once_and_runs_chunk_mode(fake_launches):
-    # under MPS with an active-thread limit, a grid of one block a multiprocessor may not fit
+    # for a process limited to part of the GPU, a grid of one block a multiprocessor may not fit
     launched, refusal = fake_launches
     x = torch.zeros(1, 32768, 1024, dtype=torch.bfloat16)
     refusal[0] = RuntimeError("CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE: too many blocks in cooperative launch")
