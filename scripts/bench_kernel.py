@@ -165,6 +165,9 @@ def add_plan_args(ap):
     ap.add_argument("--stream-max-rows", type=int,
                     help="sqrllm.cuda.STREAM_MAX_ROWS, rows a thread owns in a stream-mode tile at most "
                     "(default: sqrllm.cuda's)")
+    ap.add_argument("--stream-buffers", type=int,
+                    help="sqrllm.cuda.STREAM_BUFFERS, stream mode's tile buffers, for a kernel (--kernel) built "
+                    "with that many (default: sqrllm.cuda's)")
 
 
 def tile_pair(text):
@@ -193,6 +196,8 @@ def apply_plan_args(args):
         cuda.STREAM_MAX_BLOCKS = args.stream_max_blocks
     if args.stream_max_rows:
         cuda.STREAM_MAX_ROWS = args.stream_max_rows
+    if args.stream_buffers:
+        cuda.STREAM_BUFFERS = args.stream_buffers
 
 
 def patch_scan_source(defines, kernel=None):
@@ -243,7 +248,7 @@ def main():
         f"tree radix {2 ** cuda.TREE_LOG2}; chunk-mode register rows {cuda.CHUNK_REG_ROWS}, "
         f"at most {cuda.CHUNK_MAX_CT} threads across features, fewer to make {cuda.CHUNK_MIN_COLS} columns; "
         f"stream mode up to {cuda.STREAM_MAX_BLOCKS} blocks a column, "
-        f"tiles of up to {cuda.STREAM_MAX_ROWS} rows a thread; "
+        f"tiles of up to {cuda.STREAM_MAX_ROWS} rows a thread in {cuda.STREAM_BUFFERS} buffers; "
         f"macros: {' '.join(args.define) or 'the .cu defaults'}; "
         f"scan source: {args.kernel or 'kernels/sqrll.cu'}. "
         f"Host floor here: {floor:.0f} us for the autograd forward+backward of a tiny x * x.",
