@@ -47,13 +47,14 @@ def main():
     ap.add_argument("--save", help="write every traced launch's stamps to this .npz")
     ap.add_argument("--define", nargs="+", default=[], metavar="NAME=VALUE",
                     help="more macros put in front of kernels/sqrll.cu, e.g. POLL=8")
+    ap.add_argument("--kernel", metavar="FILE", help="trace the scan of FILE instead of kernels/sqrll.cu")
     add_plan_args(ap)
     args = ap.parse_args()
     apply_plan_args(args)
 
     import cupy
 
-    patch_scan_source([f"TRACE={MAX_BLOCKS}", *args.define])
+    patch_scan_source([f"TRACE={MAX_BLOCKS}", *args.define], args.kernel)
     modules = []
     made = cupy.RawModule
 
