@@ -16,7 +16,7 @@ for v in "${variants[@]}"; do
     tree=. path=${PYTHONPATH:-}
     if [[ $v == @* ]]; then  # another checkout's benchmark, importing that checkout's package
         tree=${v%% *}; tree=${tree#@}; v=${v#"@$tree"}
-        [ -e "$tree/sqrllm/kernels" ] || cp -r "$tree/kernels" "$tree/sqrllm/kernels"  # as pyproject.toml maps it
+        checkout_package "$tree"
         path=$tree  # ahead of the editable install of this checkout (a script's sys.path has no cwd)
     fi
     # shellcheck disable=SC2086  # a variant is several arguments

@@ -14,7 +14,7 @@ for v in "$@"; do
     tree=. path=${PYTHONPATH:-}
     if [[ $v == @* ]]; then  # another checkout, importing its own package ahead of this one's install
         tree=${v%% *}; tree=${tree#@}; v=${v#"@$tree"}
-        [ -e "$tree/sqrllm/kernels" ] || cp -r "$tree/kernels" "$tree/sqrllm/kernels"  # as pyproject.toml maps it
+        checkout_package "$tree"
         mkdir -p "$tree/data/shakespeare_char" && cp data/shakespeare_char/{meta.json,train.bin,val.bin} "$tree/data/shakespeare_char/"
         path=$(cd "$tree" && pwd)
     fi

@@ -6,7 +6,7 @@
 source "$(dirname "$0")/gpu_env.sh"
 tree=$(cd "$1" && pwd) || exit 1
 shift
-[ -e "$tree/sqrllm/kernels" ] || cp -r "$tree/kernels" "$tree/sqrllm/kernels"  # as pyproject.toml maps it
+checkout_package "$tree"
 log="$OUT/tests_$(basename "$tree").log"
 (cd "$tree" && PYTHONPATH=$tree timeout 300 python3 -m pytest -q -m gpu tests/test_cuda_scan.py "$@" 2>&1) \
     | tee "$log" | tail -15
