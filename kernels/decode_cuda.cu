@@ -20,7 +20,7 @@
 // from a counter-based hash of (seed, draw counter, b, v), both read from device memory so that a
 // replayed graph draws anew each time (the counter is bumped after each draw).
 
-#define WARPS 8  // warps per block; sqrllm/cuda.py's DEC_WARPS
+#define WARPS 8  // warps per block; sqrllm/cuda_layers.py's DEC_WARPS
 
 typedef unsigned long long u64;
 

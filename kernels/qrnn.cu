@@ -31,7 +31,7 @@
 // then dc = dc_t * (1 - f); dc0 is the last dc.
 
 #ifndef QNT
-#define QNT 128  // threads per block; sqrllm/cuda.py's QRNN_THREADS
+#define QNT 128  // threads per block; sqrllm/cuda_layers.py's QRNN_THREADS
 #endif
 // Time steps whose loads are issued at once, forward and backward (which holds six values a step).
 // Each can be set at compile time (scripts/qrnn_variants.py compares settings).
@@ -206,7 +206,7 @@ __device__ __forceinline__ void qrnn_bwd(const S* __restrict__ g, const float* _
 // the maps meet in shared memory, each thread folding the segments before its own (in a fixed
 // order: bitwise reproducible); pass 2 replays the segment from that state, as the kernels above.
 #ifndef QMAX_SEG
-#define QMAX_SEG 16  // sqrllm/cuda.py's QRNN_MAX_SEG
+#define QMAX_SEG 16  // sqrllm/cuda_layers.py's QRNN_MAX_SEG
 #endif
 #ifndef QSEG_U
 #define QSEG_U 8  // steps loaded at once here: up to 512 threads a block leave 128 registers each

@@ -126,7 +126,7 @@ def main():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--tf32", action="store_true", help="let both use TF32 for float32 matrix products")
     p.add_argument("--qrnn-min-threads", type=int,
-                   help="sqrllm.cuda.QRNN_MIN_THREADS: split walks over time while fewer threads (0: never)")
+                   help="sqrllm.cuda_layers.QRNN_MIN_THREADS: split walks over time while fewer threads (0: never)")
     p.add_argument("--graphs", action="store_true", help="capture each call of both layers as a CUDA graph")
     p.add_argument("--markdown", help="also write the tables to this file")
     args = p.parse_args()
@@ -136,11 +136,11 @@ def main():
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cudnn.benchmark = False
     try:
-        import sqrllm.cuda
+        import sqrllm.cuda_layers
 
         if args.qrnn_min_threads is not None:
-            sqrllm.cuda.QRNN_MIN_THREADS = args.qrnn_min_threads
-        backend = f"CUDA kernel, walks split while under {sqrllm.cuda.QRNN_MIN_THREADS} threads"
+            sqrllm.cuda_layers.QRNN_MIN_THREADS = args.qrnn_min_threads
+        backend = f"CUDA kernel, walks split while under {sqrllm.cuda_layers.QRNN_MIN_THREADS} threads"
     except ImportError as e:
         backend = f"pure-PyTorch loop ({e})"
 

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sqrllm import cuda
+from sqrllm import cuda_layers
 from sqrllm.qrnn import QRNN, _FusedPool
 
 
@@ -46,7 +46,7 @@ def main():
     g = F.linear(x, w).detach()  # the fused layer's kernel adds the bias
     gr, br = g.clone().requires_grad_(), b.detach().clone().requires_grad_()
     tiny = torch.randn(1, 16, 64, device="cuda", requires_grad=True)
-    h, c_all, c_last = cuda.qrnn_fwd(g, b, None, H, 3, False, 1.0, 0, True)
+    h, c_all, c_last = cuda_layers.qrnn_fwd(g, b, None, H, 3, False, 1.0, 0, True)
 
     def train(mod):
         def fn():
@@ -64,9 +64,9 @@ def main():
     pieces = [
         ("autograd of a tiny x * x (the floor)", lambda: torch.autograd.grad((tiny * tiny).sum(), tiny)),
         ("torch.cuda.current_stream()", lambda: torch.cuda.current_stream(0).cuda_stream),
-        ("cuda.qrnn_fwd (allocate, launch)", lambda: cuda.qrnn_fwd(g, b, None, H, 3, False, 1.0, 0, True)),
-        ("cuda.qrnn_bwd (allocate, launch)",
-         lambda: cuda.qrnn_bwd(g, b, c_all, None, gy, None, H, 3, False, 1.0, 0, want_dbias=True)),
+        ("cuda_layers.qrnn_fwd (allocate, launch)", lambda: cuda_layers.qrnn_fwd(g, b, None, H, 3, False, 1.0, 0, True)),
+        ("cuda_layers.qrnn_bwd (allocate, launch)",
+         lambda: cuda_layers.qrnn_bwd(g, b, c_all, None, gy, None, H, 3, False, 1.0, 0, want_dbias=True)),
         ("_FusedPool forward + backward", fused),
         ("F.linear forward + backward", linear),
         ("QRNN forward, no_grad", lambda: torch.no_grad()(m)(x)),

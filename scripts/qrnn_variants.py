@@ -5,7 +5,7 @@
 For each (batch x length) cell of scripts/bench_lstm.py's setting (one layer of 320 units, float32,
 strict), times the QRNN's inference and training calls as CUDA graphs under every variant, beside
 cuDNN's LSTM timed in the same run, and prints how far each variant's outputs and input gradient
-are from the default's. A variant sets .cu macros (QNT, QMAX_SEG, QSEG_U, QU, QU_BWD), sqrllm.cuda's
+are from the default's. A variant sets .cu macros (QNT, QMAX_SEG, QSEG_U, QU, QU_BWD), sqrllm.cuda_layers's
 min_threads / seg_steps and QRNN.FOLD_BIAS (fold_bias=0: cuBLAS adds the bias), e.g.
 `seg8:QMAX_SEG=8,QSEG_U=16`. --profile prints, per cell, the GPU
 kernels of one eager call of each mode under torch.profiler, microseconds each. --gemm times the
@@ -24,15 +24,16 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_lstm import calls, graphed, time_ms  # noqa: E402
 
-import sqrllm.cuda as cuda  # noqa: E402
+from sqrllm import cuda, cuda_layers  # noqa: E402
 from sqrllm.qrnn import QRNN  # noqa: E402
 
-DEFAULTS = {"QNT": cuda.QRNN_THREADS, "QMAX_SEG": cuda.QRNN_MAX_SEG, "min_threads": cuda.QRNN_MIN_THREADS,
-            "seg_steps": cuda.QRNN_SEG_STEPS, "fold_bias": int(QRNN.FOLD_BIAS)}
+DEFAULTS = {"QNT": cuda_layers.QRNN_THREADS, "QMAX_SEG": cuda_layers.QRNN_MAX_SEG,
+            "min_threads": cuda_layers.QRNN_MIN_THREADS, "seg_steps": cuda_layers.QRNN_SEG_STEPS,
+            "fold_bias": int(QRNN.FOLD_BIAS)}
 
 
 def apply(settings):
-    """Point sqrllm.cuda at the kernels compiled with these settings' macros."""
+    """Point sqrllm.cuda_layers at the kernels compiled with these settings' macros."""
     import cupy
 
     macros = {k: v for k, v in settings.items() if k.isupper()}
@@ -43,11 +44,11 @@ def apply(settings):
         with cuda._on(device):
             return cupy.RawModule(code=cuda._source("qrnn.cu"), options=options).get_function(name)
 
-    cuda._qrnn_function = compiled
-    cuda.QRNN_THREADS = int(macros.get("QNT", DEFAULTS["QNT"]))
-    cuda.QRNN_MAX_SEG = int(macros.get("QMAX_SEG", DEFAULTS["QMAX_SEG"]))
-    cuda.QRNN_MIN_THREADS = int(settings.get("min_threads", DEFAULTS["min_threads"]))
-    cuda.QRNN_SEG_STEPS = int(settings.get("seg_steps", DEFAULTS["seg_steps"]))
+    cuda_layers._qrnn_function = compiled
+    cuda_layers.QRNN_THREADS = int(macros.get("QNT", DEFAULTS["QNT"]))
+    cuda_layers.QRNN_MAX_SEG = int(macros.get("QMAX_SEG", DEFAULTS["QMAX_SEG"]))
+    cuda_layers.QRNN_MIN_THREADS = int(settings.get("min_threads", DEFAULTS["min_threads"]))
+    cuda_layers.QRNN_SEG_STEPS = int(settings.get("seg_steps", DEFAULTS["seg_steps"]))
     QRNN.FOLD_BIAS = bool(int(settings.get("fold_bias", DEFAULTS["fold_bias"])))
 
 
@@ -130,7 +131,7 @@ def main():
             got = run_once(qrnn, x, gy)
             reference = reference or got
             err = max((a - b).abs().max().item() for a, b in zip(got, reference))
-            segs = cuda.qrnn_segments(B, T, H)
+            segs = cuda_layers.qrnn_segments(B, T, H)
             ms = {mode: time_ms(graphed(make(qrnn)), args.repeats) for mode, make in modes.items()}
             print(f"  {name:>12} ({segs:2d} segs): inference {ms['inference']:.4f} ms "
                   f"({lstm_ms['inference'] / ms['inference']:5.2f}x)  training {ms['training']:.4f} ms "

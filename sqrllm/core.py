@@ -97,8 +97,8 @@ class _StepsRef:
 
 def _steps(device_type):
     if device_type == "cuda":
-        from sqrllm import cuda
-        return cuda.CoreSteps
+        from sqrllm import cuda_layers
+        return cuda_layers.CoreSteps
     return _StepsRef
 
 

@@ -127,10 +127,10 @@ class KernelStep:
         param = next(model.parameters())
         if not param.is_cuda or param.dtype != torch.float32:
             raise ValueError(f"KernelStep runs float32 models on CUDA, not {param.dtype} on {param.device}")
-        from sqrllm import cuda
+        from sqrllm import cuda, cuda_layers
 
         cuda.ensure_available()
-        self.launch = cuda.decode_launch
+        self.launch = cuda_layers.decode_launch
         self.vocab_size, self.n_embd = model.vocab_size, model.wte.embedding_dim
         self.wte = model.wte.weight.detach().contiguous()
         self.eps_f = model.norm_f.eps

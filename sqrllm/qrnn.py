@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from sqrllm import cuda
+from sqrllm import cuda, cuda_layers
 from sqrllm.scan import scan
 
 
@@ -73,7 +73,7 @@ class _FusedPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, bias, c0, H, gates, reverse, s, td):
         keep = any(ctx.needs_input_grad[:3])
-        h, c_all, c_last = cuda.qrnn_fwd(g, bias, c0, H, gates, reverse, s, td, keep)
+        h, c_all, c_last = cuda_layers.qrnn_fwd(g, bias, c0, H, gates, reverse, s, td, keep)
         if keep:
             ctx.save_for_backward(g, bias, c_all, c0)
             ctx.args = (H, gates, reverse, s, td)
@@ -86,7 +86,7 @@ class _FusedPool(torch.autograd.Function):
         if dh is None:
             dh = torch.zeros(c_all.shape, dtype=g.dtype, device=g.device)
         dc_last = None if dc_last is None else dc_last.contiguous()
-        dg, dc0, dbias = cuda.qrnn_bwd(g, bias, c_all, c0, dh.contiguous(), dc_last, *ctx.args,
+        dg, dc0, dbias = cuda_layers.qrnn_bwd(g, bias, c_all, c0, dh.contiguous(), dc_last, *ctx.args,
                                        want_dbias=ctx.needs_input_grad[1])
         return dg, dbias, dc0, None, None, None, None, None
 
@@ -297,7 +297,7 @@ class QRNN(nn.Module):
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (g, b, c0)):
                 h, c_last = _FusedPool.apply(g, b, c0, H, gates, reverse, s, td)
             else:  # inference: no autograd node to build
-                h, _, c_last = cuda.qrnn_fwd(g, b, c0, H, gates, reverse, s, td, keep_c=False)
+                h, _, c_last = cuda_layers.qrnn_fwd(g, b, c0, H, gates, reverse, s, td, keep_c=False)
             return h, c_last[None]
         g = F.linear(x, w, b)  # (.., gates * H)
         if torch.is_grad_enabled():  # split's backward is one cat, narrow's a zero-fill, copy and add

@@ -337,7 +337,7 @@ def test_cpu_cuda_parity():
 
 
 def test_qrnn_segments_split_few_long_walks_only():
-    from sqrllm import cuda as sq_cuda
+    from sqrllm import cuda_layers as sq_cuda
 
     assert sq_cuda.qrnn_segments(8, 512, 320) == sq_cuda.QRNN_MAX_SEG  # 2,560 pairs: each walk in 16
     assert sq_cuda.qrnn_segments(8, 32, 320) == 1  # too short to split
@@ -367,7 +367,7 @@ def fused_calls(monkeypatch):
 @pytest.mark.parametrize("segments", [1, 8, 16])
 def test_fused_cuda_layer_matches_paper_equations(window, output_gate, bidirectional, batch_first, segments,
                                                   fused_calls, monkeypatch):
-    from sqrllm import cuda as sq_cuda
+    from sqrllm import cuda_layers as sq_cuda
 
     torch.manual_seed(window * 8 + output_gate * 4 + bidirectional * 2 + batch_first)
     # T: four of the kernel's 8-step rounds and a partial one; B * H = 80 (b, j) pairs: three warps
@@ -460,7 +460,7 @@ def test_fused_kernel_adds_the_bias_as_cublas_would(bias, fused_calls):
             out_a, h_a = m(x, h0)
             out_b, h_b = unfolded(x, h0)
         assert rel_err(out_a, out_b) < 3 * RTOL[torch.bfloat16] and rel_err(h_a, h_b) < 3 * RTOL[torch.bfloat16]
-    from sqrllm import cuda as sq_cuda
+    from sqrllm import cuda_layers as sq_cuda
 
     assert sq_cuda.qrnn_segments(2, 700, 16) == 16
     assert len(fused_calls) == 2 * 4 * 4  # two shapes x four calls x (two layers x two directions)
@@ -509,7 +509,7 @@ def test_compiled_layer_matches_eager(device):
 def test_fused_walk_at_and_around_whole_rounds(split, monkeypatch):
     """The kernel loads 8 steps a round and only a last, partial round checks bounds; walks (and
     segments of walks) at and around whole rounds give the general path's outputs and gradients."""
-    from sqrllm import cuda as sq_cuda
+    from sqrllm import cuda_layers as sq_cuda
 
     monkeypatch.setattr(sq_cuda, "QRNN_MIN_THREADS", 10**9 if split else 0)
     monkeypatch.setattr(sq_cuda, "QRNN_SEG_STEPS", 8)

@@ -279,13 +279,13 @@ def test_graph_greedy_text_takes_the_argmax_of_the_model():
 @needs_cuda
 @pytest.mark.gpu
 def test_graph_draws_follow_the_distribution_and_never_leave_the_allowed_set():
-    from sqrllm import cuda
+    from sqrllm import cuda_layers
 
     probs = torch.cat([PROBS, torch.zeros(1)]).repeat(2, 1).cuda()  # (2, 8): token 7 impossible
     rng, ids = torch.tensor([1234, 0], device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda")
     n, draws = 20000, []
     for _ in range(n):
-        cuda.decode_launch("dec_draw", 0, 2, probs, rng, ids, 8)
+        cuda_layers.decode_launch("dec_draw", 0, 2, probs, rng, ids, 8)
         draws.append(ids.clone())
         rng[1:].add_(1)
     draws = torch.stack(draws).cpu()  # (n, 2)
