@@ -103,7 +103,10 @@ def main(argv=None):
         ok, why = cpu.available()
         if not ok or device != "cpu":
             sys.exit(f"error: --step {args.step} runs on the CPU only{'' if ok else f'; here: {why}'}")
-    sampler = Sampler(model, tok, step=args.step)
+    try:
+        sampler = Sampler(model, tok, step=args.step)
+    except ValueError as e:
+        sys.exit(f"error: {args.ckpt}: {e}")
     if args.load_state:
         try:
             sampler.load_state(args.load_state)

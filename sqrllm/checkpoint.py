@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from sqrllm.config import Config
+from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
 from sqrllm.tokenizer import from_meta
 
@@ -191,17 +192,27 @@ def _verify(path, entry):
 
 
 def _load_file(path, map_location):
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        what = "it is empty" if not head else "not a file torch.save wrote"
+        raise CheckpointError(f"{path} is not a sqrllm checkpoint ({what}); pass the ckpt.pt that train.py "
+                              "wrote (out_dir/ckpt.pt), or the out_dir")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain types and was "
-                              f"refused (nothing in it was run): {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({str(e).splitlines()[0]}); "
+                              f"refused (nothing in it was run): {_first_line(e)}") from None
+    except Exception as e:  # the archive or its pickle is cut short or damaged: errors of every kind
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_first_line(e)}); "
                               "use an earlier checkpoint or retrain") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a sqrllm checkpoint (format {FORMAT})")
     return ckpt
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def load(path, map_location="cpu"):
@@ -287,11 +298,18 @@ def set_rng_state(state):
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
 
 
+def folder_of(path):
+    """Where a checkpoint's run keeps its files (a tokenizer's model): `path` if a folder, else its parent."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
 def load_model(path, device="cpu"):
-    """-> (model in eval mode, tokenizer, checkpoint dict) from a checkpoint file or a run's out_dir."""
+    """-> (model in eval mode, tokenizer, checkpoint dict) from a checkpoint file or a run's out_dir.
+
+    The model is the class that trained: a SqrLLM, or the GPT baseline for model='gpt'."""
     ckpt = load(path)
     cfg = Config(**ckpt["config"])
-    model = SqrLLM.from_config(cfg, ckpt["vocab_size"])
+    model = (GPT if cfg.model == "gpt" else SqrLLM).from_config(cfg, ckpt["vocab_size"])
     model.load_state_dict(ckpt["model"])
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent  # the tokenizer's files are beside ckpt
-    return model.to(device).eval(), from_meta(ckpt["tokenizer"], folder), ckpt
+    return model.to(device).eval(), from_meta(ckpt["tokenizer"], folder_of(path)), ckpt

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from sqrllm import spm_model, tokenizer
-from sqrllm.checkpoint import load_model
+from sqrllm.checkpoint import folder_of, load_model
 from sqrllm.model import Block, GatedMLP, SqrLLM, SqrllLayer
 
 RUNTIME = Path(__file__).resolve().parent / "export_runtime"
@@ -347,10 +347,14 @@ def export(model, tokenizer_meta, out_dir, config=None, source="a SqrLLM", base_
             "source": str(source)}
     text, weight_bytes = model_cpp(walk, tokens, eot, sp, info, str(source).replace("\n", " "))
     out_dir = Path(out_dir)
-    (out_dir / "web").mkdir(parents=True, exist_ok=True)
-    (out_dir / "model.cpp").write_text(text)
-    for name in RUNTIME_FILES:
-        shutil.copyfile(RUNTIME / name, out_dir / name)
+    try:
+        (out_dir / "web").mkdir(parents=True, exist_ok=True)
+        (out_dir / "model.cpp").write_text(text)
+        for name in RUNTIME_FILES:
+            shutil.copyfile(RUNTIME / name, out_dir / name)
+    except OSError as e:
+        raise ExportError(f"cannot write the export to {out_dir} ({e.strerror}: {e.filename}); pass an out folder "
+                          "that can be created or written (a new folder, or an earlier export's)") from None
     return {"out_dir": out_dir, "model_cpp": out_dir / "model.cpp", "weight_bytes": weight_bytes, **info}
 
 
@@ -358,4 +362,4 @@ def export_checkpoint(ckpt_path, out_dir):
     """Export the model a train.py checkpoint holds (see `export`)."""
     model, _, ckpt = load_model(ckpt_path, "cpu")
     return export(model, ckpt["tokenizer"], out_dir, config=ckpt["config"], source=Path(ckpt_path).as_posix(),
-                  base_dir=Path(ckpt_path).parent)
+                  base_dir=folder_of(ckpt_path))

@@ -28,6 +28,7 @@ import torch
 
 from sqrllm import checkpoint
 from sqrllm.decode import make_step
+from sqrllm.gpt import GPT
 from sqrllm.model import SqrllLayer, round_to_bf16
 from sqrllm.tokenizer import StreamDecoder
 
@@ -209,6 +210,9 @@ class Sampler:
     """
 
     def __init__(self, model, tokenizer=None, step="auto", prefill_chunk=1024):
+        if isinstance(model, GPT):  # it ignores the state: each step would see one token
+            raise ValueError("sampling runs SqrLLM models (model='sqrll'), which carry their memory from token to "
+                             "token, not a GPT (model='gpt', the baseline for comparing val losses)")
         if step == "native_bf16":  # the prompt's forward, too, runs the model with bfloat16 weights
             model = round_to_bf16(copy.deepcopy(model))
         self.model = model

@@ -42,6 +42,7 @@ from sqrllm import checkpoint
 from sqrllm.checkpoint import load_model
 from sqrllm.config import load_config
 from sqrllm.export import ExportError, bf16_bits, export
+from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM, round_to_bf16
 from sqrllm.prepare import prepare_text
 from sqrllm.qrnn import QRNN
@@ -256,7 +257,7 @@ def test_other_vocabularies_and_shapes_print_sample_py_text(level, options, corp
     need("c++", "compiles the exported model")
     ckpt = trained_checkpoint(corpus, level, "--n_embd=32", "--max_iters=100", *options)
     build = corpus / f"build_{level}"
-    export_script([f"--ckpt={ckpt}", f"--out={build}"])
+    export_script([f"--ckpt={ckpt.parent}", f"--out={build}"])  # the run's folder, as sample.py takes it
     make(build, "sqrllm")
     run = subprocess.run([str(build / "sqrllm"), "-n", str(N_TOKENS), "-t", "0", PROMPT], capture_output=True)
     assert run.stdout == sample_py(ckpt, PROMPT, N_TOKENS)
@@ -474,3 +475,30 @@ def test_every_training_config_key_is_known_to_the_exporter(tmp_path):
 def test_export_script_reports_errors_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="^error: checkpoint .*nope.pt not found"):
         export_script([f"--ckpt={tmp_path}/nope.pt", f"--out={tmp_path}/b"])
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    cfg = load_config(["--n_layer=1", "--n_embd=16"])
+    model = SqrLLM.from_config(cfg, 256)
+    checkpoint.save(ckpt, {"format": checkpoint.FORMAT, "model": model.state_dict(), "config": cfg.to_dict(),
+                           "vocab_size": 256, "tokenizer": {"kind": "byte"}})
+    taken = tmp_path / "notes.txt"
+    taken.write_text("a file where the export's folder would go")
+    with pytest.raises(SystemExit, match=f"^error: cannot write the export to {taken} \\(Not a directory"):
+        export_script([f"--ckpt={ckpt}", f"--out={taken}"])
+    assert taken.read_text() == "a file where the export's folder would go"
+
+
+def test_the_gpt_baseline_is_refused_by_export_and_sample_py(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    cfg = load_config(["--model=gpt", "--n_layer=1", "--n_embd=16", "--n_head=2"])
+    model = GPT.from_config(cfg, 256)
+    checkpoint.save(ckpt, {"format": checkpoint.FORMAT, "model": model.state_dict(), "config": cfg.to_dict(),
+                           "vocab_size": 256, "tokenizer": {"kind": "byte"}})
+    loaded, _, _ = load_model(ckpt)  # the class that trained, with its weights
+    assert isinstance(loaded, GPT) and torch.equal(loaded.wpe.weight, model.wpe.weight)
+    with pytest.raises(SystemExit, match="^error: model='gpt': the exporter and its C\\+\\+ runtime support sqrll"):
+        export_script([f"--ckpt={ckpt}", f"--out={tmp_path / 'build'}"])
+    sample = runpy.run_path(str(ROOT / "sample.py"))["main"]
+    with pytest.raises(SystemExit, match="^error: .*sampling runs SqrLLM models .*not a GPT"):
+        sample([f"--ckpt={ckpt}", "--device=cpu"])
+    assert not (tmp_path / "build").exists()

@@ -217,6 +217,25 @@ def test_sample_names_a_corrupt_checkpoint_and_reads_a_run_folder(three_checkpoi
     assert captured.out.startswith("line") and f"using {out / 'ckpt-000020.pt'} (step 20)" in captured.err
 
 
+@pytest.mark.parametrize("content, why", [
+    (b"", "it is empty"),
+    (b"hi\n", "not a file torch.save wrote"),
+    (b'{"n_layer": 2}\n', "not a file torch.save wrote"),  # e.g. the run's config.json passed by mistake
+])
+def test_a_file_that_is_no_checkpoint_is_named_as_such(content, why, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(content)
+    sample = runpy.run_path(str(ROOT / "sample.py"))["main"]
+    export = runpy.run_path(str(ROOT / "scripts" / "export.py"))["main"]
+    for main in (lambda: sample([f"--ckpt={path}", "--device=cpu"]),
+                 lambda: export([f"--ckpt={path}", f"--out={tmp_path / 'build'}"])):
+        with pytest.raises(SystemExit) as stop:
+            main()
+        assert stop.value.code == f"error: {path} is not a sqrllm checkpoint ({why}); pass the ckpt.pt that " \
+                                  "train.py wrote (out_dir/ckpt.pt), or the out_dir"
+    assert path.read_bytes() == content and not (tmp_path / "build").exists()
+
+
 def test_write_failing_half_way_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     entries = []
     for step in (1, 2):
