@@ -2,7 +2,8 @@
 
     python scripts/export.py --ckpt out/small/ckpt.pt --out build/small
     make -C build/small          # build/small/sqrllm, the native CLI
-    make -C build/small wasm     # build/small/web/: the page, sqrllm.js and sqrllm.wasm
+    make -C build/small wasm     # build/small/web/: the page, sqrllm.js and sqrllm.wasm; node/: the same
+                                 # for node node_cli.js
 
 The output folder is self-contained (the C++ standard library is all it needs):
 - model.cpp: the weights as bfloat16 bit patterns (uint16 arrays) and a table of the blocks; it
@@ -15,7 +16,9 @@ The architecture is read from the module tree, module by module, against what th
 key, a tokenizer kind) is refused with an ExportError that names it.
 
 Weights are rounded to bfloat16, to nearest even: the exported model is the checkpoint with rounded
-weights. `round_to_bf16(model)` (sqrllm.model) turns a PyTorch model into exactly that model.
+weights. `round_to_bf16(model)` (sqrllm.model) turns a PyTorch model into exactly that model, and
+`sample.py --step native_bf16` runs it: its greedy text is the exported CLI's with `-t 0` (plain
+`sample.py`, with the float32 weights, may differ).
 """
 
 import json

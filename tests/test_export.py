@@ -1,6 +1,7 @@
 """Export to C++ and WebAssembly: the native CLI (on 1 and on 2 threads), the wasm CLI under Node.js
-and the web page in headless Chromium print the same greedy text as sample.py; logits agree with
-PyTorch; models the exporter does not support are refused with a message that names the module.
+and the web page in headless Chromium print the same greedy text as `sample.py --step native_bf16`;
+logits agree with PyTorch; models the exporter does not support are refused with a message that
+names the module. The CLI under Node.js reads stdin and writes files as the native one does.
 
 Which weights are compared. The exporter rounds weights to bfloat16, so the exported model is the
 checkpoint with rounded weights. Comparing it with a float32 checkpoint would mix two things: the
@@ -17,7 +18,7 @@ top-1 margins (~0.05 at least, on this corpus) are far above that.
 SentencePiece: the C++ tokenizer's ids and text match the sentencepiece package's, for unigram and
 BPE models, NFKC and identity normalization, byte fallback and <unk>.
 
-Tools: the native tests need a C++ compiler and make; the wasm test em++ and node; the page test
+Tools: the native tests need a C++ compiler and make; the wasm tests em++ and node; the page test
 em++, node, Chromium and the npm package playwright-core. Each skips, saying why, without them.
 """
 
@@ -91,9 +92,11 @@ def export_script(argv):
 
 
 def sample_py(ckpt_path, prompt, n):
-    """What `sample.py --temperature 0` prints (bytes)."""
+    """What `sample.py --step native_bf16 --temperature 0` prints (bytes): the text the CLI's header,
+    the README and scripts/export.py say `-t 0` prints."""
     run = subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt_path}", f"--prompt={prompt}", "--temperature=0",
-                          f"--max_new_tokens={n}", "--device=cpu"], cwd=ROOT, env=ENV, capture_output=True)
+                          f"--max_new_tokens={n}", "--device=cpu", "--step=native_bf16"], cwd=ROOT, env=ENV,
+                         capture_output=True)
     assert run.returncode == 0, run.stderr
     return run.stdout
 
@@ -169,7 +172,33 @@ def test_two_threads_give_the_same_text_and_logits_as_one(byte_build, lib, sampl
     lib.sq_set_threads(0)
     assert all(np.array_equal(a, b) for a, b in zip(logits[1], logits[2]))
     bad = subprocess.run([str(byte_build / "sqrllm"), "--threads", "3", PROMPT], capture_output=True)
-    assert bad.returncode == 2 and b"--threads needs a number in [1, 2]" in bad.stderr
+    assert bad.returncode == 2 and b"--threads needs an integer in [1, 2], got '3'" in bad.stderr
+
+
+def test_cli_takes_a_prompt_after_double_dash_and_refuses_fractional_counts(byte_build):
+    cli = [str(byte_build / "sqrllm"), "-q", "-t", "0"]
+    for argv, prompt in [(["-n", "3", "--", "- item"], b"- item"), (["--", "-n"], b"-n"), (["--", "--"], b"--")]:
+        run = subprocess.run(cli + argv, capture_output=True)
+        assert run.returncode == 0 and run.stdout.startswith(prompt), (argv, run.stderr)
+    bad = subprocess.run(cli + ["- item"], capture_output=True)
+    assert bad.returncode == 2
+    assert b"unknown option '- item' (a prompt that starts with '-' goes after --)" in bad.stderr
+    for flag, value in [("-n", "1.5"), ("--tokens", "1e3"), ("-k", "-1"), ("-s", "4294967296")]:
+        bad = subprocess.run(cli + [flag, value, "abc"], capture_output=True)
+        assert bad.returncode == 2 and f"sqrllm: {flag} needs an integer in [".encode() in bad.stderr, bad.stderr
+        assert bad.stdout == b""
+
+
+def test_missing_compiler_says_what_to_install(tmp_path):
+    need("make", "runs the exported Makefile")
+    export(SqrLLM(256, n_layer=1, n_embd=8), {"kind": "byte"}, tmp_path)
+    for target, tool, install in [("CXX", "no-such-c++", "Debian: apt install g++"),
+                                  ("EMXX", "no-such-em++", "Debian: apt install emscripten")]:
+        run = subprocess.run(["make", "-s", "-C", str(tmp_path), "wasm" if target == "EMXX" else "all",
+                              f"{target}={tool}"], capture_output=True, text=True)
+        assert run.returncode != 0, run.stderr
+        assert f"sqrllm: '{tool}' not found;" in run.stderr and install in run.stderr, run.stderr
+        assert "No such file" not in run.stderr  # stopped before make tried to run it
 
 
 def test_logits_agree_with_pytorch_step_by_step(byte_build, byte_ckpt, tmp_path):
@@ -291,6 +320,22 @@ def test_wasm_under_node_prints_the_same_text(wasm_build, sample_py_text):
                          capture_output=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout == sample_py_text
+
+
+def test_wasm_under_node_reads_stdin_and_writes_files_as_native(wasm_build, sample_py_text, tmp_path):
+    node_cli = ["node", str(wasm_build / "node_cli.js"), "-q", "-t", "0"]
+    run = subprocess.run(node_cli + ["-n", str(N_TOKENS)], input=PROMPT.encode(), capture_output=True)
+    assert run.returncode == 0 and run.stdout == sample_py_text, run.stderr
+    # a relative path is the working directory's; the rows are native's, bit for bit
+    run = subprocess.run(node_cli + ["-n", "8", "--dump-logits", "wasm.bin", "--", "-x"], cwd=tmp_path,
+                         capture_output=True)
+    assert run.returncode == 0 and run.stdout.startswith(b"-x"), run.stderr
+    subprocess.run([str(wasm_build / "sqrllm"), "-q", "-t", "0", "-n", "8", "--dump-logits", str(tmp_path / "native.bin"),
+                    "--", "-x"], capture_output=True, check=True)
+    assert (tmp_path / "wasm.bin").stat().st_size == 8 * 256 * 4
+    assert (tmp_path / "wasm.bin").read_bytes() == (tmp_path / "native.bin").read_bytes()
+    bad = subprocess.run(node_cli + ["--dump-logits", str(tmp_path / "no" / "dir.bin"), "abc"], capture_output=True)
+    assert bad.returncode == 1 and b"cannot write" in bad.stderr
 
 
 WASM_LOGITS_JS = """

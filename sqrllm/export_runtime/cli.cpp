@@ -1,8 +1,12 @@
-// Command-line generation with an exported SqrLLM; the same program runs natively and under Node.js.
+// Command-line generation with an exported SqrLLM; the same program runs natively and under Node.js
+// (node node_cli.js, the wasm build: stdin and files behave as natively).
 //
 //   ./sqrllm "def main("                        # sample 500 tokens after the prompt
-//   ./sqrllm -n 200 -t 0 "def main("            # greedy: the text sample.py --temperature 0 prints
+//   ./sqrllm -n 200 -t 0 "def main("            # greedy: the text sample.py --step native_bf16 --temperature 0
+//                                               # prints (the export's weights are bfloat16; plain sample.py
+//                                               # runs the checkpoint's float32 weights, so it may differ)
 //   echo "def main(" | ./sqrllm -n 100          # no prompt argument: the prompt is read from stdin
+//   ./sqrllm -- "- item"                        # after --, a prompt may start with '-'
 //
 // Prints the prompt, then the generated text as it is produced (up to an end-of-text token), then
 // a newline, as sample.py does.
@@ -17,8 +21,9 @@
 #include "sqrllm.h"
 
 static const char* USAGE =
-    "usage: sqrllm [options] [PROMPT]\n"
+    "usage: sqrllm [options] [--] [PROMPT]\n"
     "  PROMPT               text to start from; without it the prompt is read from stdin\n"
+    "  --                   end of options: what follows is the prompt, even if it starts with '-'\n"
     "  -n, --tokens N       tokens to generate (default 500)\n"
     "  -t, --temperature T  0 = greedy (default 0.8)\n"
     "  -k, --top-k K        sample among the K most likely tokens; 0 = all (default 200)\n"
@@ -55,27 +60,48 @@ static bool parse_number(const char* flag, const char* text, double lo, double h
     return true;
 }
 
+// Decimal digits only: "1.5", "1e3", "-1" and " 5" are refused rather than read as something else.
+static bool parse_integer(const char* flag, const char* text, long long lo, long long hi, long long* out) {
+    bool ok = text && *text && strlen(text) <= 18 && strspn(text, "0123456789") == strlen(text);
+    long long v = ok ? strtoll(text, nullptr, 10) : 0;
+    if (!ok || v < lo || v > hi) {
+        fprintf(stderr, "sqrllm: %s needs an integer in [%lld, %lld], got '%s'\n", flag, lo, hi, text ? text : "");
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
 int main(int argc, char** argv) {
-    double n_new = 500, temperature = 0.8, top_k = 200, top_p = 1.0, seed = 1337, threads = 0;
+    long long n_new = 500, top_k = 200, seed = 1337, threads = 0;
+    double temperature = 0.8, top_p = 1.0;
     const char* dump_path = nullptr;
     const char* prompt_arg = nullptr;
-    bool quiet = false;
+    bool quiet = false, options_done = false;
     for (int a = 1; a < argc; a++) {
         std::string f = argv[a];
+        const char* flag = argv[a];
         const char* v = a + 1 < argc ? argv[a + 1] : nullptr;
         bool ok = true;
-        if (f == "-h" || f == "--help") { fputs(USAGE, stdout); return 0; }
+        if (options_done || f == "-" || f[0] != '-') {
+            if (prompt_arg) { fprintf(stderr, "sqrllm: one prompt only; quote it\n%s", USAGE); return 2; }
+            prompt_arg = argv[a];
+            continue;
+        }
+        if (f == "--") { options_done = true; continue; }
+        else if (f == "-h" || f == "--help") { fputs(USAGE, stdout); return 0; }
         else if (f == "-q" || f == "--quiet") { quiet = true; continue; }
-        else if (f == "-n" || f == "--tokens") ok = parse_number("-n", v, 0, 1e9, &n_new);
-        else if (f == "-t" || f == "--temperature") ok = parse_number("-t", v, 0, 1e6, &temperature);
-        else if (f == "-k" || f == "--top-k") ok = parse_number("-k", v, 0, 1e9, &top_k);
-        else if (f == "-p" || f == "--top-p") ok = parse_number("-p", v, 0, 1, &top_p);
-        else if (f == "-s" || f == "--seed") ok = parse_number("-s", v, 0, 4294967295.0, &seed);
-        else if (f == "--threads") ok = parse_number("--threads", v, 1, 2, &threads);
+        else if (f == "-n" || f == "--tokens") ok = parse_integer(flag, v, 0, 1000000000, &n_new);
+        else if (f == "-t" || f == "--temperature") ok = parse_number(flag, v, 0, 1e6, &temperature);
+        else if (f == "-k" || f == "--top-k") ok = parse_integer(flag, v, 0, 1000000000, &top_k);
+        else if (f == "-p" || f == "--top-p") ok = parse_number(flag, v, 0, 1, &top_p);
+        else if (f == "-s" || f == "--seed") ok = parse_integer(flag, v, 0, 4294967295LL, &seed);
+        else if (f == "--threads") ok = parse_integer(flag, v, 1, 2, &threads);
         else if (f == "--dump-logits") { if (!(ok = v != nullptr)) fputs("sqrllm: --dump-logits needs a file\n", stderr); else dump_path = v; }
-        else if (f.size() > 1 && f[0] == '-') { fprintf(stderr, "sqrllm: unknown option %s\n%s", f.c_str(), USAGE); return 2; }
-        else if (prompt_arg) { fprintf(stderr, "sqrllm: one prompt only; quote it\n%s", USAGE); return 2; }
-        else { prompt_arg = argv[a]; continue; }
+        else {
+            fprintf(stderr, "sqrllm: unknown option '%s' (a prompt that starts with '-' goes after --)\n%s", flag, USAGE);
+            return 2;
+        }
         if (!ok) return 2;
         a++;  // the option's value
     }
@@ -121,9 +147,9 @@ int main(int argc, char** argv) {
     const float* logits = nullptr;
     for (int i = 0; i < n_ids; i++) logits = sq_feed(ids[i]);
     double t1 = now();
-    const long n_gen = (long)n_new;
+    const long long n_gen = n_new;
     const int eot = sq_eot_id();
-    long i = 0, on_two = 0;
+    long long i = 0, on_two = 0;
     for (; i < n_gen; i++) {
         if (dump) fwrite(logits, sizeof(float), V, dump);
         int token = sq_sample();
@@ -144,7 +170,7 @@ int main(int argc, char** argv) {
         char threads_note[64];
         if (on_two == 0 || on_two == i) snprintf(threads_note, sizeof threads_note, "on %d thread%s", on_two ? 2 : 1, on_two ? "s" : "");
         else snprintf(threads_note, sizeof threads_note, "on 2 threads for %.0f%% of them", 100.0 * on_two / i);
-        fprintf(stderr, "sqrllm: prompt %d tokens in %.4f s (%.1f tokens/s), generated %ld tokens in %.4f s (%.1f tokens/s) %s\n",
+        fprintf(stderr, "sqrllm: prompt %d tokens in %.4f s (%.1f tokens/s), generated %lld tokens in %.4f s (%.1f tokens/s) %s\n",
                 n_ids, t1 - t0, n_ids / (t1 - t0), i, t2 - t1, i > 0 ? i / (t2 - t1) : 0.0, threads_note);
     }
     return 0;
