@@ -12,8 +12,11 @@
 - Beyond the original release: bidirectional layers (the scan's reverse direction, the mirror
   image of the forward one, including its window), packed variable-length sequences, any window,
   and no run-time compiler of its own.
-- Shapes follow nn.GRU: output (T, B, D * H) (batch_first: (B, T, D * H)), h_0 and h_n
-  (num_layers * D, B, H). The state carried in h_n is c, the pooled memory.
+- The interface is nn.GRU's (the constructor takes nn.LSTM's arguments, proj_size=0 only, then the
+  QRNN's own): output (T, B, D * H) (batch_first: (B, T, D * H)), hx and h_n (num_layers * D, B, H),
+  the state being c, the pooled memory. With lstm_state=True the state is nn.LSTM's pair: hx =
+  (h_0, c_0) and (h_n, c_n), h_n the last output h, which is checked on the way in but not read,
+  since the gates come from the inputs alone.
 """
 
 import functools
@@ -116,13 +119,24 @@ class ForgetMult(nn.Module):
 
 
 class QRNN(nn.Module):
-    """Quasi-recurrent layers with the interface of nn.GRU: forward(input, h_0=None) -> (output, h_n).
+    """Quasi-recurrent layers with the arguments and shapes of nn.GRU, or of nn.LSTM with lstm_state=True:
+    forward(input, hx=None) -> (output, h_n), or with lstm_state, (output, (h_n, c_n)).
 
     input: (T, B, input_size), (B, T, input_size) with batch_first, (T, input_size) unbatched, or
-    a PackedSequence (the output is then packed the same way, and h_n holds each sequence's state
-    at its own last step; for the reverse direction, at its first).
-    h_0, h_n: (num_layers * num_directions, B, hidden_size), indexed layer * num_directions + d.
+    a PackedSequence (the output is then packed the same way, and the state holds each sequence's
+    state at its own last step; for the reverse direction, at its first).
+    hx, h_n: (num_layers * num_directions, B, hidden_size), indexed layer * num_directions + d
+    ((num_layers * num_directions, hidden_size) unbatched): the pooled memory c, which a layer carries
+    from step to step. input and hx on the parameters' device and in their dtype (under autocast,
+    any dtype).
 
+    lstm_state: take and return the state as nn.LSTM does, so that code written for it runs
+      unchanged: hx = (h_0, c_0) or None, and (output, (h_n, c_n)), all four of the shape above.
+      c_0 and c_n are the memory c; h_n is each layer's and direction's output h at the last step
+      (h = o * c, or c without the output gate). h_0 is checked like c_0 but not read: a QRNN's
+      gates come from its inputs alone, never from the previous h, so only c is carried. Without
+      it, nn.LSTM's `out, (h, c) = rnn(x)` would split a one-layer bidirectional QRNN's h_n into
+      its two directions, with no error.
     window: width k >= 1 of the causal convolution that computes the gates from the inputs
       x[t-k+1..t] (the reverse direction mirrors it: x[t..t+k-1]).
     zoneout: probability of zeroing each forget-gate value in training, so that the state is
@@ -130,8 +144,10 @@ class QRNN(nn.Module):
     dropout: on the outputs of every layer but the last, in training, as in nn.LSTM.
     output_gate: h = o * c if True, else h = c (f-pooling) with two gates instead of three.
     save_prev_x: keep each layer's last k-1 inputs between calls, so that a sequence fed in
-      pieces (passing h_n back as h_0) gives the same result as one call; reset() forgets them.
-      Forward direction only.
+      pieces (passing the state back as hx) gives the same result as one call; reset() forgets
+      them. Forward direction only.
+    proj_size: nn.LSTM's, accepted as 0 only: a QRNN has no projection.
+    device, dtype: where and in what dtype the parameters are created, as in every torch.nn module.
 
     Parameters weight_ih_l{k}[_reverse]: (gates * hidden_size, layer_input * window), rows
     [z; f; o], columns a Conv1d weight (gates * hidden_size, layer_input, window) flattened, whose
@@ -151,6 +167,11 @@ class QRNN(nn.Module):
         zoneout=0.0,
         output_gate=True,
         save_prev_x=False,
+        *,
+        lstm_state=False,
+        proj_size=0,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
@@ -160,6 +181,12 @@ class QRNN(nn.Module):
         for name, p in (("dropout", dropout), ("zoneout", zoneout)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"QRNN: {name} must be a probability in [0, 1], got {p!r}")
+        if proj_size != 0:
+            raise ValueError(
+                f"QRNN: proj_size={proj_size!r}, but a QRNN has no projection (its h is hidden_size wide); "
+                f"use proj_size=0 and hidden_size={proj_size!r}, or follow the QRNN with "
+                f"nn.Linear(hidden_size, {proj_size!r})"
+            )
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 "QRNN: dropout acts between layers, so it does nothing with num_layers=1",
@@ -182,15 +209,19 @@ class QRNN(nn.Module):
         self.zoneout = float(zoneout)
         self.output_gate = output_gate
         self.save_prev_x = save_prev_x
+        self.lstm_state = lstm_state
+        self.proj_size = 0  # nn.LSTM's attribute, which code written for it may read
 
         gates = 3 if output_gate else 2
+        factory = {"device": device, "dtype": dtype}
         self._param_names = []  # [(weight name, bias name or None)], index layer * D + d
         for layer in range(num_layers):
             layer_in = input_size if layer == 0 else hidden_size * self.num_directions
             for suffix in ("", "_reverse")[: self.num_directions]:
                 w, b = f"weight_ih_l{layer}{suffix}", f"bias_ih_l{layer}{suffix}"
-                self.register_parameter(w, nn.Parameter(torch.empty(gates * hidden_size, layer_in * window)))
-                self.register_parameter(b, nn.Parameter(torch.empty(gates * hidden_size)) if bias else None)
+                weight = torch.empty(gates * hidden_size, layer_in * window, **factory)
+                self.register_parameter(w, nn.Parameter(weight))
+                self.register_parameter(b, nn.Parameter(torch.empty(gates * hidden_size, **factory)) if bias else None)
                 self._param_names.append((w, b if bias else None))
         self._prev_x = [None] * num_layers  # per layer, its last window-1 inputs
         self.reset_parameters()
@@ -214,13 +245,14 @@ class QRNN(nn.Module):
         s = f"{self.input_size}, {self.hidden_size}"
         for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
                               ("dropout", 0.0), ("bidirectional", False), ("window", 1),
-                              ("zoneout", 0.0), ("output_gate", True), ("save_prev_x", False)):
+                              ("zoneout", 0.0), ("output_gate", True), ("save_prev_x", False),
+                              ("lstm_state", False)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
         return s
 
-    def forward(self, input, h_0=None):
-        keep = None  # (T, B, 1) bool, False on the padding of packed sequences
+    def forward(self, input, hx=None):
+        keep, lengths = None, None  # keep: (T, B, 1) bool, False on the padding of packed sequences
         if isinstance(input, PackedSequence):
             if self.save_prev_x:
                 raise ValueError("QRNN: save_prev_x (streaming) takes padded tensors, not a PackedSequence")
@@ -240,44 +272,100 @@ class QRNN(nn.Module):
             )
         if x.shape[-1] != self.input_size:
             raise ValueError(f"QRNN: input must have input_size={self.input_size} features, got {x.shape[-1]}")
+        w = self.weight_ih_l0
+        if x.device != w.device:
+            raise ValueError(
+                f"QRNN: the input is on {x.device} but the parameters on {w.device}; move the input, "
+                f"input.to('{w.device}'), or the module, qrnn.to('{x.device}')"
+            )
+        autocast = torch.is_autocast_enabled(x.device.type)  # it casts inputs and states itself
+        if x.dtype != w.dtype and not autocast:
+            raise ValueError(
+                f"QRNN: the input is {x.dtype} but the parameters {w.dtype}; convert the input, "
+                f"input.to({w.dtype}), or the module, qrnn.to({x.dtype}) (or run under torch.autocast)"
+            )
         td = 1 if batch_first else 0  # the time dim
         B = x.shape[1 - td]
-        LD = self.num_layers * self.num_directions
-        if h_0 is not None:
-            expected = (LD, self.hidden_size) if unbatched else (LD, B, self.hidden_size)
-            if not isinstance(h_0, torch.Tensor) or h_0.shape != expected:
-                got = tuple(h_0.shape) if isinstance(h_0, torch.Tensor) else type(h_0).__name__
-                what = "(num_layers * num_directions, hidden_size)" if unbatched else \
-                    "(num_layers * num_directions, batch, hidden_size)"
-                raise ValueError(f"QRNN: h_0 must be {what} = {expected}, got {got}")
-            if unbatched:
-                h_0 = h_0.unsqueeze(1)
+        h_0, c_0 = self._state(hx, x, B, unbatched, autocast)  # (L * D, B, H) each, or None
 
-        finals = []  # (1, B, H) per layer and direction
+        finals, lasts = [], []  # (1, B, H) per layer and direction: its last c, and its last h (lstm_state)
         for layer in range(self.num_layers):
             outs = []
             for d in range(self.num_directions):
                 i = layer * self.num_directions + d
-                h, c_last = self._direction(x, layer, i, d == 1, None if h_0 is None else h_0[i], keep, td)
+                h, c_last = self._direction(x, layer, i, d == 1, None if c_0 is None else c_0[i], keep, td)
                 outs.append(h)
                 finals.append(c_last)
+                if self.lstm_state:
+                    lasts.append(self._last_h(h, d == 1, td, lengths, None if h_0 is None else h_0[i]))
             x = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
             if layer < self.num_layers - 1:
                 if keep is not None:
                     x = x * keep  # zero padding, which the next reverse window reads
                 if self.dropout and self.training:
                     x = F.dropout(x, self.dropout, True)
-        h_n = finals[0].contiguous() if len(finals) == 1 else torch.cat(finals)
+        c_n = finals[0].contiguous() if len(finals) == 1 else torch.cat(finals)  # (L * D, B, H)
+        h_n = (lasts[0].contiguous() if len(lasts) == 1 else torch.cat(lasts)) if self.lstm_state else None
 
         if keep is not None:
             s = input.sorted_indices
             out = x if s is None else x.index_select(1, s)
             lens = lengths if s is None else lengths[s.cpu()]
             data = pack_padded_sequence(out, lens, enforce_sorted=True).data
-            return PackedSequence(data, input.batch_sizes, s, input.unsorted_indices), h_n
+            out = PackedSequence(data, input.batch_sizes, s, input.unsorted_indices)
+        elif unbatched:
+            out, c_n, h_n = x.squeeze(1), c_n.squeeze(1), None if h_n is None else h_n.squeeze(1)
+        else:
+            out = x
+        return out, ((h_n, c_n) if self.lstm_state else c_n)
+
+    def _state(self, hx, x, B, unbatched, autocast):
+        """hx, checked against x (.., B, I), -> (h_0, c_0), each (L * D, B, H) or None."""
+        pair = isinstance(hx, (tuple, list))
+        if self.lstm_state and hx is not None and (not pair or len(hx) != 2):
+            got = f"a {type(hx).__name__} of {len(hx)}" if pair else type(hx).__name__
+            raise ValueError(
+                f"QRNN: with lstm_state=True, hx is the pair (h_0, c_0) as for nn.LSTM, got {got}; "
+                f"pass (h_0, c_0), or construct the QRNN without lstm_state to pass the memory c_0 alone"
+            )
+        if not self.lstm_state and pair:
+            raise ValueError(
+                f"QRNN: hx is a {type(hx).__name__}, as nn.LSTM's (h_0, c_0), but this QRNN takes its memory "
+                f"c_0 alone; construct it with QRNN(..., lstm_state=True) to pass and get (h, c) pairs as "
+                f"nn.LSTM does, or pass c_0 alone"
+            )
+        if hx is None:
+            return None, None
+        LD = self.num_layers * self.num_directions
+        expected = (LD, self.hidden_size) if unbatched else (LD, B, self.hidden_size)
+        what = "(num_layers * num_directions, hidden_size)" if unbatched else \
+            "(num_layers * num_directions, batch, hidden_size)"
+        named = zip(("h_0", "c_0"), hx) if self.lstm_state else [("h_0", hx)]
+        for name, t in named:
+            if not isinstance(t, torch.Tensor) or t.shape != expected:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"QRNN: {name} must be {what} = {expected}, got {got}")
+            if t.device != x.device:
+                raise ValueError(f"QRNN: {name} is on {t.device} but the input on {x.device}; "
+                                 f"move it: {name}.to('{x.device}')")
+            if t.dtype != x.dtype and not autocast:
+                raise ValueError(f"QRNN: {name} is {t.dtype} but the input {x.dtype}; convert it: {name}.to({x.dtype})")
+        h_0, c_0 = hx if self.lstm_state else (None, hx)
         if unbatched:
-            return x.squeeze(1), h_n.squeeze(1)
-        return x, h_n
+            h_0, c_0 = (None if t is None else t.unsqueeze(1) for t in (h_0, c_0))
+        return h_0, c_0
+
+    @staticmethod
+    def _last_h(h, reverse, td, lengths, h0):
+        """A direction's output h (.., H) at its last step, (1, B, H): each sequence's own last with
+        lengths (B,) (packed, time-major), the first step for the reverse direction."""
+        T, B = h.shape[td], h.shape[1 - td]
+        if T == 0:  # the fused CUDA layer passes the state through zero steps; h does the same
+            return h.new_zeros(1, B, h.shape[-1]) if h0 is None else h0[None].to(h.dtype)
+        if lengths is not None and not reverse:
+            return h[(lengths - 1).to(h.device), torch.arange(B, device=h.device)][None]
+        last = h.narrow(td, 0 if reverse else T - 1, 1)
+        return last.transpose(0, 1) if td else last
 
     def _direction(self, x, layer, i, reverse, h0, keep, td):
         """One layer, one direction: x (.., I) -> h (.., H) and the last c (1, B, H)."""

@@ -1,5 +1,8 @@
 """QRNN against a plain loop over the paper's equations, and as a drop-in for nn.LSTM / nn.GRU."""
 
+import functools
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -205,7 +208,7 @@ def test_h0_and_input_errors_are_clear():
         m(x, torch.zeros(4, 3, 4))
     with pytest.raises(ValueError, match=r"h_0 must be .* = \(4, 4\), got \(4, 1, 4\)"):
         m(x[:, 0], torch.zeros(4, 1, 4))
-    with pytest.raises(ValueError, match="got tuple"):
+    with pytest.raises(ValueError, match=r"hx is a tuple, as nn.LSTM's \(h_0, c_0\).*lstm_state=True.*c_0 alone"):
         m(x, (torch.zeros(4, 2, 4), torch.zeros(4, 2, 4)))
     with pytest.raises(ValueError, match="input_size=3 features, got 5"):
         m(torch.randn(5, 2, 5))
@@ -215,6 +218,106 @@ def test_h0_and_input_errors_are_clear():
         QRNN(3, 4, bidirectional=True, save_prev_x=True)
     with pytest.raises(ValueError, match="window must be a positive int"):
         QRNN(3, 4, window=0)
+
+
+def test_lstm_state_and_dtype_errors_name_the_fix():
+    x, c = torch.randn(5, 2, 3), torch.zeros(1, 2, 4)
+    m = QRNN(3, 4, lstm_state=True)
+    with pytest.raises(ValueError, match=r"with lstm_state=True, hx is the pair \(h_0, c_0\).*got Tensor"):
+        m(x, c)
+    with pytest.raises(ValueError, match=r"got a list of 3"):
+        m(x, [c, c, c])
+    with pytest.raises(ValueError, match=r"c_0 must be .* = \(1, 2, 4\), got \(1, 3, 4\)"):
+        m(x, (c, torch.zeros(1, 3, 4)))
+    with pytest.raises(ValueError, match=r"h_0 must be .* got NoneType"):
+        m(x, (None, c))
+    with pytest.raises(ValueError, match=r"h_0 is torch.float64 but the input torch.float32; "
+                                         r"convert it: h_0.to\(torch.float32\)"):
+        m(x, (c.double(), c))
+    with pytest.raises(ValueError, match=r"c_0 is on meta but the input on cpu; move it: c_0.to\('cpu'\)"):
+        m(x, (c, c.to("meta")))
+    with pytest.raises(ValueError, match=r"h_0 is torch.float64 but the input torch.float32"):
+        QRNN(3, 4)(x, c.double())  # nn.GRU fails inside its matrix multiply
+    with pytest.raises(ValueError, match=r"the input is torch.float32 but the parameters torch.float64; "
+                                         r"convert the input, input.to\(torch.float64\), or the module, "
+                                         r"qrnn.to\(torch.float32\)"):
+        QRNN(3, 4).double()(x)
+    with pytest.raises(ValueError, match=r"the input is on meta but the parameters on cpu"):
+        QRNN(3, 4)(x.to("meta"))
+    with pytest.raises(ValueError, match=r"proj_size=2, but a QRNN has no projection.*nn.Linear\(hidden_size, 2\)"):
+        QRNN(3, 4, proj_size=2)
+
+
+def test_factory_kwargs_make_the_parameters_there():
+    m = QRNN(3, 4, 2, bidirectional=True, proj_size=0, dtype=torch.float64)
+    assert {p.dtype for p in m.parameters()} == {torch.float64}
+    assert m(torch.randn(5, 2, 3, dtype=torch.float64))[0].dtype == torch.float64
+    assert {p.device.type for p in QRNN(3, 4, 2, device="meta").parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("case", ["time_major", "batch_first", "unbatched", "packed"])
+def test_lstm_state_is_last_output_and_memory(case):
+    """With lstm_state, c_n is the memory the plain QRNN returns and h_n each layer's and direction's
+    output at its last step (a packed sequence's own last; the reverse direction's first), shaped
+    as nn.LSTM's; h_0 is not read."""
+    torch.manual_seed(9)
+    T, I, H, L = 6, 3, 5, 2
+    lengths = torch.tensor([T] if case == "unbatched" else [6, 2, 5, 1] if case == "packed" else [T] * 4)
+    B = len(lengths)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    h0, c0 = torch.randn(2, L * 2, B, H, dtype=torch.float64)
+    inp, hx = x, (h0, c0)
+    if case == "packed":
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    elif case == "batch_first":
+        inp = x.transpose(0, 1)
+    elif case == "unbatched":
+        inp, hx = x[:, 0], (h0[:, 0], c0[:, 0])
+    args = dict(window=2, bidirectional=True, batch_first=case == "batch_first")
+    plain = QRNN(I, H, L, **args).double()
+    lstm = QRNN(I, H, L, lstm_state=True, **args).double()
+    lstm.load_state_dict(plain.state_dict())
+    first = QRNN(I, H, 1, **args).double()  # layer 0 alone, for its output
+    first.load_state_dict({k: v for k, v in plain.state_dict().items() if "_l0" in k})
+
+    out, (h_n, c_n) = lstm(inp, hx)
+    want_out, want_c = plain(inp, hx[1])
+    ref_out, (ref_h, ref_c) = nn.LSTM(I, H, L, bidirectional=True, batch_first=args["batch_first"]).double()(inp, hx)
+    assert type(out) is type(ref_out) and h_n.shape == ref_h.shape and c_n.shape == ref_c.shape
+    assert torch.equal(c_n, want_c)
+    out_again, (h_again, c_again) = lstm(inp, (torch.randn_like(hx[0]), hx[1]))  # h_0 is not read
+    assert torch.equal(h_again, h_n) and torch.equal(c_again, c_n)
+
+    outs = [out, want_out, first(inp, hx[1][:2])[0], out_again]
+    if case == "packed":
+        outs = [pad_packed_sequence(o)[0] for o in outs]
+    elif case == "batch_first":
+        outs = [o.transpose(0, 1) for o in outs]
+    elif case == "unbatched":
+        outs, h_n = [o[:, None] for o in outs], h_n[:, None]
+    out, want_out, out_0, out_again = outs  # (T, B, 2 * H)
+    assert torch.equal(out, want_out) and torch.equal(out_again, out)
+    last, b = lengths - 1, torch.arange(B)
+    for layer, o in enumerate((out_0, out)):
+        assert torch.equal(h_n[2 * layer], o[last, b, :H])  # forward: each sequence's last step
+        assert torch.equal(h_n[2 * layer + 1], o[0, :, H:])  # reverse: its first
+
+
+def test_lstm_state_pieces_equal_one_call():
+    """A stream fed in two pieces, passing (h_n, c_n) back as hx, gives one call's output and state."""
+    torch.manual_seed(10)
+    T, B, I, H, L = 9, 2, 3, 4, 2
+    m = QRNN(I, H, L, window=2, save_prev_x=True, lstm_state=True).double()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    hx = tuple(torch.randn(2, L, B, H, dtype=torch.float64))
+    full, (h_full, c_full) = m(x, hx)
+    m.reset()
+    out_a, state = m(x[:4], hx=hx)
+    out_b, (h_n, c_n) = m(x[4:], hx=state)
+    assert rel_err(torch.cat([out_a, out_b]), full) < RTOL[torch.float64]
+    assert rel_err(h_n, h_full) < RTOL[torch.float64] and rel_err(c_n, c_full) < RTOL[torch.float64]
+    plain = QRNN(I, H, L, window=2).double()
+    assert torch.equal(plain(x, hx=c_full)[0], plain(x, c_full)[0])
 
 
 def test_forget_mult_matches_loop():
@@ -245,6 +348,7 @@ def test_low_precision_and_autocast_cpu(dtype):
     want, want_h = m(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, h_n = m(x, torch.zeros(4, 3, 16))
+        assert m(x, h_n)[1].dtype == torch.bfloat16  # h_n goes back in, whatever its dtype, as with nn.LSTM
     assert out.dtype == torch.bfloat16
     assert rel_err(out, want) < RTOL[torch.bfloat16] and rel_err(h_n, want_h) < RTOL[torch.bfloat16]
     out.float().sum().backward()
@@ -291,6 +395,46 @@ def test_drop_in_tagger_trains(rnn_cls, pass_h0, batch_first):
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.6 * first, (first, last)
+
+
+class ChunkedModel(nn.Module):
+    """A model written against nn.LSTM that reads a stream in chunks, carrying (h, c) between them:
+    tokens (B, T) -> logits (B, T, n_vocab) and the state to pass with the next chunk."""
+
+    def __init__(self, rnn_cls, n_vocab=8, hidden=16):
+        super().__init__()
+        self.emb = nn.Embedding(n_vocab, hidden)
+        self.rnn = rnn_cls(hidden, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, n_vocab)
+
+    def forward(self, tokens, state=None):
+        x = self.emb(tokens)
+        out, (h, c) = self.rnn(x) if state is None else self.rnn(x, state)
+        return self.head(out), (h.detach(), c.detach())
+
+
+@pytest.mark.parametrize("rnn_cls", [nn.LSTM, functools.partial(QRNN, lstm_state=True)])
+def test_drop_in_for_lstm_state_carries_memory_across_chunks(rnn_cls):
+    """The task is to name the previous token, so a chunk's first token is to name the last of the
+    chunk before: learnable only through the carried (h, c) (a QRNN's gates see the current token alone;
+    without the state this position stays at chance, ln 8 = 2.08)."""
+    torch.manual_seed(12)
+    model = ChunkedModel(rnn_cls)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    B, T = 16, 4
+    prev, state, first_losses = torch.zeros(B, 1, dtype=torch.long), None, []
+    for _ in range(80):
+        tokens = torch.randint(0, 8, (B, T))
+        logits, state = model(tokens, state)
+        assert state[0].shape == state[1].shape == (2, B, 16)
+        targets = torch.cat([prev, tokens[:, :-1]], 1)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first_losses.append(F.cross_entropy(logits[:, 0], targets[:, 0]).item())
+        prev = tokens[:, -1:]
+    assert sum(first_losses[-10:]) / 10 < 0.5 * math.log(8), first_losses
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -464,6 +608,28 @@ def test_fused_kernel_adds_the_bias_as_cublas_would(bias, fused_calls):
 
     assert sq_cuda.qrnn_segments(2, 700, 16) == 16
     assert len(fused_calls) == 2 * 4 * 4  # two shapes x four calls x (two layers x two directions)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_fused_cuda_layer_lstm_state(batch_first, fused_calls):
+    """With lstm_state, the fused CUDA layer's (h_n, c_n), and the gradients through h_n alone (the
+    output unused), agree with the CPU's."""
+    torch.manual_seed(16)
+    m = QRNN(6, 16, num_layers=2, window=2, bidirectional=True, batch_first=batch_first, lstm_state=True)
+    x = torch.randn(3, 9, 6) if batch_first else torch.randn(9, 3, 6)
+    hx = tuple(torch.randn(2, 4, 3, 16))
+    results = []
+    for device in ("cpu", "cuda"):
+        m.to(device)
+        xd = x.clone().to(device).requires_grad_()
+        out, (h_n, c_n) = m(xd, tuple(t.to(device) for t in hx))
+        grads = torch.autograd.grad(h_n.sum(), [xd, *m.parameters()])
+        results.append([t.cpu() for t in (out, h_n, c_n, *grads)])
+    assert len(fused_calls) == 4  # two layers x two directions, in the CUDA call
+    for a, b in zip(*results):
+        assert rel_err(b, a) < 1e-4
 
 
 def _results(layer, x, gy):
