@@ -15,8 +15,8 @@
 - The interface is nn.GRU's (the constructor takes nn.LSTM's arguments, proj_size=0 only, then the
   QRNN's own): output (T, B, D * H) (batch_first: (B, T, D * H)), hx and h_n (num_layers * D, B, H),
   the state being c, the pooled memory. With lstm_state=True the state is nn.LSTM's pair: hx =
-  (h_0, c_0) and (h_n, c_n), h_n the last output h, which is checked on the way in but not read,
-  since the gates come from the inputs alone.
+  (h_0, c_0) and (h_n, c_n), h_n the last output h; h_0 is checked but not read, since the gates
+  come from the inputs alone.
 """
 
 import functools
