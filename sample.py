@@ -15,6 +15,7 @@ answers from where the conversation is; an empty line lets it go on. Commands: /
 """
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import fields
@@ -263,4 +264,8 @@ def set_control(args, arg):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # the reader left (`sample.py ... | head`): stop writing, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush meets no pipe
+        sys.exit(1)

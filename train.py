@@ -22,6 +22,7 @@ from sqrllm import distributed  # noqa: E402
 from sqrllm.checkpoint import CheckpointError  # noqa: E402
 from sqrllm.config import ConfigError, config_help, load_config  # noqa: E402
 from sqrllm.data import DataError  # noqa: E402
+from sqrllm.faults import ConsoleStream  # noqa: E402
 from sqrllm.trainer import EXIT_PREEMPTED, RunStopped, train  # noqa: E402
 
 
@@ -43,4 +44,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    sys.stdout, sys.stderr = ConsoleStream(sys.stdout), ConsoleStream(sys.stderr)  # a pipe may close: see faults
     distributed.run_main(main, sys.argv[1:])  # sys.exit(main(...)); see sqrllm/distributed.py

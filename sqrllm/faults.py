@@ -4,6 +4,7 @@ continue from; and the exit codes train.py returns for each.
 The loop in sqrllm/trainer.py uses these; docs/guarantees.md lists the promises and their tests.
 """
 
+import os
 import signal
 import threading
 
@@ -48,6 +49,35 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+class ConsoleStream:
+    """sys.stdout or sys.stderr for a run whose reader may go away: `train.py ... | tee log` stopped by
+    Ctrl-C loses tee at once, while the run still finishes its step and saves. A write to the closed
+    pipe then points the stream at os.devnull instead of raising, so that the save and the exit
+    status are not lost to a progress line (nor Python's last flush, which would meet the pipe too)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, op, *args):
+        try:
+            return op(*args)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            return None
+
+    def write(self, text):
+        done = self._guard(self._stream.write, text)
+        return len(text) if done is None else done
+
+    def flush(self):
+        self._guard(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def nonfinite(loss, grad_norm=None):

@@ -117,6 +117,23 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(data_dir, reference
     assert_same_run(reference, out)
 
 
+def test_ctrl_c_through_tee_still_saves_when_the_pipe_is_gone(data_dir, tmp_path):
+    # `train.py ... | tee log`, Ctrl-C: tee exits at once, the run finishes its step and must still save,
+    # though its next progress line meets a closed pipe
+    out = tmp_path / "run"
+    argv = args(data_dir, out, "--max_iters=100000", "--log_interval=1")
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step ") and "loss" in line:
+            break
+    proc.stdout.close()
+    proc.stderr.close()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED
+    assert checkpoint.load(out)["step"] >= 1
+
+
 def test_second_signal_during_the_write_leaves_a_valid_checkpoint(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     lr_at, save = trainer.lr_at, torch.save
