@@ -25,7 +25,10 @@ import torch
 
 from sqrllm import cpu
 from sqrllm.checkpoint import CheckpointError, load_model
+from sqrllm.config import ConfigError
 from sqrllm.sampling import Sampler, SamplingParams, StateError
+from sqrllm.tokenizer import TokenizerError
+from sqrllm.trainer import pick_device
 
 COMMANDS = """commands:
   /reset        back to the start (the --prompt / --load_state position, or nothing)
@@ -93,10 +96,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        device = pick_device(args.device)
         model, tok, _ = load_model(args.ckpt, device)
-    except CheckpointError as e:
+    except (ConfigError, CheckpointError, TokenizerError) as e:
         sys.exit(f"error: {e}")
     if args.step == "graph" and not device.startswith("cuda"):
         sys.exit("error: --step graph needs a CUDA device")
@@ -114,7 +117,11 @@ def main(argv=None):
         except StateError as e:
             sys.exit(f"error: {e}")
     if args.prompt_file:
-        prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else f"not UTF-8 text: {e.reason} at byte {e.start}"
+            sys.exit(f"error: --prompt_file {args.prompt_file}: {why}")
     elif args.prompt is not None:
         prompt = args.prompt
     else:

@@ -221,7 +221,8 @@ def load(path, map_location="cpu"):
     `path` is a checkpoint file, or a run's out_dir (its newest intact checkpoint)."""
     path = Path(path)
     if path.is_dir():
-        return load_latest(path, map_location, warn=lambda text: print(text, file=sys.stderr))[0]
+        return load_latest(path, map_location, warn=lambda text: print(text, file=sys.stderr),
+                           hint="pass the out_dir of a run that has saved one, or a checkpoint file")[0]
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; pass the ckpt.pt that train.py wrote "
                               "(out_dir/ckpt.pt), or the out_dir")
@@ -244,16 +245,17 @@ def _candidates(folder):
     return [(f, None) for f in files]
 
 
-def load_latest(folder, map_location="cpu", warn=None):
+def load_latest(folder, map_location="cpu", warn=None,
+                hint="train once without --init_from=resume, or point out_dir at the run to continue"):
     """The newest intact checkpoint of a run -> (ckpt, path, entries).
 
     A newer checkpoint that is missing, truncated, corrupt or refused is skipped with a warning (through
-    `warn`). `entries`: latest.json's entries from the loaded one on, newest first, for `save_rotating`."""
+    `warn`). `entries`: latest.json's entries from the loaded one on, newest first, for `save_rotating`.
+    `hint`: what to do when the folder holds none, for the caller's user."""
     folder = Path(folder)
     found = _candidates(folder)
     if not found:
-        raise CheckpointError(f"no checkpoint in {folder} (no {POINTER}, ckpt-*.pt or {NEWEST}); train once "
-                              "without --init_from=resume, or point out_dir at the run to continue")
+        raise CheckpointError(f"no checkpoint in {folder} (no {POINTER}, ckpt-*.pt or {NEWEST}); {hint}")
     skipped = []
     for i, (path, entry) in enumerate(found):
         try:

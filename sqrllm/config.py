@@ -117,9 +117,18 @@ class Config:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("n_mem", "n_ffn", "mlp_every", "max_iters", "reset_every", "eval_interval", "warmup_iters",
-                    "max_bad_steps", "ema_start", "eval_block_size", "burn_in"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+                    "max_bad_steps", "ema_start", "eval_block_size", "burn_in", "lr_decay_iters", "eval_max_tokens",
+                    "min_lr", "weight_decay", "max_time", "peak_flops"):
+            v = getattr(self, key)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{key} must be >= 0, got {v}")
+        for key in ("beta1", "beta2"):  # AdamW divides by 1 - beta ** step
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ConfigError(f"init_std must be a positive number, got {self.init_std}")
+        if not (math.isfinite(self.max_timescale) and self.max_timescale >= 1):
+            raise ConfigError(f"max_timescale must be at least 1 (tokens), got {self.max_timescale}")
         if self.model == "gpt" and (self.n_head < 1 or self.n_embd % self.n_head):
             raise ConfigError(f"model='gpt' needs n_embd ({self.n_embd}) to be a multiple of n_head ({self.n_head})")
         if self.model == "gpt" and self.eval_block_size > self.block_size:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,12 +51,26 @@ def process_start_time():
         return time.time()
 
 
+def pick_device(name):
+    """"auto" -> "cuda" where there is a GPU, else "cpu"; a device this machine lacks is a ConfigError."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
+        raise ConfigError(f"device={name!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={name!r} but this torch sees no CUDA device; use --device=cpu")
+        if name != "cuda" and int(name.split(":")[1]) >= count:
+            raise ConfigError(f"device={name!r} but this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' but this torch has no Apple GPU (MPS) here; use --device=cpu")
+    return name
+
+
 def resolve_device(cfg):
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={cfg.device!r} but this torch sees no CUDA device; use --device=cpu")
+    device = pick_device(cfg.device)
     dtype = cfg.dtype
     if dtype == "auto":
         bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
@@ -81,6 +96,17 @@ def lr_at(cfg, step):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
+REPO_DATA = Path(__file__).resolve().parent.parent / "data"  # data/<name>/prepare.py of this checkout
+
+
+def _near(path):
+    """`path` relative to the current directory when it lies below it (shorter to read and to type)."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def load_dataset(cfg):
     """-> (meta, train tokens, val tokens), preparing `builtin` on first use."""
     folder = Path(cfg.data_dir) / cfg.dataset
@@ -88,9 +114,13 @@ def load_dataset(cfg):
         tqdm.write(f"preparing the builtin dataset in {folder} (Python's standard library source, once)")
         prepare_builtin(folder)
     if not (folder / "meta.json").is_file():
-        script = Path(cfg.data_dir) / cfg.dataset / "prepare.py"
-        how = (f"python {script}" if script.is_file()
-               else f"python data/text/prepare.py --input YOUR_FILES --name {cfg.dataset}")
+        repo = REPO_DATA / cfg.dataset  # the dataset's prepare.py writes there, whatever the current directory
+        if (repo / "meta.json").is_file() and repo.resolve() != folder.resolve():
+            raise DataError(f"dataset '{cfg.dataset}' not found in {folder} (data_dir is relative to the current "
+                            f"directory) but prepared in {repo}: pass --data_dir={REPO_DATA}")
+        script = next((d / "prepare.py" for d in (folder, repo) if (d / "prepare.py").is_file()), None)
+        how = (f"python {_near(script)}" if script
+               else f"python {_near(REPO_DATA / 'text' / 'prepare.py')} --input YOUR_FILES --name {cfg.dataset}")
         raise DataError(f"dataset '{cfg.dataset}' not found in {folder}; prepare it first: {how}")
     meta = read_meta(folder)
     try:  # the tokenizer and its files are usable (sample.py will need them beside the checkpoint)

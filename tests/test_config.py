@@ -39,6 +39,15 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("--burn_in=16", "burn_in=16 is for batching='random'"),
     ("--burn_in=16 --batching=random --model=gpt --n_head=4", "needs a model with memory"),
     ("--burn_in_rows=0", "burn_in_rows must be in \\(0, 1\\]"),
+    ("--beta1=1.0", "beta1 must be in \\[0, 1\\)"),  # AdamW's bias correction would divide by zero
+    ("--beta2=2", "beta2 must be in \\[0, 1\\)"),
+    ("--weight_decay=nan", "weight_decay must be >= 0, got nan"),
+    ("--min_lr=-1", "min_lr must be >= 0"),
+    ("--lr_decay_iters=-1", "lr_decay_iters must be >= 0"),
+    ("--eval_max_tokens=-5", "eval_max_tokens must be >= 0"),
+    ("--max_time=-1", "max_time must be >= 0"),
+    ("--init_std=-1", "init_std must be a positive number"),
+    ("--max_timescale=0", "max_timescale must be at least 1 \\(tokens\\)"),
 ])
 def test_bad_overrides_name_the_field(arg, message):
     with pytest.raises(ConfigError, match=message):

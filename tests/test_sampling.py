@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -411,6 +412,41 @@ def test_sample_py_refuses_bad_controls(capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt=x", "--min_p=2"])
     assert e.value.code == 2 and "min_p must be in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("--prompt_file={tmp}/nofile.txt", "--prompt_file {tmp}/nofile.txt: No such file or directory"),
+    ("--prompt_file={tmp}", "--prompt_file {tmp}: Is a directory"),
+    ("--prompt_file={tmp}/latin1.txt", "--prompt_file {tmp}/latin1.txt: not UTF-8 text: invalid continuation byte"),
+    ("--device=gpu", "device='gpu' is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"),
+    ("--device=cuda:99", "device='cuda:99' but this "),
+])
+def test_sample_py_bad_input_is_one_error_line(char_ckpt, tmp_path, bad, message):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--ckpt={char_ckpt}", bad.format(tmp=tmp_path)] + ([] if "device" in bad else ["--device=cpu"]))
+    assert str(e.value.code).startswith("error: " + message.format(tmp=tmp_path))
+
+
+def test_sample_py_names_a_missing_tokenizer_file(tmp_path):
+    # a SentencePiece run's checkpoint, copied without the tokenizer.model that lies beside it
+    meta = {"kind": "sentencepiece", "model_file": "tokenizer.model"}
+    spm = types.SimpleNamespace(vocab_size=300, to_meta=lambda: meta)
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", MODEL_KW, spm)
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--ckpt={ckpt}", "--device=cpu"])
+    assert str(e.value.code).startswith(f"error: SentencePiece model {tmp_path / 'tokenizer.model'} not found")
+
+
+def test_sample_py_into_a_pipe_that_closes_ends_quietly(char_ckpt):
+    # `sample.py ... | head -c 20`: the reader leaves; no traceback, and the sampling stops
+    proc = subprocess.Popen([sys.executable, "sample.py", f"--ckpt={char_ckpt}", "--max_new_tokens=1000000",
+                             "--device=cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    assert len(proc.stdout.read(20)) == 20
+    proc.stdout.close()
+    stderr = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 1 and stderr == ""
 
 
 # --- text: streaming and stop strings ---

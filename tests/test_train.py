@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sqrllm import checkpoint
+from sqrllm import checkpoint, trainer
 from sqrllm.config import ConfigError, load_config
 from sqrllm.data import DataError
 from sqrllm.trainer import evaluate, load_dataset, train
@@ -133,6 +133,17 @@ def test_missing_dataset_says_what_to_run(tmp_path):
     cfg = load_config([f"--data_dir={tmp_path}", "--dataset=nothing_here", f"--out_dir={tmp_path}/o"])
     with pytest.raises(DataError, match="prepare it first: python data/text/prepare.py"):
         train(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_dataset_prepared_in_the_repo_is_found_from_another_directory(data_dir, tmp_path, monkeypatch):
+    # data/<name>/prepare.py writes beside itself; data_dir is relative to where train.py is started
+    monkeypatch.setattr(trainer, "REPO_DATA", data_dir)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=f"dataset 'tiny' not found in data/tiny \\(data_dir is relative to the "
+                                        f"current directory\\) but prepared in {data_dir / 'tiny'}: "
+                                        f"pass --data_dir={data_dir}"):
+        train(load_config(["--dataset=tiny", f"--out_dir={tmp_path}/o"]))
     assert not (tmp_path / "o").exists()
 
 
