@@ -13,6 +13,9 @@ A training run's out_dir holds its last `keep_checkpoints` checkpoints and a poi
                                      checkpoint it names is complete
     ckpt.pt                          a hard link to the newest (a copy where links are not supported)
 
+A run started afresh (not --init_from=resume) in an out_dir holding another run's files first moves
+those into out_dir/previous-<UTC time> (`archive_run`), so that nothing is lost or mixed.
+
 Loading a file that latest.json lists (ckpt.pt included, through its link) checks its size and
 sha256, so a truncated or corrupted file is an error naming it; `load_latest` falls back to the
 newest intact checkpoint with a warning.
@@ -20,6 +23,7 @@ newest intact checkpoint with a warning.
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -27,6 +31,7 @@ import random
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +46,7 @@ FORMAT = 1
 POINTER = "latest.json"
 NEWEST = "ckpt.pt"
 _NAME = re.compile(r"ckpt-(\d+)\.pt")
+_RUN_FILE = re.compile(r"\.?(ckpt-\d+\.pt|ckpt\.pt|latest\.json|metrics\.jsonl|config\.json)(\.tmp)?")
 
 
 class CheckpointError(ValueError):
@@ -150,6 +156,32 @@ def save_rotating(out_dir, ckpt, step, keep, entries):
         if _NAME.fullmatch(f.name) and f.name not in listed:
             f.unlink(missing_ok=True)
     return entries
+
+
+def archive_run(out_dir, tokenizer_names=()):
+    """Move a previous run's files out of the way of a new run in `out_dir`: its checkpoints, latest.json,
+    ckpt.pt, metrics.jsonl, config.json, the tokenizer files `tokenizer_names` and their temp files go,
+    as they are, into a new folder out_dir/previous-<UTC time> (from which that run resumes). Other
+    files and folders stay. -> the new folder; None when out_dir holds none of a run's files."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    files = [f for f in out_dir.iterdir() if _RUN_FILE.fullmatch(f.name) and (f.is_file() or f.is_symlink())]
+    if not files:
+        return None
+    files += [out_dir / n for name in tokenizer_names for n in (name, f".{name}.tmp") if (out_dir / n).is_file()]
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for n in itertools.count(1):  # a run started in the same second gets the next number
+        folder = out_dir / (f"previous-{stamp}" if n == 1 else f"previous-{stamp}-{n}")
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            continue
+    for f in files:
+        os.rename(f, folder / f.name)
+    _fsync_dir(out_dir)
+    return folder
 
 
 def read_pointer(folder):

@@ -1,5 +1,5 @@
 """What a training run meets and survives: stop signals, non-finite steps, checkpoints it cannot
-continue from; and the exit codes train.py returns for each.
+continue from, another run's files in its out_dir; and the exit codes train.py returns for each.
 
 The loop in sqrllm/trainer.py uses these; docs/guarantees.md lists the promises and their tests.
 """
@@ -7,11 +7,14 @@ The loop in sqrllm/trainer.py uses these; docs/guarantees.md lists the promises 
 import os
 import signal
 import threading
+from pathlib import Path
 
 import torch
 
+from sqrllm import checkpoint, distributed
 from sqrllm.config import Config, ConfigError
 from sqrllm.data import DataError
+from sqrllm.tokenizer import SPM_FILE, tokenizer_files, tokenizer_sha256
 
 MODEL_KEYS = ("n_layer", "n_embd", "n_mem", "n_ffn", "mlp_every", "tie_weights", "bias")
 
@@ -107,13 +110,15 @@ def check_resume(cfg, ckpt, path, meta, world_size=1):
     diff = [f"{k}: {_saved(ckpt, k)} -> {getattr(cfg, k)}" for k in keys if _saved(ckpt, k) != getattr(cfg, k)]
     if diff:
         raise ConfigError(f"cannot resume {path}: the model shape differs from the checkpoint's ({'; '.join(diff)}); "
-                          "keep these keys as they were, or start a new out_dir")
+                          "keep these keys as they were (the run's settings are in "
+                          f"{Path(path).parent / 'config.json'}), or start a new out_dir")
     tok, saved_tok = meta["tokenizer"], ckpt["tokenizer"]
     if ckpt["vocab_size"] != meta["vocab_size"] or tok.get("kind") != saved_tok.get("kind") or (
             tok.get("kind") == "char" and tok.get("chars") != saved_tok.get("chars")):
         raise DataError(f"{path} was trained with a {saved_tok.get('kind')} tokenizer of vocab_size "
                         f"{ckpt['vocab_size']}, but dataset '{cfg.dataset}' has a {tok.get('kind')} tokenizer of "
                         f"{meta['vocab_size']}; resume on the dataset the checkpoint was trained on")
+    _check_tokenizer_files(cfg, saved_tok, path, meta)
     changed = [f"{k} {_saved(ckpt, k)} -> {getattr(cfg, k)}" for k in ("batch_size", "batching")
                if _saved(ckpt, k) != getattr(cfg, k)]
     if _world_size(ckpt) != world_size:
@@ -125,6 +130,45 @@ def check_resume(cfg, ckpt, path, meta, world_size=1):
     return changed
 
 
+def _check_tokenizer_files(cfg, saved_tok, path, meta):
+    """Refuse a dataset whose tokenizer model (same kind and vocab_size) is another file than the one
+    the checkpoint records (its sha256; older checkpoints lack it) or than the copy in out_dir."""
+    data_folder = Path(cfg.data_dir) / cfg.dataset
+    ours = tokenizer_sha256(meta["tokenizer"], data_folder)
+    if ours is None:  # byte and char tokenizers are their description, compared above
+        return
+    copy = Path(cfg.out_dir) / tokenizer_files(saved_tok)[0]
+    for theirs, what in ((saved_tok.get("sha256"), "a SentencePiece model"),
+                         (tokenizer_sha256(saved_tok, cfg.out_dir), f"the SentencePiece model {copy}")):
+        if theirs is not None and theirs != ours:
+            model_file = data_folder / tokenizer_files(meta["tokenizer"])[0]
+            raise DataError(f"{path} was trained with {what} of sha256 {theirs[:12]}..., but dataset "
+                            f"'{cfg.dataset}' has another model of the same vocab_size ({model_file}, sha256 "
+                            f"{ours[:12]}...); resume on the dataset the checkpoint was trained on, or start a new "
+                            "out_dir")
+
+
+def set_aside_previous_run(out_dir, data_folder, meta, dd, device, warn):
+    """A fresh run in an out_dir holding another run's files: rank 0 moves them, whole, into
+    out_dir/previous-<UTC time> and says so; RunStopped on every rank if it cannot."""
+    folder, error = None, None
+    if dd.is_main:
+        same = out_dir.exists() and data_folder.resolve() == out_dir.resolve()  # the dataset's own tokenizer stays
+        names = [] if same else sorted({SPM_FILE, *tokenizer_files(meta["tokenizer"])})
+        try:
+            folder = checkpoint.archive_run(out_dir, names)
+        except OSError as e:
+            error = e
+    if distributed.any_rank(error is not None, device):
+        raise RunStopped(f"could not move the previous run's files in {out_dir} aside: {error or 'failed on rank 0'}; "
+                         f"nothing was deleted (what moved is in {out_dir / 'previous-*'}); fix the folder's "
+                         "permissions, or pass another out_dir (or --init_from=resume to continue that run)",
+                         EXIT_NO_WRITE)
+    if folder is not None:
+        warn(f"warning: {out_dir} held another run's files; moved them to {folder} (to continue that run instead: "
+             f"--out_dir={folder} --init_from=resume)")
+
+
 def check_model_keys(model, saved, path):
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in saved.items()}
@@ -132,7 +176,8 @@ def check_model_keys(model, saved, path):
     if diff:
         shown = "; ".join(f"{k}: {theirs.get(k, 'absent')} -> {ours.get(k, 'absent')}" for k in diff[:10])
         raise ConfigError(f"cannot resume {path}: {len(diff)} parameters differ from the checkpoint's ({shown}); "
-                          "keep the model config as it was, or start a new out_dir")
+                          "keep the model config as it was (the run's settings are in "
+                          f"{Path(path).parent / 'config.json'}), or start a new out_dir")
 
 
 def restart_data(batches, ckpt, n_tokens, cfg):

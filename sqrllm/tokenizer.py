@@ -9,6 +9,7 @@
 """
 
 import codecs
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -206,6 +207,20 @@ def from_meta(meta, folder=None):
 def tokenizer_files(meta):
     """Names of the files a tokenizer description refers to (copied along with checkpoints)."""
     return [meta["model_file"]] if meta.get("kind") == "sentencepiece" else []
+
+
+def tokenizer_sha256(meta, folder):
+    """sha256 (hex) of the files a tokenizer description names, read from `folder`; None if it names
+    none (byte and char tokenizers are their description) or one is missing.
+
+    Two SentencePiece models of one vocab_size differ in their pieces: this tells them apart."""
+    h = hashlib.sha256()
+    for name in tokenizer_files(meta):
+        try:
+            h.update((Path(folder) / name).read_bytes())
+        except FileNotFoundError:
+            return None
+    return h.hexdigest() if tokenizer_files(meta) else None
 
 
 class StreamDecoder:

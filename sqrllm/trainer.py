@@ -1,7 +1,8 @@
 """The training loop: config -> data -> model -> steps -> evaluations -> checkpoints.
 
 train.py is a thin wrapper around `train(cfg)`. What a run promises (docs/guarantees.md):
-- Inputs are all checked (config, data, checkpoint, model shape, tokenizer) before out_dir is written.
+- Inputs are all checked (config, data, checkpoint, model shape, tokenizer) before out_dir is written;
+  a fresh run first moves another run's files there into out_dir/previous-<UTC time>.
 - A resumed run goes on bitwise as if it had not stopped: the LR is a pure function of the step, and
   the checkpoint holds the data cursor, the carried memory, every RNG state and the running loss sums.
 - SIGTERM or SIGINT: the step finishes, a checkpoint is written, RunStopped(EXIT_PREEMPTED).
@@ -32,13 +33,13 @@ from sqrllm.data import (DataError, RandomBatches, StreamBatches, copy_tokenizer
                          reset_token)
 from sqrllm.ema import ema_for_run
 from sqrllm.faults import (EXIT_DIVERGED, EXIT_NO_WRITE, EXIT_PREEMPTED, RunStopped, StopSignals, check_model_keys,
-                           check_resume, nonfinite, restart_data)
+                           check_resume, nonfinite, restart_data, set_aside_previous_run)
 from sqrllm.flops import flops_per_token, mfu, peak_flops
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
 from sqrllm.prepare import prepare_builtin
 from sqrllm.step_graph import GraphedStep, burn_in_window, graph_wanted
-from sqrllm.tokenizer import from_meta
+from sqrllm.tokenizer import from_meta, tokenizer_sha256
 
 
 def process_start_time():
@@ -257,6 +258,9 @@ def train(cfg: Config, launched=None):
 
 
 def _train(cfg, launched, ending):
+    if cfg.eval_only and cfg.init_from != "resume":
+        raise ConfigError("eval_only=True evaluates a trained run's checkpoint; pass --init_from=resume too "
+                          "(it evaluates out_dir's newest intact checkpoint)")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -281,9 +285,14 @@ def _train(cfg, launched, ending):
     if cfg.init_from == "resume":
         ckpt, ckpt_path, entries = checkpoint.load_latest(out_dir, warn=warn)
         changed = check_resume(cfg, ckpt, ckpt_path, meta, dd.world_size)
-    elif any((out_dir / name).exists() for name in (checkpoint.POINTER, checkpoint.NEWEST)):
-        warn(f"warning: {out_dir} holds another run's checkpoints; this run replaces them at its first "
-             "checkpoint (to continue that run instead, pass --init_from=resume)")
+        if ckpt["step"] >= cfg.max_iters and not cfg.eval_only:
+            if dd.is_main:
+                tqdm.write(f"nothing to train: {ckpt_path} is at step {ckpt['step']} and max_iters is {cfg.max_iters}; "
+                           f"pass a larger --max_iters to train on ({out_dir} is unchanged)")
+            return {"step": ckpt["step"], "ckpt": str(ckpt_path), "best_val": ckpt["best_val"], "last_eval": None}
+    data_folder = Path(cfg.data_dir) / cfg.dataset
+    tok_sha = tokenizer_sha256(meta["tokenizer"], data_folder)  # recorded: resume refuses another model file
+    tokenizer = {**meta["tokenizer"], "sha256": tok_sha} if tok_sha else meta["tokenizer"]
 
     model = (GPT if cfg.model == "gpt" else SqrLLM).from_config(cfg, meta["vocab_size"]).to(device)
     model.reset_token = reset_token(cfg, meta)  # reset_at_eot: memory restarts at each end-of-text
@@ -309,7 +318,10 @@ def _train(cfg, launched, ending):
         raw = ckpt.get("model_raw", ckpt["model"])  # with EMA, "model" is the average and "model_raw" trains
         check_model_keys(model, raw, ckpt_path)
         model.load_state_dict(raw)
+        ours = [{k: group[k] for k in ("betas", "weight_decay")} for group in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, chosen in zip(optimizer.param_groups, ours):  # the config's, as config.json records them
+            group.update(chosen)
         scaler.load_state_dict(ckpt["scaler"])
         step, best_val, tokens_seen = ckpt["step"], ckpt["best_val"], ckpt["tokens_seen"]
         own = ckpt["ranks"][dd.rank] if "ranks" in ckpt and not changed else ckpt  # this rank's cursor, RNG, sums
@@ -329,18 +341,21 @@ def _train(cfg, launched, ending):
     ema = ema_for_run(model, cfg, ckpt, notes)  # None unless ema_decay
     averaged = ema.averaged if ema else contextlib.nullcontext  # evaluations see the average
 
-    wandb_run = tracking.WandbRun(cfg, enabled=dd.is_main)  # no-op unless wandb_log; checks wandb is installed
+    writes = dd.is_main and not cfg.eval_only  # an evaluation alone leaves the run's files as they are
+    wandb_run = tracking.WandbRun(cfg, enabled=writes)  # no-op unless wandb_log; checks wandb is installed
     # Everything is checked: from here on, out_dir is written.
-    if dd.is_main:
+    if ckpt is None:
+        set_aside_previous_run(out_dir, data_folder, meta, dd, device, warn)
+    if writes:
         out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics(out_dir / "metrics.jsonl" if dd.is_main else None)
-    wandb_run.start(out_dir, ckpt and ckpt.get("wandb_run_id"), meta, Path(cfg.data_dir) / cfg.dataset)
+    metrics = Metrics(out_dir / "metrics.jsonl" if writes else None)
+    wandb_run.start(out_dir, ckpt and ckpt.get("wandb_run_id"), meta, data_folder)
     ending.push(wandb_run.close)
-    if ckpt is not None and dd.is_main and (dropped := metrics.drop_after(step)):
+    if ckpt is not None and writes and (dropped := metrics.drop_after(step)):
         notes.append(f"dropped {dropped} metrics.jsonl rows past step {step} (a run that went on beyond it)")
-    if dd.is_main:
+    if writes:
         cfg.save(out_dir / "config.json")
-        copy_tokenizer_files(meta, Path(cfg.data_dir) / cfg.dataset, out_dir)  # out_dir alone serves sample.py
+        copy_tokenizer_files(meta, data_folder, out_dir)  # out_dir alone serves sample.py
     cuda = device.startswith("cuda")
     if cfg.compile and cuda:
         # block by block: blocks of one kind share one compiled graph (seconds, not minutes, to
@@ -384,7 +399,7 @@ def _train(cfg, launched, ending):
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "config": cfg.to_dict(), "vocab_size": meta["vocab_size"],
             "wandb_run_id": wandb_run.id,  # a resumed run continues this wandb run
-            "tokenizer": meta["tokenizer"], "world_size": dd.world_size, "step": run["step"],
+            "tokenizer": tokenizer, "world_size": dd.world_size, "step": run["step"],
             "best_val": run["best_val"], "tokens_seen": run["tokens_seen"], **own,
             "state": [distributed.gather_rows(s.detach()).cpu() for s in run["state"] or []],
         }

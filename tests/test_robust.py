@@ -21,6 +21,8 @@ import torch
 from sqrllm import checkpoint, trainer
 from sqrllm.checkpoint import CheckpointError
 from sqrllm.config import load_config
+from sqrllm.data import DataError
+from sqrllm.faults import check_resume
 from sqrllm.model import SqrLLM
 from sqrllm.trainer import EXIT_DIVERGED, EXIT_NO_WRITE, EXIT_PREEMPTED, RunStopped, train
 
@@ -488,9 +490,11 @@ def snapshot(folder):
     (["--dataset=nothing"], "dataset 'nothing' not found in .*; prepare it first"),
     (["--init_from=resume", "--dataset=bytes"], "ckpt-000030.pt was trained with a char tokenizer of vocab_size "
                                                 ".*, but dataset 'bytes' has a byte tokenizer of 256"),
-    (["--init_from=resume", "--n_embd=24"], "the model shape differs from the checkpoint's \\(n_embd: 16 -> 24\\)"),
+    (["--init_from=resume", "--n_embd=24"], "the model shape differs from the checkpoint's \\(n_embd: 16 -> 24\\); "
+                                            "keep these keys .* \\(the run's settings are in .*run/config.json"),
     (["--init_from=resume", "--batch_size=8"], "batch_size 4 -> 8; .* pass --allow_batch_change=true"),
     (["--init_from=resume", "--batching=random"], "batching stream -> random"),
+    (["--eval_only=true"], "eval_only=True evaluates a trained run's checkpoint; pass --init_from=resume too"),
 ])
 def test_bad_input_is_one_error_before_anything_is_written(bad_data, three_checkpoints, tmp_path, capsys, extra,
                                                            message):
@@ -503,6 +507,44 @@ def test_bad_input_is_one_error_before_anything_is_written(bad_data, three_check
     line = one_error_line(captured.err)
     assert re.search(message, line), line
     assert snapshot(out) == before
+
+
+@pytest.fixture(scope="module")
+def two_sentencepiece_datasets(tmp_path_factory):
+    """Datasets 'spa' and 'spb': SentencePiece models of one vocab_size trained on different text."""
+    pytest.importorskip("sentencepiece")
+    from sqrllm.prepare import prepare_text
+
+    root = tmp_path_factory.mktemp("spdata")
+    for seed, name in enumerate(("spa", "spb")):  # 60 made-up words each, enough text for 300 pieces
+        rng = np.random.default_rng(seed)
+        words = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(2, 7))) for _ in range(60)]
+        (root / f"{name}.txt").write_text(" ".join(rng.choice(words, size=6000)) + "\n")
+        meta, _ = prepare_text(root / name, [root / f"{name}.txt"], level="sentencepiece", vocab_size=300)
+        assert meta["vocab_size"] == 300
+    return root
+
+
+def test_resume_with_another_sentencepiece_model_of_the_same_vocab_is_refused(two_sentencepiece_datasets, tmp_path,
+                                                                               capsys):
+    data, out = two_sentencepiece_datasets, tmp_path / "run"
+    assert CLI(args(data, out, "--dataset=spa", "--max_iters=10")) == 0
+    before = snapshot(out)
+    assert before[Path("tokenizer.model")] == (data / "spa" / "tokenizer.model").read_bytes()
+    capsys.readouterr()
+    code = CLI(args(data, out, "--dataset=spb", "--max_iters=20", "--init_from=resume"))
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 1 and re.search("ckpt-000010.pt was trained with a SentencePiece model of sha256 .*, but dataset "
+                                   "'spb' has another model of the same vocab_size .*spb/tokenizer.model", line), line
+    assert snapshot(out) == before  # the run's tokenizer.model included
+    # a checkpoint written before the digest was recorded: out_dir's copy of the model decides
+    ckpt = checkpoint.load(out)
+    del ckpt["tokenizer"]["sha256"]
+    cfg = load_config(args(data, out, "--dataset=spb", "--init_from=resume"))
+    with pytest.raises(DataError, match=f"trained with the SentencePiece model {out / 'tokenizer.model'} "):
+        check_resume(cfg, ckpt, out / "ckpt.pt", trainer.load_dataset(cfg)[0])
+    assert CLI(args(data, out, "--dataset=spa", "--max_iters=20", "--init_from=resume")) == 0  # its own: goes on
+    assert checkpoint.load(out)["step"] == 20
 
 
 def test_resume_without_a_checkpoint_says_how_to_start(data_dir, tmp_path, capsys):

@@ -141,6 +141,20 @@ def test_sigterm_to_the_launcher_saves_one_checkpoint_and_resumes_exactly(setup,
     assert [r["data"]["cursor"].tolist() for r in a["ranks"]] == [r["data"]["cursor"].tolist() for r in b["ranks"]]
 
 
+@pytest.mark.slow
+def test_a_fresh_run_sets_the_previous_runs_files_aside_once(setup, tmp_path):
+    """The same command twice: process 0 alone moves the first run's files into one previous-* folder."""
+    out = tmp_path / "run"
+    for _ in range(2):
+        proc = torchrun(setup, out, "--max_iters=2")
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+    (aside,) = out.glob("previous-*")
+    assert stderr.count("held another run's files; moved them to") == 1, stderr[-3000:]
+    assert checkpoint.load(aside)["step"] == 2 and len(rows(aside)) == len(rows(out))
+    assert checkpoint.load(out)["step"] == 2 and [r["step"] for r in rows(out) if "loss" in r] == [1, 2]
+
+
 # One process in a gloo group of one, which it has left, ending through run_main as train.py does.
 ENDING = """
 import os, sys, torch, torch.distributed as dist

@@ -3,6 +3,7 @@ stopped; sample.py streams reproducible text from the checkpoint."""
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,10 +123,87 @@ def test_resume_continues_from_saved_step(data_dir, tmp_path):
     assert not torch.equal(resumed["data"]["cursor"], first["data"]["cursor"])
 
 
+def test_a_fresh_run_moves_another_runs_files_aside(data_dir, tmp_path, capsys):
+    """Forgetting --init_from=resume loses nothing: the earlier run's files move, whole, into
+    out_dir/previous-<time>, from which it resumes; the new run's metrics and checkpoints start afresh."""
+    out = tmp_path / "run"
+    train(tiny_config(data_dir, out, "--max_iters=20", "--eval_interval=10"))
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    (out / "wandb").mkdir()
+    capsys.readouterr()
+    train(tiny_config(data_dir, out, "--max_iters=10", "--eval_interval=10"))  # the same folder, afresh
+    err = capsys.readouterr().err
+    (aside,) = out.glob("previous-*")
+    assert re.fullmatch(r"previous-\d{8}T\d{6}Z", aside.name)
+    assert [line for line in err.splitlines() if "previous-" in line] == [
+        f"warning: {out} held another run's files; moved them to {aside} (to continue that run instead: "
+        f"--out_dir={aside} --init_from=resume)"]
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == earlier
+    assert sorted(earlier) == ["ckpt-000010.pt", "ckpt-000020.pt", "ckpt.pt", "config.json", "latest.json",
+                               "metrics.jsonl"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "wandb").is_dir()
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [5, 10]
+    assert json.loads((out / "config.json").read_text())["max_iters"] == 10
+    assert checkpoint.load(out)["step"] == 10 and sorted(p.name for p in out.glob("ckpt*")) == ["ckpt-000010.pt",
+                                                                                                 "ckpt.pt"]
+    train(tiny_config(data_dir, aside, "--max_iters=30", "--eval_interval=10", "--init_from=resume"))
+    assert [r["step"] for r in read_metrics(aside) if "loss" in r] == [5, 10, 15, 20, 25, 30]
+    assert checkpoint.load(out)["step"] == 10  # the new run's, untouched
+
+
+def test_runs_started_in_one_second_set_aside_into_folders_of_their_own(tmp_path):
+    folders = []
+    for _ in range(3):
+        (tmp_path / "metrics.jsonl").write_text("{}\n")
+        folders.append(checkpoint.archive_run(tmp_path))
+    assert len(set(folders)) == 3 and all((f / "metrics.jsonl").is_file() for f in folders)
+    assert checkpoint.archive_run(tmp_path) is None  # nothing of a run left: nothing moves
+
+
+def test_eval_only_needs_resume_and_writes_nothing(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(data_dir, out, "--max_iters=20"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ConfigError, match="eval_only=True evaluates a trained run's checkpoint; pass "
+                                          "--init_from=resume too"):
+        train(tiny_config(data_dir, out, "--eval_only=true"))
+    row = train(tiny_config(data_dir, out, "--eval_only=true", "--init_from=resume", "--max_iters=999"))
+    assert row["step"] == 20 and row["val_loss"] == read_metrics(out)[-1]["val_loss"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # config.json says max_iters 20 still
+
+
+@pytest.mark.parametrize("max_iters", [20, 15])
+def test_resume_with_nothing_to_train_says_so_and_changes_nothing(data_dir, tmp_path, capsys, max_iters):
+    out = tmp_path / "run"
+    train(tiny_config(data_dir, out, "--max_iters=20"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    result = train(tiny_config(data_dir, out, f"--max_iters={max_iters}", "--init_from=resume"))
+    assert result["step"] == 20
+    assert capsys.readouterr().out == (f"nothing to train: {out / 'ckpt-000020.pt'} is at step 20 and max_iters is "
+                                       f"{max_iters}; pass a larger --max_iters to train on ({out} is unchanged)\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_applies_changed_optimizer_settings(data_dir, tmp_path):
+    """What config.json says is what runs: a resume with another beta2 and weight decay steps with them
+    (weight decay on the matrices only), though the checkpoint's optimizer state holds the old ones."""
+    out = tmp_path / "run"
+    train(tiny_config(data_dir, out, "--max_iters=20"))
+    assert [(g["betas"], g["weight_decay"]) for g in checkpoint.load(out)["optimizer"]["param_groups"]] == [
+        ((0.9, 0.99), 0.1), ((0.9, 0.99), 0.0)]
+    train(tiny_config(data_dir, out, "--max_iters=21", "--init_from=resume", "--beta2=0.95", "--weight_decay=0.5"))
+    assert json.loads((out / "config.json").read_text())["beta2"] == 0.95
+    assert [(tuple(g["betas"]), g["weight_decay"]) for g in checkpoint.load(out)["optimizer"]["param_groups"]] == [
+        ((0.9, 0.95), 0.5), ((0.9, 0.95), 0.0)]
+
+
 def test_resume_refuses_another_model_shape(data_dir, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(data_dir, out, "--max_iters=5"))
-    with pytest.raises(ConfigError, match="n_embd: 32 -> 48"):
+    with pytest.raises(ConfigError, match=f"n_embd: 32 -> 48\\); keep these keys as they were \\(the run's settings "
+                                          f"are in {out / 'config.json'}\\)"):
         train(tiny_config(data_dir, out, "--max_iters=10", "--init_from=resume", "--n_embd=48"))
 
 
