@@ -346,4 +346,7 @@ def load_model(path, device="cpu"):
     cfg = Config(**ckpt["config"])
     model = (GPT if cfg.model == "gpt" else SqrLLM).from_config(cfg, ckpt["vocab_size"])
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), from_meta(ckpt["tokenizer"], folder_of(path)), ckpt
+    tokenizer = from_meta(ckpt["tokenizer"], folder_of(path))
+    if cfg.reset_at_eot:  # as in training: every layer's memory restarts at each end-of-text token
+        model.reset_token = tokenizer.eot_id
+    return model.to(device).eval(), tokenizer, ckpt

@@ -54,7 +54,7 @@ CONFIG_KEYS = {
         "lr_decay_iters", "weight_decay", "beta1", "beta2", "grad_clip", "device", "dtype", "compile", "cuda_graph",
         "num_threads", "seed", "keep_checkpoints", "max_bad_steps", "allow_batch_change", "deterministic",
         "peak_flops", "ema_decay", "ema_start", "wandb_log", "wandb_project", "wandb_run_name"),
-    "memory restarts at end-of-text (refused when true: the runtime keeps its memory there)": ("reset_at_eot",),
+    "memory restarts at end-of-text (the runtime's sq_feed restarts it there too)": ("reset_at_eot",),
 }
 
 
@@ -76,9 +76,6 @@ def check_config(config):
             raise ExportError(f"config key '{key}' (= {config[key]!r}) is unknown to the exporter, which cannot tell "
                               "whether it changes the model; add it to CONFIG_KEYS in sqrllm/export.py, and teach the "
                               "C++ runtime what it does if it changes the forward pass")
-    if (config or {}).get("reset_at_eot"):
-        raise ExportError("reset_at_eot=True: the model restarts its memory at each end-of-text token, which the C++ "
-                          "runtime does not do; export a model trained with reset_at_eot=False")
 
 
 def read_tokenizer(tokenizer_meta, vocab_size, base_dir=None):
@@ -286,7 +283,7 @@ def _sentencepiece_c(sp):
     return lines
 
 
-def model_cpp(walk, tokens, eot, sp, info, source):
+def model_cpp(walk, tokens, eot, sp, info, source, reset=-1):
     """The text of model.cpp; returns (text, bytes of weight constants)."""
     arrays = _Arrays()
     wte = arrays.ref(walk.wte, "wte.weight")
@@ -331,6 +328,7 @@ def model_cpp(walk, tokens, eot, sp, info, source):
         f"    {{{head}, nullptr, {walk.vocab_size}, {walk.C}}},",
         f"    {{sq::{kind}, TOKEN_BYTES, TOKEN_OFFSETS, {'&SP_SPEC' if sp else 'nullptr'}, {eot}}},",
         f"    {_c_string(json.dumps(info).encode())},",
+        f"    {reset},",
         "};",
         "",
     ])
@@ -348,7 +346,13 @@ def export(model, tokenizer_meta, out_dir, config=None, source="a SqrLLM", base_
     info = {"vocab_size": walk.vocab_size, "n_embd": walk.C, "tokenizer": tokenizer_meta["kind"],
             "blocks": [b["kind"].lower() for b in walk.blocks], "params": sum(p.numel() for p in model.parameters()),
             "source": str(source)}
-    text, weight_bytes = model_cpp(walk, tokens, eot, sp, info, str(source).replace("\n", " "))
+    reset = getattr(model, "reset_token", None)  # reset_at_eot: the memory restarts at end-of-text
+    if reset is None and (config or {}).get("reset_at_eot"):
+        if eot < 0:
+            raise ExportError("reset_at_eot=True but the tokenizer has no end-of-text token to restart the memory at")
+        reset = eot
+    text, weight_bytes = model_cpp(walk, tokens, eot, sp, info, str(source).replace("\n", " "),
+                                   -1 if reset is None else reset)
     out_dir = Path(out_dir)
     try:
         (out_dir / "web").mkdir(parents=True, exist_ok=True)

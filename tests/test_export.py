@@ -421,6 +421,33 @@ def test_export_is_rounding_then_export(tmp_path):
     assert bf16_bits(x).tolist() == [0x3F80, 0x3F82, 0x3F81, 0xC000, 0x0000]
 
 
+def test_memory_restarts_at_end_of_text_as_in_training(tmp_path):
+    # a model trained with reset_at_eot forgets all before each end-of-text token; sq_feed does the same
+    need("c++", "compiles the exported model")
+    torch.manual_seed(0)
+    model = round_to_bf16(SqrLLM(256, n_layer=2, n_embd=16, mlp_every=1, init_std=0.3)).eval()
+    model.reset_token = eot = ord("|")  # as load_model sets it for a reset_at_eot checkpoint
+    export(model, {"kind": "byte"}, tmp_path, config={"reset_at_eot": True, "n_layer": 2})
+    make(tmp_path, "lib")
+    so = ctypes.CDLL(str(tmp_path / "libsqrllm.so"))
+    so.sq_feed.restype = ctypes.POINTER(ctypes.c_float)
+    text = b"first doc|second doc|x"
+    so.sq_reset()
+    got = np.stack([np.array(so.sq_feed(t)[:256], dtype=np.float32) for t in text])
+
+    def pytorch(reset_token):
+        model.reset_token, rows, state = reset_token, [], None
+        with torch.no_grad():
+            for t in text:
+                logits, _, state = model(torch.tensor([[t]]), state=state)
+                rows.append(logits[0, -1].numpy())
+        return np.stack(rows)
+
+    np.testing.assert_allclose(got, pytorch(eot), rtol=LOGIT_RTOL, atol=LOGIT_ATOL)
+    after = text.index(b"|") + 1  # past the first reset the memory mattered: without it, other logits
+    assert not np.allclose(got[after:], pytorch(None)[after:], rtol=1e-2, atol=1e-2)
+
+
 SP_ALPHABET = list("abcdefghij klmnop  XYZ0123456789.,;:!?\n\t-_()[]") + list("éüπ≈—中文😀👍🏽ﬁＡ①㍿\u00a0\u3000\x00\u2581")
 
 

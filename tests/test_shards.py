@@ -166,12 +166,12 @@ def test_reset_at_eot_needs_documents_and_a_sqrll_model(tmp_path):
         train(tiny(tmp_path, "--reset_at_eot=true", "--model=gpt", "--n_head=2"))
 
 
-def test_export_knows_the_new_keys_and_refuses_reset_at_eot():
-    from sqrllm.export import ExportError, check_config
+def test_export_knows_the_new_keys():
+    # reset_at_eot exports (tests/test_export.py::test_memory_restarts_at_end_of_text_as_in_training)
+    from sqrllm.export import check_config
 
     check_config(load_config([]).to_dict())
-    with pytest.raises(ExportError, match="reset_at_eot=True: the model restarts its memory"):
-        check_config(load_config(["--reset_at_eot=true"]).to_dict())
+    check_config(load_config(["--reset_at_eot=true"]).to_dict())
 
 
 @pytest.mark.parametrize("name", ["tinystories", "fineweb_edu"])

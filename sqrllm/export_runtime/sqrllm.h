@@ -24,7 +24,8 @@ const char* sq_model_info(void); /* a JSON object: sizes, tokenizer kind, parame
 /* Zero the recurrent state, the logits and the text decoder. */
 void sq_reset(void);
 /* Run one token through the model; returns the logits for the next token (sq_vocab_size floats),
-   valid until the next call that changes the state; NULL (and no step) for an id outside the vocabulary. */
+   valid until the next call that changes the state; NULL (and no step) for an id outside the vocabulary.
+   A model trained with reset_at_eot forgets all before an end-of-text token as it feeds one, as in training. */
 const float* sq_feed(int token);
 const float* sq_logits(void);
 

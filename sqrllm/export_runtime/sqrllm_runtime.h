@@ -80,6 +80,7 @@ struct Model {
     Linear lm_head;  // may share its weight with wte
     Tokenizer tokenizer;
     const char* info;  // JSON for sq_model_info
+    int reset_token;  // reset_at_eot: every sqrll layer's memory restarts at this token (its end-of-text); -1 none
 };
 
 extern const Model MODEL;  // defined in model.cpp
@@ -732,7 +733,9 @@ void sq_reset(void) {
 
 const float* sq_feed(int token) {
     if (token < 0 || token >= sq::MODEL.vocab_size) return nullptr;
-    return sq::rt().step(token);
+    sq::Runtime& r = sq::rt();
+    if (token == sq::MODEL.reset_token) std::fill(r.state.data(), r.logits, 0.0f);  // as training's r = 0 there
+    return r.step(token);
 }
 const float* sq_logits(void) { return sq::rt().logits; }
 
