@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from sqrllm.data import DataError
-from sqrllm.prepare import SHARD_TOKENS, prepare_documents, sentencepiece_for
+from sqrllm.prepare import SHARD_TOKENS, prepare_documents, sentencepiece_for, vocab_note
 
 PRESETS = {
     # 2.1M short stories in simple English (about 1.9 GB of text); its own validation split
@@ -189,9 +189,7 @@ def main(argv, data_dir, preset=None):
           f"{s['train']['tokens']:,} train tokens ({s['train']['documents']:,} documents, "
           f"{len(s['train']['shards'])} shards), {s['val']['tokens']:,} val tokens "
           f"({s['val']['documents']:,} documents) -> {out}")
-    asked = meta["source"]["tokenizer"].get("trained", {}).get("vocab_size")
-    if asked and asked != meta["vocab_size"]:
-        print(f"note: the tokenizer has {meta['vocab_size']} pieces, not the {asked} asked: the training text holds "
-              "no more (give more text for a larger vocabulary)")
+    if note := vocab_note(meta):
+        print(note)
     print(f"train with: python train.py --dataset={out.name} --reset_at_eot=true"
           + (f" --data_dir={args.data_dir}" if Path(args.data_dir).resolve() != Path(data_dir).resolve() else ""))

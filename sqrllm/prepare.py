@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sqrllm.data import DataError, token_dtype, write_meta, write_tokens
+from sqrllm.data import DataError, read_meta, token_dtype, write_meta, write_tokens
 from sqrllm.tokenizer import (SPM_FILE, ByteTokenizer, CharTokenizer, SentencePieceTokenizer, TokenizerError,
                               train_sentencepiece)
 
@@ -119,6 +119,15 @@ def read_text_inputs(paths, errors="strict"):
     return text, files, replaced
 
 
+def vocab_note(meta):
+    """A note when a trained SentencePiece model has fewer pieces than asked for, else None."""
+    asked = meta["source"].get("tokenizer", {}).get("trained", {}).get("vocab_size")
+    if asked and asked != meta["vocab_size"]:
+        return (f"note: the tokenizer has {meta['vocab_size']} pieces, not the {asked} asked: the training text "
+                "holds no more (give more text for a larger vocabulary)")
+    return None
+
+
 def prepare_text(out_dir, paths, level="byte", val_fraction=0.1, errors="strict", name="text", vocab_size=8192,
                  model_type="unigram", tokenizer_model=None):
     """Any local text: the last val_fraction of the concatenated text is val.
@@ -147,9 +156,12 @@ def prepare_text(out_dir, paths, level="byte", val_fraction=0.1, errors="strict"
 
 
 def prepare_shakespeare_char(out_dir, input_path=None):
-    """Tiny Shakespeare, char-level, first 90% train and last 10% val (as nanoGPT)."""
+    """Tiny Shakespeare, char-level, first 90% train and last 10% val (as nanoGPT). Without input_path:
+    out_dir/input.txt, downloaded once; a dataset prepared before from a local copy is kept as it is."""
     if input_path is None:
         input_path = Path(out_dir) / "input.txt"
+        if not input_path.is_file() and (Path(out_dir) / "meta.json").is_file():
+            return read_meta(out_dir)  # prepared before from a local copy: nothing to download, nothing to redo
         if not input_path.is_file():
             try:
                 with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:

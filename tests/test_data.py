@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sqrllm import prepare
 from sqrllm.data import DataError, RandomBatches, StreamBatches, read_tokens, write_tokens
 from sqrllm.prepare import prepare_text
 from sqrllm.tokenizer import ByteTokenizer, CharTokenizer, StreamDecoder
@@ -148,3 +149,30 @@ def test_char_tokenizer_rejects_unknown_characters():
     assert tok.decode(tok.encode("cab")) == "cab"
     with pytest.raises(ValueError, match="'z'"):
         tok.encode("abz")
+
+
+def test_shakespeare_prepared_from_a_local_copy_needs_no_download_again(tmp_path, monkeypatch):
+    # `prepare.py --input PATH` once; later `prepare.py && train.py ...` on a machine offline
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(prepare.urllib.request, "urlopen", offline)
+    copy = tmp_path / "tiny.txt"
+    copy.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20)
+    with pytest.raises(DataError, match="could not download Tiny Shakespeare \\(no network\\); pass a local copy"):
+        prepare.prepare_shakespeare_char(tmp_path / "fresh")
+    made = prepare.prepare_shakespeare_char(tmp_path / "sc", copy)
+    files = {f.name: f.read_bytes() for f in (tmp_path / "sc").iterdir()}
+    assert prepare.prepare_shakespeare_char(tmp_path / "sc") == made
+    assert {f.name: f.read_bytes() for f in (tmp_path / "sc").iterdir()} == files
+
+
+def test_a_vocabulary_smaller_than_asked_is_noted(tmp_path):
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("a short text, a short vocabulary: it holds few pieces.\n" * 50)
+    meta, _ = prepare_text(tmp_path / "sp", [corpus], level="sentencepiece", vocab_size=8192)
+    assert meta["vocab_size"] < 8192
+    assert prepare.vocab_note(meta) == (f"note: the tokenizer has {meta['vocab_size']} pieces, not the 8192 asked: "
+                                        "the training text holds no more (give more text for a larger vocabulary)")
+    meta, _ = prepare_text(tmp_path / "char", [corpus], level="char")
+    assert prepare.vocab_note(meta) is None

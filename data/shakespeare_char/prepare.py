@@ -2,6 +2,8 @@
 
     python data/shakespeare_char/prepare.py                  # downloads input.txt
     python data/shakespeare_char/prepare.py --input PATH     # or uses a local copy
+
+Without --input, a dataset already prepared here (from a local copy) is left as it is.
 """
 
 import argparse

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from sqrllm.data import DataError
-from sqrllm.prepare import prepare_text
+from sqrllm.prepare import prepare_text, vocab_note
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,3 +37,5 @@ if __name__ == "__main__":
     s = meta["splits"]
     print(f"{args.name}: {args.level}-level, vocab {meta['vocab_size']}, {s['train']['tokens']:,} train and "
           f"{s['val']['tokens']:,} val tokens -> {out}")
+    if note := vocab_note(meta):
+        print(note)
