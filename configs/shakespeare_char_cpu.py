@@ -1,7 +1,7 @@
 # Tiny Shakespeare, char-level, sized for a 2-core CPU; beats nanoGPT's CPU recipe (val 1.88 after
 # about 100 s) on both loss and time. See README for the measured numbers.
 #   python data/shakespeare_char/prepare.py && python train.py configs/shakespeare_char_cpu.py
-#   python train.py configs/shakespeare_char_cpu.py --max_iters=600    # the 25-second run
+#   python train.py configs/shakespeare_char_cpu.py --max_iters=600    # the 600-step run (target: 25 s)
 # Random windows of 64 characters, as the windowed evaluation sees them (with carried memory,
 # --batching=stream, the streamed val loss is the one to read). One wide sqrll layer: on two cores
 # per-step overhead, not arithmetic, decides how far a run gets.

@@ -44,12 +44,13 @@ def main():
         last = [r for r in evals if "val_loss" in r][-1]
         ok = last["val_loss"] <= target and last["elapsed"] <= budget
         rows.append((label, " ".join(overrides) or "(config as is)", last["step"], last["elapsed"],
-                     last["val_loss"], last.get("val_loss_stream", float("nan")), target, budget, ok))
+                     last["val_loss"], last.get("val_loss_stream"), target, budget, ok))
     print()
     print(f"{'run':6} {'overrides':16} {'steps':>6} {'wall s':>7} {'val (64-window)':>16} {'val (streamed)':>15} "
           f"{'target':>14} {'met':>4}")
     for label, ov, steps, wall, val, stream, target, budget, ok in rows:
-        print(f"{label:6} {ov:16} {steps:>6} {wall:>7.1f} {val:>16.4f} {stream:>15.4f} "
+        streamed = "-" if stream is None else f"{stream:.4f}"  # the short run does no streamed evaluation
+        print(f"{label:6} {ov:16} {steps:>6} {wall:>7.1f} {val:>16.4f} {streamed:>15} "
               f"{f'<= {target} in {budget:.0f}s':>14} {'yes' if ok else 'NO':>4}")
 
 

@@ -68,7 +68,7 @@ def measure(model, step, near, far, width, prompt_len):
 
 def rates(times, width):
     """(tokens/s over the window, 1 / median time per token)."""
-    gaps = torch.tensor(times).diff()
+    gaps = torch.tensor(times, dtype=torch.float64).diff()  # float32 cannot tell apart times hours after boot
     return width / (times[-1] - times[0]), 1 / gaps.median().item()
 
 
