@@ -313,7 +313,8 @@ class Sampler:
             self.state = self.model.init_state(self.batch_size, device=self.device, dtype=self.dtype)
         self.state = step.bind(self.state)
         recent = self.recent if params.penalized else None
-        in_graph = getattr(step, "can_draw", False) and not params.penalized
+        reset = getattr(self.model, "reset_token", None)  # reset_at_eot: all memory before it is forgotten
+        in_graph = getattr(step, "can_draw", False) and not params.penalized and reset is None
         if in_graph:  # the draw and the step are one graph replay; its logits buffer is the position's
             step.logits.copy_(self.logits)
             self.logits = step.logits
@@ -324,6 +325,10 @@ class Sampler:
                 ids = step.draw(params).clone()
             else:
                 ids = pick(self.logits, params, generator, recent)
+                if reset is not None:  # as training's forget gate of 0 there: the rows that drew it restart
+                    restart = (ids == reset)[:, None]
+                    for h in self.state:
+                        h.masked_fill_(restart, 0.0)
                 self.logits = step(ids, self.state).float()
             self._remember(ids[:, None])
             recent = self.recent if params.penalized else None

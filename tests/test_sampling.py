@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sqrllm import checkpoint
+from sqrllm import checkpoint, sampling
 from sqrllm.config import Config
 from sqrllm import cpu
 from sqrllm.decode import CudaGraphStep, FastStep, KernelStep, NativeStep, PlainStep
@@ -117,6 +117,23 @@ def test_greedy_equals_argmax_of_full_forward(step):
         logits, _, _ = model(torch.tensor([seq]))
         seq.append(int(logits[0, -1].argmax()))
     assert got == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("step", ["plain", "fast", pytest.param("native", marks=NATIVE)])
+def test_every_step_restarts_the_memory_at_the_reset_token(step, monkeypatch):
+    # a reset_at_eot model: generating its end-of-text token forgets all before, as the forward does
+    model = tiny_model(torch.float32)
+    model.reset_token = 7
+    drawn = iter([[2, 5], [7, 3], [4, 7], [1, 1], [6, 2]])  # (B=2) ids per step: the reset token in both rows
+    monkeypatch.setattr(sampling, "pick", lambda *a: torch.tensor(next(drawn)))
+    sampler = Sampler(model, step=step)
+    sampler.feed([3, 1, 4])
+    got = torch.stack(list(sampler.tokens(5, num_samples=2))).T  # (2, 5)
+    seqs = torch.cat([torch.tensor([[3, 1, 4]] * 2), got], dim=1)  # all the position has read
+    with torch.no_grad():
+        torch.testing.assert_close(sampler.logits, model(seqs)[0][:, -1], rtol=2e-5, atol=2e-5)
+        model.reset_token = None  # the test can fail: without the restarts the logits are others
+        assert not torch.allclose(model(seqs)[0][:, -1], sampler.logits, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("step,dtype,tol", [("fast", torch.float64, 1e-12), ("fast", torch.float32, 2e-5),
