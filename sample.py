@@ -15,7 +15,6 @@ answers from where the conversation is; an empty line lets it go on. Commands: /
 """
 
 import argparse
-import os
 import re
 import sys
 from dataclasses import fields
@@ -25,10 +24,10 @@ import torch
 
 from sqrllm import cpu
 from sqrllm.checkpoint import CheckpointError, load_model
-from sqrllm.config import ConfigError
+from sqrllm.config import ConfigError, pick_device
+from sqrllm.faults import to_devnull
 from sqrllm.sampling import Sampler, SamplingParams, StateError
 from sqrllm.tokenizer import TokenizerError
-from sqrllm.trainer import pick_device
 
 COMMANDS = """commands:
   /reset        back to the start (the --prompt / --load_state position, or nothing)
@@ -274,5 +273,5 @@ if __name__ == "__main__":
     try:
         main()
     except BrokenPipeError:  # the reader left (`sample.py ... | head`): stop writing, as other tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush meets no pipe
+        to_devnull(sys.stdout)
         sys.exit(1)

@@ -14,6 +14,7 @@ Run it on an otherwise idle machine: the numbers are wall-clock.
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def main():
         if args.only and label != args.only:
             continue
         out_dir = Path(args.out) / label
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(ROOT / out_dir, ignore_errors=True)  # a fresh run would keep the last one aside
         cmd = [sys.executable, "train.py", "configs/shakespeare_char_cpu.py", f"--out_dir={out_dir}",
                "--progress=false", *overrides]
         print("$", " ".join(cmd[1:]), flush=True)

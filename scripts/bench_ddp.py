@@ -12,6 +12,7 @@ is a fresh process (or N of them) with the config's settings, evaluated once at 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def run(config, gpus, batch, args, out_dir):
                     f"--log_interval={args.iters // 5}", "--eval_interval=0", "--eval_max_tokens=8192",
                     "--cuda_graph=false", "--progress=false", *args.set]  # eager steps for 1 and N GPUs alike
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))}
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run would keep the last one aside
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir.with_suffix(".log"), "w") as log:
         subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)

@@ -28,6 +28,7 @@ them at a fixed step count. Prints one table row per run, from the runs' metrics
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def fit_steps(label, config, overrides, args, out):
     """Overrides that make one run end `args.budget` seconds after launch: max_iters from a probe run
     of this config alone (start-up, seconds per step, the final evaluation), and max_time."""
     probe_dir = out / f"{label}_probe"
-    (probe_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(probe_dir, ignore_errors=True)  # a fresh run would keep the last one aside
     first = max(1, args.probe_iters // 3)
     cmd = [sys.executable, "train.py", config, f"--out_dir={probe_dir}", "--progress=false", *overrides, *args.set,
            f"--max_iters={args.probe_iters}", "--eval_interval=0", f"--log_interval={first}", "--max_time=0"]
@@ -167,7 +168,7 @@ def main():
         while sum(proc.poll() is None for _, proc, _ in done) >= args.parallel:
             time.sleep(0.5)
         out_dir = out / label
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
         cmd = [sys.executable, "train.py", config, f"--out_dir={out_dir}", "--progress=false", *overrides, *args.set]
         print("$", " ".join(cmd[1:]), flush=True)
         log = open(out / f"{label}.log", "w")

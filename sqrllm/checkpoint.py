@@ -180,6 +180,7 @@ def archive_run(out_dir, tokenizer_names=()):
             continue
     for f in files:
         os.rename(f, folder / f.name)
+    _fsync_dir(folder)
     _fsync_dir(out_dir)
     return folder
 
@@ -235,6 +236,8 @@ def _load_file(path, map_location):
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain types and was "
                               f"refused (nothing in it was run): {_first_line(e)}") from None
+    except MemoryError:  # not the file's fault: no falling back to an older checkpoint for it
+        raise
     except Exception as e:  # the archive or its pickle is cut short or damaged: errors of every kind
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_first_line(e)}); "
                               "use an earlier checkpoint or retrain") from None

@@ -10,9 +10,12 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import runpy
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 
 class ConfigError(ValueError):
@@ -241,3 +244,30 @@ def config_help():
     for name, f in FIELDS.items():
         lines.append(f"  --{name}={f.default!r}")
     return "\n".join(lines)
+
+
+def pick_device(name):
+    """"auto" -> "cuda" where there is a GPU, else "cpu"; a device this machine lacks is a ConfigError."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
+        raise ConfigError(f"device={name!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={name!r} but this torch sees no CUDA device; use --device=cpu")
+        if name != "cuda" and int(name.split(":")[1]) >= count:
+            raise ConfigError(f"device={name!r} but this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' but this torch has no Apple GPU (MPS) here; use --device=cpu")
+    return name
+
+
+def resolve_device(cfg):
+    device = pick_device(cfg.device)
+    dtype = cfg.dtype
+    if dtype == "auto":
+        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        dtype = "bfloat16" if bf16 else "float32"
+    return device, getattr(torch, dtype)

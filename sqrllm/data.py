@@ -8,7 +8,8 @@ Files are read through np.memmap, never loaded whole. A dataset folder holds met
 tokenizer and per-split token and byte counts; no pickle anywhere) and per split either one file
 (train.bin, val.bin) or shards (train-00000.bin, train-00001.bin, ...) listed in meta.json's
 splits.<name>.shards, read as one sequence (`ShardedTokens`). Datasets of documents end each
-with the end-of-text token meta.json names as eot_id.
+with the end-of-text token meta.json names as eot_id. `load_dataset(cfg)` opens the one a config
+names, with what to run when it is not prepared.
 """
 
 import json
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from sqrllm.tokenizer import tokenizer_files
+from sqrllm.tokenizer import from_meta, tokenizer_files
 
 MAGIC = b"SQRLTOKS"
 VERSION = 1
@@ -249,3 +251,47 @@ class RandomBatches:
 
     def load_state_dict(self, state):
         self.gen.set_state(state["generator"])
+
+
+REPO_DATA = Path(__file__).resolve().parent.parent / "data"  # data/<name>/prepare.py of this checkout
+
+
+def _near(path):
+    """`path` relative to the current directory when it lies below it (shorter to read and to type)."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def load_dataset(cfg):
+    """-> (meta, train tokens, val tokens), preparing `builtin` on first use."""
+    folder = Path(cfg.data_dir) / cfg.dataset
+    if cfg.dataset == "builtin" and not (folder / "meta.json").is_file():
+        from sqrllm.prepare import prepare_builtin  # it writes with this module's helpers
+
+        tqdm.write(f"preparing the builtin dataset in {folder} (Python's standard library source, once)")
+        prepare_builtin(folder)
+    if not (folder / "meta.json").is_file():
+        repo = REPO_DATA / cfg.dataset  # the dataset's prepare.py writes there, whatever the current directory
+        if (repo / "meta.json").is_file() and repo.resolve() != folder.resolve():
+            where = " (data_dir is relative to the current directory)" if not Path(cfg.data_dir).is_absolute() else ""
+            raise DataError(f"dataset '{cfg.dataset}' not found in {folder}{where} but prepared in {repo}: "
+                            f"pass --data_dir={REPO_DATA}")
+        script = next((d / "prepare.py" for d in (folder, repo) if (d / "prepare.py").is_file()), None)
+        how = (f"python {_near(script)}" if script
+               else f"python {_near(REPO_DATA / 'text' / 'prepare.py')} --input YOUR_FILES --name {cfg.dataset}")
+        raise DataError(f"dataset '{cfg.dataset}' not found in {folder}; prepare it first: {how}")
+    meta = read_meta(folder)
+    try:  # the tokenizer and its files are usable (sample.py will need them beside the checkpoint)
+        vocab = from_meta(meta["tokenizer"], folder).vocab_size
+    except (ValueError, ImportError) as e:
+        raise DataError(f"{folder / 'meta.json'}: {e}") from None
+    if vocab != meta["vocab_size"]:
+        raise DataError(f"{folder / 'meta.json'} says vocab_size {meta['vocab_size']} but its tokenizer has {vocab} "
+                        "tokens; re-run the dataset's prepare.py")
+    train, val = read_split(folder, meta, "train"), read_split(folder, meta, "val")  # shards read as one; ids checked
+    if len(val) < 2:
+        raise DataError(f"{folder / 'val.bin'} holds {len(val)} token; evaluation needs at least 2 (one input, "
+                        "one target): re-run the dataset's prepare.py with more text or a larger val share")
+    return meta, train, val

@@ -54,6 +54,14 @@ class StopSignals:
             signal.signal(s, handler)
 
 
+def to_devnull(stream):
+    """Point a stream's file descriptor at os.devnull: its reader (a pipe) is gone, and a later
+    write or Python's last flush should not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 class ConsoleStream:
     """sys.stdout or sys.stderr for a run whose reader may go away: `train.py ... | tee log` stopped by
     Ctrl-C loses tee at once, while the run still finishes its step and saves. A write to the closed
@@ -67,9 +75,7 @@ class ConsoleStream:
         try:
             return op(*args)
         except BrokenPipeError:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
+            to_devnull(self._stream)
             return None
 
     def write(self, text):

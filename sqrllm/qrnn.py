@@ -340,7 +340,7 @@ class QRNN(nn.Module):
         expected = (LD, self.hidden_size) if unbatched else (LD, B, self.hidden_size)
         what = "(num_layers * num_directions, hidden_size)" if unbatched else \
             "(num_layers * num_directions, batch, hidden_size)"
-        named = zip(("h_0", "c_0"), hx) if self.lstm_state else [("h_0", hx)]
+        named = zip(("h_0", "c_0"), hx) if self.lstm_state else [("hx", hx)]
         for name, t in named:
             if not isinstance(t, torch.Tensor) or t.shape != expected:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,18 +27,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sqrllm import checkpoint, distributed, tracking
-from sqrllm.config import Config, ConfigError
-from sqrllm.data import (DataError, RandomBatches, StreamBatches, copy_tokenizer_files, read_meta, read_split,
-                         reset_token)
+from sqrllm.config import Config, ConfigError, resolve_device
+from sqrllm.data import RandomBatches, StreamBatches, copy_tokenizer_files, load_dataset, reset_token
 from sqrllm.ema import ema_for_run
 from sqrllm.faults import (EXIT_DIVERGED, EXIT_NO_WRITE, EXIT_PREEMPTED, RunStopped, StopSignals, check_model_keys,
                            check_resume, nonfinite, restart_data, set_aside_previous_run)
 from sqrllm.flops import flops_per_token, mfu, peak_flops
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
-from sqrllm.prepare import prepare_builtin
 from sqrllm.step_graph import GraphedStep, burn_in_window, graph_wanted
-from sqrllm.tokenizer import from_meta, tokenizer_sha256
+from sqrllm.tokenizer import tokenizer_sha256
 
 
 def process_start_time():
@@ -50,33 +47,6 @@ def process_start_time():
         return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return time.time()
-
-
-def pick_device(name):
-    """"auto" -> "cuda" where there is a GPU, else "cpu"; a device this machine lacks is a ConfigError."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", name):
-        raise ConfigError(f"device={name!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"device={name!r} but this torch sees no CUDA device; use --device=cpu")
-        if name != "cuda" and int(name.split(":")[1]) >= count:
-            raise ConfigError(f"device={name!r} but this machine has {count} CUDA device(s), "
-                              f"cuda:0 to cuda:{count - 1}")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device='mps' but this torch has no Apple GPU (MPS) here; use --device=cpu")
-    return name
-
-
-def resolve_device(cfg):
-    device = pick_device(cfg.device)
-    dtype = cfg.dtype
-    if dtype == "auto":
-        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if bf16 else "float32"
-    return device, getattr(torch, dtype)
 
 
 def autocast(device, dtype, cache=True):
@@ -95,47 +65,6 @@ def lr_at(cfg, step):
         return cfg.min_lr
     ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-
-
-REPO_DATA = Path(__file__).resolve().parent.parent / "data"  # data/<name>/prepare.py of this checkout
-
-
-def _near(path):
-    """`path` relative to the current directory when it lies below it (shorter to read and to type)."""
-    try:
-        return path.resolve().relative_to(Path.cwd())
-    except ValueError:
-        return path
-
-
-def load_dataset(cfg):
-    """-> (meta, train tokens, val tokens), preparing `builtin` on first use."""
-    folder = Path(cfg.data_dir) / cfg.dataset
-    if cfg.dataset == "builtin" and not (folder / "meta.json").is_file():
-        tqdm.write(f"preparing the builtin dataset in {folder} (Python's standard library source, once)")
-        prepare_builtin(folder)
-    if not (folder / "meta.json").is_file():
-        repo = REPO_DATA / cfg.dataset  # the dataset's prepare.py writes there, whatever the current directory
-        if (repo / "meta.json").is_file() and repo.resolve() != folder.resolve():
-            raise DataError(f"dataset '{cfg.dataset}' not found in {folder} (data_dir is relative to the current "
-                            f"directory) but prepared in {repo}: pass --data_dir={REPO_DATA}")
-        script = next((d / "prepare.py" for d in (folder, repo) if (d / "prepare.py").is_file()), None)
-        how = (f"python {_near(script)}" if script
-               else f"python {_near(REPO_DATA / 'text' / 'prepare.py')} --input YOUR_FILES --name {cfg.dataset}")
-        raise DataError(f"dataset '{cfg.dataset}' not found in {folder}; prepare it first: {how}")
-    meta = read_meta(folder)
-    try:  # the tokenizer and its files are usable (sample.py will need them beside the checkpoint)
-        vocab = from_meta(meta["tokenizer"], folder).vocab_size
-    except (ValueError, ImportError) as e:
-        raise DataError(f"{folder / 'meta.json'}: {e}") from None
-    if vocab != meta["vocab_size"]:
-        raise DataError(f"{folder / 'meta.json'} says vocab_size {meta['vocab_size']} but its tokenizer has {vocab} "
-                        "tokens; re-run the dataset's prepare.py")
-    train, val = read_split(folder, meta, "train"), read_split(folder, meta, "val")  # shards read as one; ids checked
-    if len(val) < 2:
-        raise DataError(f"{folder / 'val.bin'} holds {len(val)} token; evaluation needs at least 2 (one input, "
-                        "one target): re-run the dataset's prepare.py with more text or a larger val share")
-    return meta, train, val
 
 
 @torch.no_grad()

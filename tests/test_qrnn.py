@@ -201,12 +201,12 @@ def test_zoneout_only_in_training():
 def test_h0_and_input_errors_are_clear():
     m = QRNN(3, 4, num_layers=2, bidirectional=True)
     x = torch.randn(5, 2, 3)
-    with pytest.raises(ValueError, match=r"h_0 must be \(num_layers \* num_directions, batch, hidden_size\) "
+    with pytest.raises(ValueError, match=r"hx must be \(num_layers \* num_directions, batch, hidden_size\) "
                                          r"= \(4, 2, 4\), got \(2, 2, 4\)"):
         m(x, torch.zeros(2, 2, 4))
     with pytest.raises(ValueError, match=r"= \(4, 2, 4\), got \(4, 3, 4\)"):
         m(x, torch.zeros(4, 3, 4))
-    with pytest.raises(ValueError, match=r"h_0 must be .* = \(4, 4\), got \(4, 1, 4\)"):
+    with pytest.raises(ValueError, match=r"hx must be .* = \(4, 4\), got \(4, 1, 4\)"):
         m(x[:, 0], torch.zeros(4, 1, 4))
     with pytest.raises(ValueError, match=r"hx is a tuple, as nn.LSTM's \(h_0, c_0\).*lstm_state=True.*c_0 alone"):
         m(x, (torch.zeros(4, 2, 4), torch.zeros(4, 2, 4)))
@@ -236,7 +236,7 @@ def test_lstm_state_and_dtype_errors_name_the_fix():
         m(x, (c.double(), c))
     with pytest.raises(ValueError, match=r"c_0 is on meta but the input on cpu; move it: c_0.to\('cpu'\)"):
         m(x, (c, c.to("meta")))
-    with pytest.raises(ValueError, match=r"h_0 is torch.float64 but the input torch.float32"):
+    with pytest.raises(ValueError, match=r"hx is torch.float64 but the input torch.float32; convert it: hx.to"):
         QRNN(3, 4)(x, c.double())  # nn.GRU fails inside its matrix multiply
     with pytest.raises(ValueError, match=r"the input is torch.float32 but the parameters torch.float64; "
                                          r"convert the input, input.to\(torch.float64\), or the module, "

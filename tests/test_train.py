@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sqrllm import checkpoint, trainer
+from sqrllm import checkpoint, data
 from sqrllm.config import ConfigError, load_config
 from sqrllm.data import DataError
 from sqrllm.trainer import evaluate, load_dataset, train
@@ -216,7 +216,7 @@ def test_missing_dataset_says_what_to_run(tmp_path):
 
 def test_a_dataset_prepared_in_the_repo_is_found_from_another_directory(data_dir, tmp_path, monkeypatch):
     # data/<name>/prepare.py writes beside itself; data_dir is relative to where train.py is started
-    monkeypatch.setattr(trainer, "REPO_DATA", data_dir)
+    monkeypatch.setattr(data, "REPO_DATA", data_dir)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=f"dataset 'tiny' not found in data/tiny \\(data_dir is relative to the "
                                         f"current directory\\) but prepared in {data_dir / 'tiny'}: "
