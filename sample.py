@@ -78,8 +78,8 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = torch's default (all cores). "
                                                            "1 is steadier on a machine busy with other work")
     args = ap.parse_args(argv)
-    if args.max_new_tokens < 0 or args.num_samples < 1:
-        ap.error("--max_new_tokens must be >= 0 and --num_samples >= 1")
+    if args.max_new_tokens < 0 or args.num_samples < 1 or args.threads < 0:
+        ap.error("--max_new_tokens must be >= 0, --num_samples >= 1 and --threads >= 0")
     if args.interactive and args.num_samples != 1:
         ap.error("--interactive generates one sample; leave out --num_samples")
     args.stop = [unescape(s) for s in args.stop]
@@ -132,7 +132,10 @@ def main(argv=None):
     if sampler.logits is None and not args.interactive:
         sys.exit("error: the prompt is empty; pass --prompt with at least one character")
     if args.save_state:
-        sampler.save_state(args.save_state)
+        try:
+            sampler.save_state(args.save_state)
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: --save_state {args.save_state}: {e.strerror if isinstance(e, OSError) else e}")
         note(args, f"saved the position after the prompt to {args.save_state}")
     generator = torch.Generator(device=sampler.device).manual_seed(args.seed)
 

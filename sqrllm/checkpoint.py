@@ -235,18 +235,19 @@ def _load_file(path, map_location):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain types and was "
-                              f"refused (nothing in it was run): {_first_line(e)}") from None
+                              f"refused (nothing in it was run): {first_line(e)}") from None
     except MemoryError:  # not the file's fault: no falling back to an older checkpoint for it
         raise
     except Exception as e:  # the archive or its pickle is cut short or damaged: errors of every kind
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_first_line(e)}); "
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first_line(e)}); "
                               "use an earlier checkpoint or retrain") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a sqrllm checkpoint (format {FORMAT})")
     return ckpt
 
 
-def _first_line(e):
+def first_line(e):
+    """An exception's message in one line (its type's name when it has none), for an error line."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from sqrllm.data import DataError
-from sqrllm.prepare import SHARD_TOKENS, prepare_documents, sentencepiece_for, vocab_note
+from sqrllm.prepare import SHARD_TOKENS, dataset_name, prepare_documents, sentencepiece_for, staged, vocab_note
 
 PRESETS = {
     # 2.1M short stories in simple English (about 1.9 GB of text); its own validation split
@@ -127,10 +127,17 @@ def prepare_hf(out_dir, progress=True, **options):
         raise DataError("give a dataset name (--dataset) or local files (--files), one of the two")
     if not (opts["val_split"] or opts["val_files"]) and not 0.0 < opts["val_fraction"] < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {opts['val_fraction']}; or name a val split")
+    if opts["shard_tokens"] < 1:
+        raise DataError(f"shard_tokens must be at least 1, got {opts['shard_tokens']}")
     if opts["val_split"] and opts["files"]:
         raise DataError("local files have no split names; pass the val files with --val_files")
+    with staged(out_dir) as stage:  # a failure leaves a dataset prepared there before as it was
+        return _prepare_hf(out_dir, stage, opts, progress)
+
+
+def _prepare_hf(out_dir, stage, opts, progress):
     train_texts = (text for split, text in documents(opts, with_val=False) if split == "train")
-    tok, origin = sentencepiece_for(out_dir, train_texts, opts["vocab_size"], opts["model_type"],
+    tok, origin = sentencepiece_for(stage, train_texts, opts["vocab_size"], opts["model_type"],
                                     opts["tokenizer_model"], opts["tokenizer_train_bytes"])
     source = {"name": Path(out_dir).name, **{k: opts[k] for k in ("dataset", "config", "text_field", "max_docs",
                                                                    "streaming")}}
@@ -142,7 +149,7 @@ def prepare_hf(out_dir, progress=True, **options):
         source["splits"] = {"train": opts["train_split"], "val": f"every {1 / opts['val_fraction']:g}th document"}
         source["val_fraction"] = opts["val_fraction"]
     source["tokenizer"] = origin
-    return prepare_documents(out_dir, documents(opts), source, workers=max(1, opts["workers"]),
+    return prepare_documents(stage, documents(opts), source, workers=max(1, opts["workers"]),
                              shard_tokens=opts["shard_tokens"], progress=progress)
 
 
@@ -179,8 +186,8 @@ def main(argv, data_dir, preset=None):
     args = ap.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
     options = {**PRESETS.get(args.preset, {}), **given}
-    out = Path(args.data_dir) / (args.name or args.preset or "hf")
     try:
+        out = Path(args.data_dir) / dataset_name(args.name or args.preset or "hf")
         meta = prepare_hf(out, **options)
     except DataError as e:
         sys.exit(f"error: {e}")

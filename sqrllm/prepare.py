@@ -8,13 +8,16 @@ The data/<name>/prepare.py scripts are thin command-line wrappers around these f
 """
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import sysconfig
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -42,6 +45,39 @@ def decode_utf8(data, path, errors="strict"):
                             "--errors=replace to substitute U+FFFD") from None
     text = data.decode("utf-8", errors="replace")
     return text, text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+
+
+_OUTPUT = re.compile(r"(train|val)(-\d+)?\.bin|meta\.json|" + re.escape(SPM_FILE))  # what a preparation writes
+
+
+def dataset_name(name):
+    """`name` if it can be a dataset's folder under data_dir (one plain name), else a DataError."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name or ""):
+        raise DataError(f"--name {name!r} is not a folder name: use letters, digits, '_', '-' and '.' "
+                        "(not first), e.g. --name my_corpus")
+    return name
+
+
+@contextlib.contextmanager
+def staged(out_dir):
+    """A fresh folder beside out_dir to prepare a dataset in, whose files replace out_dir's only once
+    all are written (meta.json last); a preparation that fails leaves out_dir as it was. Outputs of an
+    earlier preparation that the new one lacks (more shards, a tokenizer model) are removed then;
+    other files (prepare.py, a downloaded input.txt) stay."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        yield stage
+        out_dir.mkdir(exist_ok=True)
+        new = {f.name for f in stage.iterdir()}
+        for f in out_dir.iterdir():
+            if _OUTPUT.fullmatch(f.name) and f.name not in new:
+                f.unlink()
+        for name in sorted(new, key=lambda n: n == "meta.json"):
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _write_dataset(out_dir, tokenizer, splits, source):
@@ -95,7 +131,8 @@ def prepare_builtin(out_dir):
     source = {"name": "builtin", "python": platform.python_version(), "stdlib": str(root),
               "files": len(files), "val_rule": f"sha1(path)[0] % 100 < {BUILTIN_VAL_PERCENT}",
               "val_files": val_files}
-    return _write_dataset(out_dir, ByteTokenizer(), {k: b"".join(v) for k, v in parts.items()}, source)
+    with staged(out_dir) as stage:
+        return _write_dataset(stage, ByteTokenizer(), {k: b"".join(v) for k, v in parts.items()}, source)
 
 
 def read_text_inputs(paths, errors="strict"):
@@ -142,17 +179,15 @@ def prepare_text(out_dir, paths, level="byte", val_fraction=0.1, errors="strict"
     text, files, replaced = read_text_inputs(paths, errors)
     source = {"name": name, "inputs": [str(f) for f in files], "val_fraction": val_fraction,
               "replaced_invalid_utf8": replaced}
-    if level == "sentencepiece":
+    with staged(out_dir) as stage:
+        if level == "byte":
+            text = text.encode("utf-8")
         cut = int(len(text) * (1 - val_fraction))
-        tok, source["tokenizer"] = sentencepiece_for(out_dir, [text[:cut]], vocab_size, model_type, tokenizer_model)
-        return _write_dataset(out_dir, tok, {"train": text[:cut], "val": text[cut:]}, source), replaced
-    if level == "char":
-        tok = CharTokenizer.from_text(text)
-        cut = int(len(text) * (1 - val_fraction))
-        return _write_dataset(out_dir, tok, {"train": text[:cut], "val": text[cut:]}, source), replaced
-    data = text.encode("utf-8")
-    cut = int(len(data) * (1 - val_fraction))
-    return _write_dataset(out_dir, ByteTokenizer(), {"train": data[:cut], "val": data[cut:]}, source), replaced
+        if level == "sentencepiece":
+            tok, source["tokenizer"] = sentencepiece_for(stage, [text[:cut]], vocab_size, model_type, tokenizer_model)
+        else:
+            tok = CharTokenizer.from_text(text) if level == "char" else ByteTokenizer()
+        return _write_dataset(stage, tok, {"train": text[:cut], "val": text[cut:]}, source), replaced
 
 
 def prepare_shakespeare_char(out_dir, input_path=None):
@@ -174,8 +209,9 @@ def prepare_shakespeare_char(out_dir, input_path=None):
     text, _, _ = read_text_inputs([input_path])
     tok = CharTokenizer.from_text(text)
     cut = int(len(text) * 0.9)
-    return _write_dataset(out_dir, tok, {"train": text[:cut], "val": text[cut:]},
-                          {"name": "shakespeare_char", "input": str(input_path), "split": "first 90% train"})
+    with staged(out_dir) as stage:
+        return _write_dataset(stage, tok, {"train": text[:cut], "val": text[cut:]},
+                              {"name": "shakespeare_char", "input": str(input_path), "split": "first 90% train"})
 
 
 def sentencepiece_for(out_dir, train_texts, vocab_size=8192, model_type="unigram", tokenizer_model=None,

@@ -19,6 +19,7 @@ top-k, top-p and min-p in that order, each on what the one before kept, then one
 """
 
 import copy
+import math
 import pickle
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from sqrllm import checkpoint
+from sqrllm.checkpoint import first_line
 from sqrllm.decode import make_step
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrllLayer, round_to_bf16
@@ -49,6 +51,11 @@ class SamplingParams:
 
     def check(self):
         """Raise ValueError naming the first control out of range."""
+        finite = all(map(math.isfinite, (self.repetition_penalty, self.presence_penalty, self.frequency_penalty)))
+        if not finite:
+            raise ValueError("the penalties must be finite numbers, got repetition "
+                             f"{self.repetition_penalty}, presence {self.presence_penalty}, frequency "
+                             f"{self.frequency_penalty}")
         rules = [
             ("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
             ("top_k", self.top_k >= 0, ">= 0 (0 = all tokens)"),
@@ -370,14 +377,19 @@ class Sampler:
         """Continue from a position saved by `save_state`; refuses files from another model."""
         path = Path(path)
         if not path.is_file():
-            raise StateError(f"state file {path} not found")
+            raise StateError(f"state file {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+                raise StateError(f"{path} is not a sqrllm state file; write one with sample.py --save_state or /save")
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             raise StateError(f"{path} holds objects other than tensors and plain types and was refused "
                              "(nothing in it was run)") from None
-        except (RuntimeError, EOFError, OSError) as e:
-            raise StateError(f"state file {path} is truncated or corrupt ({str(e).splitlines()[0]})") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # the archive or its pickle is cut short or damaged: errors of every kind
+            raise StateError(f"state file {path} is truncated or corrupt ({first_line(e)})") from None
         if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT or not {
                 "model", "state", "logits", "recent"} <= saved.keys():
             raise StateError(f"{path} is not a sqrllm state file ({STATE_FORMAT}); write one with "

@@ -176,3 +176,29 @@ def test_a_vocabulary_smaller_than_asked_is_noted(tmp_path):
                                         "the training text holds no more (give more text for a larger vocabulary)")
     meta, _ = prepare_text(tmp_path / "char", [corpus], level="char")
     assert prepare.vocab_note(meta) is None
+
+
+def test_a_failed_preparation_leaves_the_dataset_as_it_was(tmp_path):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("the first corpus, line after line\n" * 200)
+    second.write_text("a second, other corpus: different words\n" * 200)
+    out = tmp_path / "text"
+    prepare_text(out, [first], level="sentencepiece", vocab_size=300)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(DataError, match="the val split is empty"):  # fails after training its tokenizer
+        prepare_text(out, [second], level="sentencepiece", vocab_size=300, val_fraction=1e-7)
+    junk = tmp_path / "junk.model"
+    junk.write_text("not a SentencePiece model")
+    with pytest.raises(DataError, match="is not a SentencePiece model"):
+        prepare_text(out, [second], level="sentencepiece", tokenizer_model=junk)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["first.txt", "junk.model", "second.txt", "text"]
+    prepare_text(out, [second], level="char")  # a new preparation replaces all of the old one's outputs
+    assert sorted(f.name for f in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_a_dataset_name_is_one_plain_folder_name():
+    assert prepare.dataset_name("my_corpus-2.v1") == "my_corpus-2.v1"
+    for bad in ("", ".", "..", "a/b", "../x", ".hidden", "a b"):
+        with pytest.raises(DataError, match="is not a folder name"):
+            prepare.dataset_name(bad)

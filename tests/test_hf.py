@@ -157,3 +157,10 @@ def test_command_line(files, tmp_path):
                          capture_output=True, text=True)
     assert run.returncode != 0 and "error: the records have no field 'text'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_shard_tokens_below_one_is_refused(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one document"}\n')
+    with pytest.raises(DataError, match="shard_tokens must be at least 1, got 0"):
+        prepare_hf(tmp_path / "out", files=[str(tmp_path / "a.jsonl")], shard_tokens=0, progress=False)
+    assert not (tmp_path / "out").exists()

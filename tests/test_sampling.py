@@ -553,6 +553,28 @@ def test_state_from_another_model_shape_is_refused(char_ckpt, tmp_path, capsys):
         sampler.load_state(tmp_path / "evil.state")
 
 
+@pytest.mark.parametrize("content", [b"", b"hello\n", b'{"state": []}'])
+def test_a_file_that_is_no_state_is_named_as_such(char_ckpt, tmp_path, content):
+    (tmp_path / "s.state").write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--ckpt={char_ckpt}", f"--load_state={tmp_path / 's.state'}", "--device=cpu"])
+    assert e.value.code == (f"error: {tmp_path / 's.state'} is not a sqrllm state file; write one with "
+                            "sample.py --save_state or /save")
+
+
+def test_save_state_where_it_cannot_go_is_one_error_line(char_ckpt, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--ckpt={char_ckpt}", "--prompt=line", f"--save_state={tmp_path}", "--device=cpu"])
+    assert str(e.value.code).startswith(f"error: --save_state {tmp_path}: ")
+
+
+def test_penalties_must_be_finite():
+    for bad in ({"presence_penalty": float("nan")}, {"frequency_penalty": float("inf")},
+                {"repetition_penalty": float("inf")}):
+        with pytest.raises(ValueError, match="the penalties must be finite numbers"):
+            SamplingParams(**bad).check()
+
+
 def test_interactive_keeps_state_and_retries_resets_saves(char_ckpt, tmp_path, capsys):
     model, tok, _ = checkpoint.load_model(char_ckpt)
     sampler = Sampler(model, tok)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from sqrllm.data import DataError
-from sqrllm.prepare import prepare_text, vocab_note
+from sqrllm.prepare import dataset_name, prepare_text, vocab_note
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,8 +26,8 @@ if __name__ == "__main__":
     ap.add_argument("--errors", choices=("strict", "replace"), default="strict",
                     help="invalid UTF-8: strict stops with the file and offset; replace substitutes U+FFFD")
     args = ap.parse_args()
-    out = Path(__file__).resolve().parent.parent / args.name
     try:
+        out = Path(__file__).resolve().parent.parent / dataset_name(args.name)
         meta, replaced = prepare_text(out, args.input, args.level, args.val_fraction, args.errors, args.name,
                                       args.vocab_size, args.model_type, args.tokenizer_model)
     except DataError as e:
