@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from sqrllm.checkpoint import first_line
 from sqrllm.data import DataError
 from sqrllm.prepare import SHARD_TOKENS, dataset_name, prepare_documents, sentencepiece_for, staged, vocab_note
 
@@ -72,6 +73,8 @@ def open_split(opts, split):
             if opts["val_files"]:
                 files["val"] = opts["val_files"]
             for f in files.get(split, []):
+                if Path(f).is_dir():
+                    raise DataError(f"input {f} is a folder; pass its files (e.g. {Path(f) / '*.jsonl'})")
                 if not Path(f).is_file():
                     raise DataError(f"input {f} not found; pass existing files")
             kind = _builder(files[split])
@@ -81,9 +84,15 @@ def open_split(opts, split):
         name = opts["train_split"] if split == "train" else opts["val_split"]
         return datasets.load_dataset(opts["dataset"], opts["config"], split=name, streaming=opts["streaming"],
                                      cache_dir=opts["cache_dir"])
+    except DataError:
+        raise
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         where = opts["files"] or opts["dataset"]
         raise DataError(f"could not open {where} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # reading the files failed; the cause says why
+        cause = e.__cause__ or e
+        raise DataError(f"could not read {opts['files'] or opts['dataset']} ({type(cause).__name__}: "
+                        f"{first_line(cause)}); local files must be UTF-8 text or records") from None
 
 
 def _texts(ds, field, max_docs):

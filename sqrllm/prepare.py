@@ -140,7 +140,8 @@ def read_text_inputs(paths, errors="strict"):
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file())
+            files += sorted(f for f in p.rglob("*") if f.is_file()  # hidden ones (.git, .DS_Store) are not text
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
         elif p.is_file():
             files.append(p)
         else:

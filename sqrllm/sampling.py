@@ -19,6 +19,8 @@ top-k, top-p and min-p in that order, each on what the one before kept, then one
 """
 
 import copy
+import functools
+import hashlib
 import math
 import pickle
 import time
@@ -206,6 +208,15 @@ def fingerprint(model, tokenizer=None):
     }
 
 
+def weights_digest(model):
+    """A short sha256 of the model's weights (names and float32 values): which checkpoint it is."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class Sampler:
     """A model, its tokenizer and a position: feed text, generate from it, keep or restore it.
 
@@ -220,6 +231,7 @@ class Sampler:
         if isinstance(model, GPT):  # it ignores the state: each step would see one token
             raise ValueError("sampling runs SqrLLM models (model='sqrll'), which carry their memory from token to "
                              "token, not a GPT (model='gpt', the baseline for comparing val losses)")
+        self._weights = functools.cache(functools.partial(weights_digest, model))  # the checkpoint's, as given
         if step == "native_bf16":  # the prompt's forward, too, runs the model with bfloat16 weights
             model = round_to_bf16(copy.deepcopy(model))
         self.model = model
@@ -367,7 +379,7 @@ class Sampler:
         state = self.state or self.model.init_state(self.batch_size, device=self.device)
         checkpoint.save(path, {
             "format": STATE_FORMAT,
-            "model": fingerprint(self.model, self.tokenizer),
+            "model": {**fingerprint(self.model, self.tokenizer), "weights": self._weights()},
             "state": [h.detach().float().cpu().clone() for h in state],
             "logits": self.logits.detach().float().cpu(),
             "recent": self.recent.cpu(),
@@ -399,6 +411,8 @@ class Sampler:
                 if k != "tokenizer" and saved["model"].get(k) != v]
         if not diff and self.tokenizer is not None and saved["model"].get("tokenizer") != ours["tokenizer"]:
             diff.append("another tokenizer or vocabulary")
+        if not diff and saved["model"].get("weights", self._weights()) != self._weights():  # older files lack it
+            diff.append("other weights: another run, or this run at another step")
         if diff:
             raise StateError(f"state file {path} belongs to another model (file vs this model: "
                              f"{'; '.join(diff)}); make the state with this checkpoint")

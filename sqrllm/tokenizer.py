@@ -146,29 +146,38 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be built or trained; the message names the file and the fix."""
 
 
+MAX_LINE = 1 << 14  # characters: at most 4 bytes each, within the trainer's max_sentence_length of 64 KiB
+
+
 def train_sentencepiece(texts, path, vocab_size, model_type="unigram", max_bytes=1 << 26):
     """Train a SentencePiece model on `texts` (an iterable of str) and write it to `path`.
 
     Settings that make any UTF-8 text round-trip: byte fallback, full character coverage, no
     normalization, no dummy prefix, whitespace kept as it is; digits are split. The trainer sees
-    the texts' lines (a piece never spans a newline) up to max_bytes of them. The end-of-text
+    the texts' lines (a piece never spans a newline; a line longer than MAX_LINE in parts) up to
+    max_bytes of them. The end-of-text
     piece is SentencePiece's eos, id 1; <unk> is 0 and ids 2-257 are the 256 bytes. A unigram
     model trained on too little text for vocab_size has fewer pieces; a BPE one is an error.
     Returns {"lines": trained lines, "bytes": their UTF-8 size}.
     """
     import sentencepiece
 
-    seen = {"lines": 0, "bytes": 0}
+    seen, failed = {"lines": 0, "bytes": 0}, []
 
     def lines():
-        for text in texts:
-            for line in text.split("\n"):
-                if line:
-                    seen["lines"] += 1
-                    seen["bytes"] += len(line.encode("utf-8"))
-                    yield line
-            if seen["bytes"] >= max_bytes:
-                return
+        try:
+            for text in texts:
+                for line in text.split("\n"):
+                    for i in range(0, len(line), MAX_LINE):  # longer lines the trainer would drop unseen
+                        piece = line[i:i + MAX_LINE]
+                        seen["lines"] += 1
+                        seen["bytes"] += len(piece.encode("utf-8"))
+                        yield piece
+                if seen["bytes"] >= max_bytes:
+                    return
+        except Exception as e:  # the texts' own error (an input that cannot be read), raised as it is below
+            failed.append(e)
+            raise
 
     model = io.BytesIO()
     try:
@@ -178,9 +187,14 @@ def train_sentencepiece(texts, path, vocab_size, model_type="unigram", max_bytes
             add_dummy_prefix=False, remove_extra_whitespaces=False, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
             eos_piece=EOT_PIECE, max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
             minloglevel=2, **({"hard_vocab_limit": False} if model_type == "unigram" else {}))
-    except RuntimeError as e:
-        raise TokenizerError(f"SentencePiece training failed: {str(e).strip()}; with {seen['bytes']:,} bytes of "
-                             "training text, lower vocab_size or give more text") from None
+    except (RuntimeError, ValueError, OverflowError) as e:
+        if failed:
+            raise failed[0] from None
+        why = str(e).strip()
+        fix = ("raise vocab_size: byte fallback takes 256 pieces, and every character of the text one more"
+               if "required_chars" in why or vocab_size < 258 else "lower vocab_size or give more text")
+        raise TokenizerError(f"SentencePiece training failed: {why}; with {seen['bytes']:,} bytes of training "
+                             f"text, {fix}") from None
     if not seen["lines"]:
         raise TokenizerError("no text to train SentencePiece on; the training split is empty")
     path = Path(path)

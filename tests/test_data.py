@@ -202,3 +202,22 @@ def test_a_dataset_name_is_one_plain_folder_name():
     for bad in ("", ".", "..", "a/b", "../x", ".hidden", "a b"):
         with pytest.raises(DataError, match="is not a folder name"):
             prepare.dataset_name(bad)
+
+
+def test_one_long_line_trains_a_sentencepiece_model(tmp_path):
+    # the trainer drops lines over 64 KiB; the text is given to it in parts instead
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    line = " ".join(words[(i * 7) % 8] + words[(i * 3) % 8] for i in range(12000))  # about 140 KB, no newline
+    (tmp_path / "one_line.txt").write_text(line)
+    meta, _ = prepare_text(tmp_path / "sp", [tmp_path / "one_line.txt"], level="sentencepiece", vocab_size=300)
+    assert meta["vocab_size"] > 256 + 20  # pieces learned beyond the bytes and the characters
+
+
+def test_folders_are_walked_without_their_hidden_files(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("kept\n")
+    (tmp_path / "notes" / ".git").mkdir()
+    (tmp_path / "notes" / ".git" / "index").write_bytes(b"\xff\xfe binary")
+    (tmp_path / "notes" / ".DS_Store").write_bytes(b"\x00\x01")
+    text, files, _ = prepare.read_text_inputs([tmp_path / "notes"])
+    assert text == "kept\n" and files == [tmp_path / "notes" / "a.txt"]

@@ -164,3 +164,13 @@ def test_shard_tokens_below_one_is_refused(tmp_path):
     with pytest.raises(DataError, match="shard_tokens must be at least 1, got 0"):
         prepare_hf(tmp_path / "out", files=[str(tmp_path / "a.jsonl")], shard_tokens=0, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_or_folder_inputs_are_one_error(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"could not read .*latin1.txt.* \(UnicodeDecodeError: .*\); local files "
+                                        r"must be UTF-8"):
+        prepare_hf(tmp_path / "out", files=[str(tmp_path / "latin1.txt")], progress=False)
+    with pytest.raises(DataError, match=r"input .* is a folder; pass its files"):
+        prepare_hf(tmp_path / "out", files=[str(tmp_path)], progress=False)
+    assert not (tmp_path / "out").exists()

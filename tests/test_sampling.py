@@ -553,6 +553,18 @@ def test_state_from_another_model_shape_is_refused(char_ckpt, tmp_path, capsys):
         sampler.load_state(tmp_path / "evil.state")
 
 
+def test_state_from_other_weights_of_the_same_shape_is_refused(char_ckpt, tmp_path):
+    model, tok, _ = checkpoint.load_model(char_ckpt)
+    sampler = Sampler(model, tok, step="native_bf16" if cpu.available()[0] else "plain")
+    sampler.feed("line 3")
+    sampler.save_state(tmp_path / "s.state")
+    Sampler(model, tok).load_state(tmp_path / "s.state")  # the same checkpoint, through another step: taken
+    other = write_ckpt(tmp_path / "other.pt", {**MODEL_KW, "seed": 1}, CHARS)  # same shape, other weights
+    with pytest.raises(StateError, match="belongs to another model .*other weights: another run, or this run "
+                                         "at another step"):
+        Sampler(*checkpoint.load_model(other)[:2]).load_state(tmp_path / "s.state")
+
+
 @pytest.mark.parametrize("content", [b"", b"hello\n", b'{"state": []}'])
 def test_a_file_that_is_no_state_is_named_as_such(char_ckpt, tmp_path, content):
     (tmp_path / "s.state").write_bytes(content)
