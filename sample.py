@@ -15,6 +15,7 @@ answers from where the conversation is; an empty line lets it go on. Commands: /
 """
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import fields
@@ -42,6 +43,15 @@ an empty line lets the model go on from where it is; start a line with // to fee
 def unescape(s):
     """\\n, \\t and \\\\ in a command-line string to the characters they name."""
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], s)
+
+
+def as_utf8(arg):
+    """A command-line argument as the UTF-8 text it was typed as, also where the locale is not UTF-8
+    (Python then holds its non-ASCII bytes as surrogates)."""
+    try:
+        return os.fsencode(arg).decode("utf-8")
+    except UnicodeDecodeError:
+        return arg
 
 
 def parse_args(argv):
@@ -82,7 +92,11 @@ def parse_args(argv):
         ap.error("--max_new_tokens must be >= 0, --num_samples >= 1 and --threads >= 0")
     if args.interactive and args.num_samples != 1:
         ap.error("--interactive generates one sample; leave out --num_samples")
-    args.stop = [unescape(s) for s in args.stop]
+    args.stop = [unescape(as_utf8(s)) for s in args.stop]
+    args.prompt = None if args.prompt is None else as_utf8(args.prompt)
+    for name in ("ckpt", "prompt_file", "save_state", "load_state"):  # --key=~/x reaches us unexpanded
+        if getattr(args, name):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
     args.params = SamplingParams(**{f.name: getattr(args, f.name) for f in fields(SamplingParams)})
     try:
         args.params.check()
@@ -217,6 +231,7 @@ def interact(sampler, args, generator):
             if not arg:
                 note(args, f"usage: {cmd} FILE")
                 continue
+            arg = os.path.expanduser(arg)  # no shell here to expand ~
             try:
                 if cmd == "/save":
                     sampler.save_state(arg)
@@ -273,6 +288,8 @@ def set_control(args, arg):
 
 
 if __name__ == "__main__":
+    if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":  # the text is UTF-8 whatever the locale
+        sys.stdout.reconfigure(encoding="utf-8")
     try:
         main()
     except BrokenPipeError:  # the reader left (`sample.py ... | head`): stop writing, as other tools do

@@ -10,10 +10,13 @@ the weights to bfloat16, which plain sample.py does not, so its text may differ.
 """
 
 import argparse
+import os
+import shlex
 import sys
 
 from sqrllm.checkpoint import CheckpointError
 from sqrllm.export import ExportError, export_checkpoint
+from sqrllm.tokenizer import TokenizerError
 
 
 def main(argv=None):
@@ -22,15 +25,16 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="folder to write model.cpp, the runtime, the Makefile and web/ to")
     args = ap.parse_args(argv)
     try:
-        done = export_checkpoint(args.ckpt, args.out)
-    except (CheckpointError, ExportError) as e:
+        done = export_checkpoint(os.path.expanduser(args.ckpt), os.path.expanduser(args.out))  # --ckpt=~/x
+    except (CheckpointError, ExportError, TokenizerError) as e:
         sys.exit(f"error: {e}")
+    out = shlex.quote(str(done["out_dir"]))  # the commands below paste as they are, whatever the folder's name
     print(f"wrote {done['model_cpp']} ({done['params']:,} parameters, {done['weight_bytes'] / 1e6:.2f} MB of "
           f"bfloat16 weights) and the runtime to {done['out_dir']}")
-    print(f"next: make -C {done['out_dir']}          (native CLI: {done['out_dir']}/sqrllm; needs a C++17 compiler, "
+    print(f"next: make -C {out}          (native CLI: {done['out_dir']}/sqrllm; needs a C++17 compiler, "
           "Debian: g++)")
-    print(f"      make -C {done['out_dir']} wasm     (WebAssembly: {done['out_dir']}/web/ for the page, "
-          f"node {done['out_dir']}/node_cli.js for the CLI; needs em++, Debian: emscripten)")
+    print(f"      make -C {out} wasm     (WebAssembly: {done['out_dir']}/web/ for the page, "
+          f"node {shlex.quote(str(done['out_dir'] / 'node_cli.js'))} for the CLI; needs em++, Debian: emscripten)")
     print("greedy text (-t 0) is what `sample.py --step native_bf16 --temperature 0` prints (bfloat16 weights)")
 
 

@@ -93,7 +93,7 @@ def _atomic_write(path, mode):
     If anything fails (a full disk included) the temp file is removed and `path` is as it was."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -188,7 +188,7 @@ def archive_run(out_dir, tokenizer_names=()):
 def read_pointer(folder):
     """-> the checkpoints folder/latest.json lists, newest first; None without a readable one."""
     try:
-        data = json.loads((Path(folder) / POINTER).read_text())
+        data = json.loads((Path(folder) / POINTER).read_text(encoding="utf-8"))
         entries = data["checkpoints"]
         if all(_NAME.fullmatch(e["file"]) and isinstance(e["sha256"], str) for e in entries):
             return entries
@@ -262,7 +262,7 @@ def load(path, map_location="cpu"):
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; pass the ckpt.pt that train.py wrote "
                               "(out_dir/ckpt.pt), or the out_dir")
-    entry = _listed_entry(path)
+    entry = _listed_entry(path.resolve())  # a link's target is what latest.json lists
     if entry is not None:
         _verify(path, entry)
     return _load_file(path, map_location)
@@ -337,9 +337,10 @@ def set_rng_state(state):
 
 
 def folder_of(path):
-    """Where a checkpoint's run keeps its files (a tokenizer's model): `path` if a folder, else its parent."""
+    """Where a checkpoint's run keeps its files (a tokenizer's model): `path` if a folder, else the folder
+    of the file (of the file a link points to)."""
     path = Path(path)
-    return path if path.is_dir() else path.parent
+    return path if path.is_dir() else path.resolve().parent
 
 
 def load_model(path, device="cpu"):

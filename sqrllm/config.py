@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import runpy
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ class Config:
     eval_block_size: int = 0  # tokens per window of the window-reset val loss (memory reset at each); 0 = block_size
     always_save_checkpoint: bool = True  # save at every eval, not only when val improves
     keep_checkpoints: int = 3  # newest checkpoints kept in out_dir as ckpt-<step>.pt (latest.json lists them)
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # tqdm progress bar on a terminal (into a file or a pipe: log lines, as with False)
     wandb_log: bool = False  # also log to Weights & Biases: config, metrics, tokens/s, eval samples (pip install wandb)
     wandb_project: str = "sqrllm"  # wandb project
     wandb_run_name: str = ""  # wandb run name; "" = wandb picks one
@@ -103,6 +104,7 @@ class Config:
         return self.n_ffn or 2 * self.n_embd
 
     def validate(self):
+        self.out_dir, self.data_dir = os.path.expanduser(self.out_dir), os.path.expanduser(self.data_dir)  # --k=~/x
         choices = {
             "init_from": ("scratch", "resume"),
             "model": ("sqrll", "gpt"),
@@ -167,7 +169,7 @@ class Config:
     def save(self, path):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

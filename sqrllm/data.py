@@ -90,7 +90,7 @@ def read_meta(folder):
     if not path.is_file():
         raise DataError(f"{path} not found; run the dataset's prepare.py")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e}); re-run the dataset's prepare.py") from e
 
@@ -98,7 +98,7 @@ def read_meta(folder):
 def write_meta(folder, meta):
     path = Path(folder) / "meta.json"
     tmp = path.with_name("meta.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

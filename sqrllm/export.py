@@ -356,7 +356,7 @@ def export(model, tokenizer_meta, out_dir, config=None, source="a SqrLLM", base_
     out_dir = Path(out_dir)
     try:
         (out_dir / "web").mkdir(parents=True, exist_ok=True)
-        (out_dir / "model.cpp").write_text(text)
+        (out_dir / "model.cpp").write_text(text, encoding="utf-8")
         for name in RUNTIME_FILES:
             shutil.copyfile(RUNTIME / name, out_dir / name)
     except OSError as e:

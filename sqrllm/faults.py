@@ -4,6 +4,7 @@ continue from, another run's files in its out_dir; and the exit codes train.py r
 The loop in sqrllm/trainer.py uses these; docs/guarantees.md lists the promises and their tests.
 """
 
+import fcntl
 import os
 import signal
 import threading
@@ -152,6 +153,29 @@ def _check_tokenizer_files(cfg, saved_tok, path, meta):
                             f"'{cfg.dataset}' has another model of the same vocab_size ({model_file}, sha256 "
                             f"{ours[:12]}...); resume on the dataset the checkpoint was trained on, or start a new "
                             "out_dir")
+
+
+def hold_out_dir(out_dir):
+    """Create out_dir and lock out_dir/.lock -> the open lock file; the lock holds until it is closed
+    or the process ends, so that a second run into the same out_dir stops at once instead of moving
+    or overwriting this one's files. ConfigError when out_dir cannot be written or is held."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        f = open(out_dir / ".lock", "a+")
+    except OSError as e:
+        raise ConfigError(f"cannot write to out_dir {out_dir} ({e.strerror}); pass an --out_dir you can write") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"out_dir {out_dir} is in use by another run ({holder}); wait for it to end, or pass "
+                          "another --out_dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def set_aside_previous_run(out_dir, data_folder, meta, dd, device, warn):

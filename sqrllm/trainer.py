@@ -31,7 +31,7 @@ from sqrllm.config import Config, ConfigError, resolve_device
 from sqrllm.data import RandomBatches, StreamBatches, copy_tokenizer_files, load_dataset, reset_token
 from sqrllm.ema import ema_for_run
 from sqrllm.faults import (EXIT_DIVERGED, EXIT_NO_WRITE, EXIT_PREEMPTED, RunStopped, StopSignals, check_model_keys,
-                           check_resume, nonfinite, restart_data, set_aside_previous_run)
+                           check_resume, hold_out_dir, nonfinite, restart_data, set_aside_previous_run)
 from sqrllm.flops import flops_per_token, mfu, peak_flops
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
@@ -134,7 +134,7 @@ class Metrics:
         if not self.path:
             return
         try:
-            with open(self.path, "a") as f:
+            with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
         except OSError as e:
             raise RunStopped(f"could not append to {self.path}: {e}; free space (or fix permissions) and continue "
@@ -146,7 +146,7 @@ class Metrics:
         if not self.path.is_file():
             return 0
         keep = []
-        lines = self.path.read_text().splitlines()
+        lines = self.path.read_text(encoding="utf-8").splitlines()
         for line in lines:
             try:
                 if json.loads(line)["step"] <= step:
@@ -155,7 +155,7 @@ class Metrics:
                 pass
         if len(keep) < len(lines):
             tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
             os.replace(tmp, self.path)
         return len(lines) - len(keep)
 
@@ -272,11 +272,17 @@ def _train(cfg, launched, ending):
 
     writes = dd.is_main and not cfg.eval_only  # an evaluation alone leaves the run's files as they are
     wandb_run = tracking.WandbRun(cfg, enabled=writes)  # no-op unless wandb_log; checks wandb is installed
-    # Everything is checked: from here on, out_dir is written.
+    # Everything is checked: from here on, out_dir is written, by this run alone.
+    held = None
+    if writes:
+        try:
+            ending.callback(hold_out_dir(out_dir).close)
+        except ConfigError as e:
+            held = e
+    if distributed.any_rank(held is not None, device):
+        raise held or ConfigError(f"process 0 could not claim out_dir {out_dir}; its error says why")
     if ckpt is None:
         set_aside_previous_run(out_dir, data_folder, meta, dd, device, warn)
-    if writes:
-        out_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(out_dir / "metrics.jsonl" if writes else None)
     wandb_run.start(out_dir, ckpt and ckpt.get("wandb_run_id"), meta, data_folder)
     ending.push(wandb_run.close)
@@ -391,7 +397,9 @@ def _train(cfg, launched, ending):
     bad_in_a_row, good = 0, None  # good: the run_state after the last good step
     last_log, last_tokens = time.time(), tokens_seen
     last_eval_row = None
-    bar = tqdm(total=cfg.max_iters, initial=step, disable=not (cfg.progress and dd.is_main), dynamic_ncols=True,
+    # the bar on a terminal; into a file or a pipe, a line per log_interval instead of the bar's redraws
+    bar_on = cfg.progress and dd.is_main and sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_iters, initial=step, disable=not bar_on, dynamic_ncols=True,
                unit="step")
     with StopSignals() as signals:
         try:
@@ -485,7 +493,7 @@ def _train(cfg, launched, ending):
                     metrics.log(**row)
                     wandb_run.log(row)
                     bar.set_postfix_str(f"loss {train_loss:.4f}, {perf_text(perf)}")
-                    if dd.is_main and not cfg.progress:
+                    if dd.is_main and not bar_on:
                         tqdm.write(f"step {step}: loss {train_loss:.4f}, lr {lr:.2e}, {perf_text(perf)} "
                                    f"({now - launched:.1f}s)")
                     if not math.isfinite(train_loss):

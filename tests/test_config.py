@@ -1,6 +1,7 @@
 """Config files and --key=value overrides: strict, typed, with errors that say what to do."""
 
 import json
+import os
 
 import pytest
 
@@ -89,3 +90,9 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(["--n_layer=5"])
     cfg.save(tmp_path / "config.json")
     assert Config(**json.loads((tmp_path / "config.json").read_text())) == cfg
+
+
+def test_a_home_folder_in_a_path_is_expanded():
+    # bash leaves --out_dir=~/x alone: the ~ reaches the config as it is
+    cfg = load_config(["--out_dir=~/runs/a", "--data_dir=~/data"])
+    assert cfg.out_dir == os.path.expanduser("~/runs/a") and cfg.data_dir == os.path.expanduser("~/data")

@@ -47,7 +47,7 @@ from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM, round_to_bf16
 from sqrllm.prepare import prepare_text
 from sqrllm.qrnn import QRNN
-from sqrllm.tokenizer import SentencePieceTokenizer
+from sqrllm.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from sqrllm.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -558,6 +558,23 @@ def test_export_script_reports_errors_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match=f"^error: cannot write the export to {taken} \\(Not a directory"):
         export_script([f"--ckpt={ckpt}", f"--out={taken}"])
     assert taken.read_text() == "a file where the export's folder would go"
+
+
+def test_a_sentencepiece_checkpoint_is_read_through_a_link_and_named_without_its_model(tmp_path):
+    train_sentencepiece([TEXT], tmp_path / "run" / "tokenizer.model", 400)
+    tok = SentencePieceTokenizer(tmp_path / "run" / "tokenizer.model")
+    cfg = load_config(["--n_layer=1", "--n_embd=16"])
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    checkpoint.save(ckpt, {"format": checkpoint.FORMAT, "model": SqrLLM.from_config(cfg, tok.vocab_size).state_dict(),
+                           "config": cfg.to_dict(), "vocab_size": tok.vocab_size, "tokenizer": tok.to_meta()})
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.pt").symlink_to(ckpt)  # its tokenizer.model lies beside the target
+    export_script([f"--ckpt={tmp_path / 'elsewhere' / 'link.pt'}", f"--out={tmp_path / 'build'}"])
+    assert (tmp_path / "build" / "model.cpp").is_file()
+    shutil.copy(ckpt, tmp_path / "elsewhere" / "copy.pt")  # copied without it
+    with pytest.raises(SystemExit, match=f"^error: SentencePiece model {tmp_path / 'elsewhere' / 'tokenizer.model'} "
+                                         "not found"):
+        export_script([f"--ckpt={tmp_path / 'elsewhere' / 'copy.pt'}", f"--out={tmp_path / 'build2'}"])
 
 
 def test_the_gpt_baseline_is_refused_by_export_and_sample_py(tmp_path):

@@ -455,6 +455,17 @@ def test_sample_py_names_a_missing_tokenizer_file(tmp_path):
     assert str(e.value.code).startswith(f"error: SentencePiece model {tmp_path / 'tokenizer.model'} not found")
 
 
+def test_sample_py_takes_and_prints_utf8_in_a_c_locale(tmp_path):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", MODEL_KW, ByteTokenizer())
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONIOENCODING", None)
+    run = subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt}", "--prompt=é中文 ", "--max_new_tokens=3",
+                          "--device=cpu", "--quiet"], cwd=ROOT, env=env, capture_output=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("é中文 ".encode())
+
+
 def test_sample_py_into_a_pipe_that_closes_ends_quietly(char_ckpt):
     # `sample.py ... | head -c 20`: the reader leaves; no traceback, and the sampling stops
     proc = subprocess.Popen([sys.executable, "sample.py", f"--ckpt={char_ckpt}", "--max_new_tokens=1000000",

@@ -123,12 +123,48 @@ def test_resume_continues_from_saved_step(data_dir, tmp_path):
     assert not torch.equal(resumed["data"]["cursor"], first["data"]["cursor"])
 
 
+def test_into_a_file_or_pipe_the_progress_bar_gives_way_to_log_lines(data_dir, tmp_path):
+    run = subprocess.run([sys.executable, "train.py", f"--data_dir={data_dir}", "--dataset=tiny",
+                          f"--out_dir={tmp_path / 'run'}", "--n_layer=1", "--n_embd=16", "--batch_size=2",
+                          "--block_size=16", "--max_iters=6", "--log_interval=3", "--eval_interval=0",
+                          "--num_threads=1"], cwd=ROOT, capture_output=True, text=True)  # progress left on
+    assert run.returncode == 0, run.stderr
+    assert [line.split(":")[0] for line in run.stdout.splitlines() if line.startswith("step ")][:2] == ["step 3",
+                                                                                                     "step 6"]
+    assert "\r" not in run.stderr and "it/s" not in run.stderr and "step/s" not in run.stderr
+
+
+def test_a_second_run_into_a_busy_out_dir_stops_and_moves_nothing(data_dir, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "train.py", f"--data_dir={data_dir}", "--dataset=tiny",
+                              f"--out_dir={out}", "--n_layer=1", "--n_embd=16", "--batch_size=2", "--block_size=16",
+                              "--max_iters=100000", "--log_interval=1", "--eval_interval=2", "--eval_max_tokens=64",
+                              "--progress=false", "--num_threads=1"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("step 2:"):  # an evaluation and a checkpoint are out
+                break
+        second = subprocess.run([sys.executable, "train.py", f"--data_dir={data_dir}", "--dataset=tiny",
+                                 f"--out_dir={out}", "--n_layer=1", "--n_embd=16", "--max_iters=5"],
+                                cwd=ROOT, capture_output=True, text=True)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"error: out_dir {out} is in use by another run (pid {first.pid}); wait for it to end, or pass another "
+            "--out_dir")
+        assert not list(out.glob("previous-*")) and (out / "latest.json").is_file()
+    finally:
+        first.terminate()
+        first.communicate(timeout=120)
+    assert checkpoint.load(out)["step"] >= 2
+
+
 def test_a_fresh_run_moves_another_runs_files_aside(data_dir, tmp_path, capsys):
     """Forgetting --init_from=resume loses nothing: the earlier run's files move, whole, into
     out_dir/previous-<time>, from which it resumes; the new run's metrics and checkpoints start afresh."""
     out = tmp_path / "run"
     train(tiny_config(data_dir, out, "--max_iters=20", "--eval_interval=10"))
-    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    earlier = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}  # the lock stays: the folder's
     (out / "notes.txt").write_text("mine")
     (out / "wandb").mkdir()
     capsys.readouterr()
