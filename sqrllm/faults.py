@@ -4,7 +4,6 @@ continue from, another run's files in its out_dir; and the exit codes train.py r
 The loop in sqrllm/trainer.py uses these; docs/guarantees.md lists the promises and their tests.
 """
 
-import fcntl
 import os
 import signal
 import threading
@@ -16,6 +15,11 @@ from sqrllm import checkpoint, distributed
 from sqrllm.config import Config, ConfigError
 from sqrllm.data import DataError
 from sqrllm.tokenizer import SPM_FILE, tokenizer_files, tokenizer_sha256
+
+try:
+    import fcntl
+except ImportError:
+    fcntl = None
 
 MODEL_KEYS = ("n_layer", "n_embd", "n_mem", "n_ffn", "mlp_every", "tie_weights", "bias")
 
@@ -165,13 +169,16 @@ def hold_out_dir(out_dir):
     except OSError as e:
         raise ConfigError(f"cannot write to out_dir {out_dir} ({e.strerror}); pass an --out_dir you can write") from None
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl is not None:  # None on Windows: no lock there
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
         raise ConfigError(f"out_dir {out_dir} is in use by another run ({holder}); wait for it to end, or pass "
                           "another --out_dir") from None
+    except OSError:  # a filesystem without locks (some network mounts): the run goes on unguarded
+        pass
     f.truncate(0)
     f.write(f"pid {os.getpid()}\n")
     f.flush()
