@@ -167,7 +167,8 @@ def hold_out_dir(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         f = open(out_dir / ".lock", "a+")
     except OSError as e:
-        raise ConfigError(f"cannot write to out_dir {out_dir} ({e.strerror}); pass an --out_dir you can write") from None
+        raise ConfigError(f"cannot write to out_dir {out_dir} ({e.strerror}); pass an --out_dir you can "
+                          "write") from None
     try:
         if fcntl is not None:  # None on Windows: no lock there
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -136,9 +136,9 @@ def test_into_a_file_or_pipe_the_progress_bar_gives_way_to_log_lines(data_dir, t
 
 def test_an_out_dir_that_cannot_be_made_is_one_error_before_training(data_dir, tmp_path):
     (tmp_path / "afile").write_text("a file, not a folder")
-    with pytest.raises(ConfigError, match=f"cannot write to out_dir {tmp_path / 'afile' / 'run'} \\(Not a directory\\); "
-                                          "pass an --out_dir you can write"):
-        train(tiny_config(data_dir, tmp_path / "afile" / "run", "--max_iters=5"))
+    out = tmp_path / "afile" / "run"
+    with pytest.raises(ConfigError, match=f"cannot write to out_dir {out} \\(Not a directory\\); pass an --out_dir"):
+        train(tiny_config(data_dir, out, "--max_iters=5"))
 
 
 def test_a_second_run_into_a_busy_out_dir_stops_and_moves_nothing(data_dir, tmp_path):
