@@ -224,23 +224,43 @@ def _verify(path, entry):
                               "to load the newest intact one")
 
 
-def _load_file(path, map_location):
+class Unreadable(Exception):
+    """Why `load_plain` read nothing: `kind` "foreign" (not a file torch.save wrote), "refused" (it
+    holds objects other than tensors and plain types) or "corrupt"; `detail` says more, in one line."""
+
+    def __init__(self, kind, detail):
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+def load_plain(path, map_location="cpu"):
+    """torch.load(path, weights_only=True): tensors and plain types, no code run; Unreadable else."""
     with open(path, "rb") as f:
         head = f.read(4)
     if head != b"PK\x03\x04":  # torch.save writes a zip archive
-        what = "it is empty" if not head else "not a file torch.save wrote"
-        raise CheckpointError(f"{path} is not a sqrllm checkpoint ({what}); pass the ckpt.pt that train.py "
-                              "wrote (out_dir/ckpt.pt), or the out_dir")
+        raise Unreadable("foreign", "it is empty" if not head else "not a file torch.save wrote")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain types and was "
-                              f"refused (nothing in it was run): {first_line(e)}") from None
+        raise Unreadable("refused", first_line(e)) from None
     except MemoryError:  # not the file's fault: no falling back to an older checkpoint for it
         raise
     except Exception as e:  # the archive or its pickle is cut short or damaged: errors of every kind
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first_line(e)}); "
-                              "use an earlier checkpoint or retrain") from None
+        raise Unreadable("corrupt", first_line(e)) from None
+
+
+def _load_file(path, map_location):
+    try:
+        ckpt = load_plain(path, map_location)
+    except Unreadable as e:
+        raise CheckpointError({
+            "foreign": f"{path} is not a sqrllm checkpoint ({e.detail}); pass the ckpt.pt that train.py wrote "
+                       "(out_dir/ckpt.pt), or the out_dir",
+            "refused": f"checkpoint {path} holds objects other than tensors and plain types and was refused "
+                       f"(nothing in it was run): {e.detail}",
+            "corrupt": f"checkpoint {path} is truncated or corrupt ({e.detail}); use an earlier checkpoint or "
+                       "retrain",
+        }[e.kind]) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a sqrllm checkpoint (format {FORMAT})")
     return ckpt

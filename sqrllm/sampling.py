@@ -22,7 +22,6 @@ import copy
 import functools
 import hashlib
 import math
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ from pathlib import Path
 import torch
 
 from sqrllm import checkpoint
-from sqrllm.checkpoint import first_line
 from sqrllm.decode import make_step
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrllLayer, round_to_bf16
@@ -390,18 +388,15 @@ class Sampler:
         path = Path(path)
         if not path.is_file():
             raise StateError(f"state file {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
-                raise StateError(f"{path} is not a sqrllm state file; write one with sample.py --save_state or /save")
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise StateError(f"{path} holds objects other than tensors and plain types and was refused "
-                             "(nothing in it was run)") from None
-        except MemoryError:
-            raise
-        except Exception as e:  # the archive or its pickle is cut short or damaged: errors of every kind
-            raise StateError(f"state file {path} is truncated or corrupt ({first_line(e)})") from None
+            saved = checkpoint.load_plain(path)
+        except checkpoint.Unreadable as e:
+            raise StateError({
+                "foreign": f"{path} is not a sqrllm state file; write one with sample.py --save_state or /save",
+                "refused": f"{path} holds objects other than tensors and plain types and was refused (nothing in it "
+                           "was run)",
+                "corrupt": f"state file {path} is truncated or corrupt ({e.detail})",
+            }[e.kind]) from None
         if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT or not {
                 "model", "state", "logits", "recent"} <= saved.keys():
             raise StateError(f"{path} is not a sqrllm state file ({STATE_FORMAT}); write one with "

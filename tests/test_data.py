@@ -158,7 +158,7 @@ def test_shakespeare_prepared_from_a_local_copy_needs_no_download_again(tmp_path
 
     monkeypatch.setattr(prepare.urllib.request, "urlopen", offline)
     copy = tmp_path / "tiny.txt"
-    copy.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20)
+    copy.write_text("A stand-in for the play: two lines of plain text.\nThe second of them, and so on.\n" * 20)
     with pytest.raises(DataError, match="could not download Tiny Shakespeare \\(no network\\); pass a local copy"):
         prepare.prepare_shakespeare_char(tmp_path / "fresh")
     made = prepare.prepare_shakespeare_char(tmp_path / "sc", copy)
