@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sqrllm.tokenizer import from_meta, tokenizer_files
+from sqrllm.tokenizer import from_meta, tokenizer_files, tokenizer_sha256
 
 MAGIC = b"SQRLTOKS"
 VERSION = 1
@@ -265,7 +265,8 @@ def _near(path):
 
 
 def load_dataset(cfg):
-    """-> (meta, train tokens, val tokens), preparing `builtin` on first use."""
+    """-> (meta, train tokens, val tokens), preparing `builtin` on first use; meta's tokenizer
+    description gains the sha256 of its model file, where it has one."""
     folder = Path(cfg.data_dir) / cfg.dataset
     if cfg.dataset == "builtin" and not (folder / "meta.json").is_file():
         from sqrllm.prepare import prepare_builtin  # it writes with this module's helpers
@@ -290,6 +291,8 @@ def load_dataset(cfg):
     if vocab != meta["vocab_size"]:
         raise DataError(f"{folder / 'meta.json'} says vocab_size {meta['vocab_size']} but its tokenizer has {vocab} "
                         "tokens; re-run the dataset's prepare.py")
+    if digest := tokenizer_sha256(meta["tokenizer"], folder):  # checkpoints record it: resume refuses another model
+        meta["tokenizer"] = {**meta["tokenizer"], "sha256": digest}
     train, val = read_split(folder, meta, "train"), read_split(folder, meta, "val")  # shards read as one; ids checked
     if len(val) < 2:
         raise DataError(f"{folder / 'val.bin'} holds {len(val)} token; evaluation needs at least 2 (one input, "

@@ -144,10 +144,10 @@ def check_resume(cfg, ckpt, path, meta, world_size=1):
 def _check_tokenizer_files(cfg, saved_tok, path, meta):
     """Refuse a dataset whose tokenizer model (same kind and vocab_size) is another file than the one
     the checkpoint records (its sha256; older checkpoints lack it) or than the copy in out_dir."""
-    data_folder = Path(cfg.data_dir) / cfg.dataset
-    ours = tokenizer_sha256(meta["tokenizer"], data_folder)
+    ours = meta["tokenizer"].get("sha256")  # load_dataset's digest of the dataset's model file
     if ours is None:  # byte and char tokenizers are their description, compared above
         return
+    data_folder = Path(cfg.data_dir) / cfg.dataset
     copy = Path(cfg.out_dir) / tokenizer_files(saved_tok)[0]
     for theirs, what in ((saved_tok.get("sha256"), "a SentencePiece model"),
                          (tokenizer_sha256(saved_tok, cfg.out_dir), f"the SentencePiece model {copy}")):

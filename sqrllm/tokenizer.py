@@ -155,9 +155,9 @@ def train_sentencepiece(texts, path, vocab_size, model_type="unigram", max_bytes
     Settings that make any UTF-8 text round-trip: byte fallback, full character coverage, no
     normalization, no dummy prefix, whitespace kept as it is; digits are split. The trainer sees
     the texts' lines (a piece never spans a newline; a line longer than MAX_LINE in parts) up to
-    max_bytes of them. The end-of-text
-    piece is SentencePiece's eos, id 1; <unk> is 0 and ids 2-257 are the 256 bytes. A unigram
-    model trained on too little text for vocab_size has fewer pieces; a BPE one is an error.
+    max_bytes of them. The end-of-text piece is SentencePiece's eos, id 1; <unk> is 0 and ids
+    2-257 are the 256 bytes. A unigram model trained on too little text for vocab_size has fewer
+    pieces; a BPE one is an error.
     Returns {"lines": trained lines, "bytes": their UTF-8 size}.
     """
     import sentencepiece

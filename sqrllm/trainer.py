@@ -36,7 +36,6 @@ from sqrllm.flops import flops_per_token, mfu, peak_flops
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
 from sqrllm.step_graph import GraphedStep, burn_in_window, graph_wanted
-from sqrllm.tokenizer import tokenizer_sha256
 
 
 def process_start_time():
@@ -220,8 +219,6 @@ def _train(cfg, launched, ending):
                            f"pass a larger --max_iters to train on ({out_dir} is unchanged)")
             return {"step": ckpt["step"], "ckpt": str(ckpt_path), "best_val": ckpt["best_val"], "last_eval": None}
     data_folder = Path(cfg.data_dir) / cfg.dataset
-    tok_sha = tokenizer_sha256(meta["tokenizer"], data_folder)  # recorded: resume refuses another model file
-    tokenizer = {**meta["tokenizer"], "sha256": tok_sha} if tok_sha else meta["tokenizer"]
 
     model = (GPT if cfg.model == "gpt" else SqrLLM).from_config(cfg, meta["vocab_size"]).to(device)
     model.reset_token = reset_token(cfg, meta)  # reset_at_eot: memory restarts at each end-of-text
@@ -334,7 +331,7 @@ def _train(cfg, launched, ending):
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "config": cfg.to_dict(), "vocab_size": meta["vocab_size"],
             "wandb_run_id": wandb_run.id,  # a resumed run continues this wandb run
-            "tokenizer": tokenizer, "world_size": dd.world_size, "step": run["step"],
+            "tokenizer": meta["tokenizer"], "world_size": dd.world_size, "step": run["step"],
             "best_val": run["best_val"], "tokens_seen": run["tokens_seen"], **own,
             "state": [distributed.gather_rows(s.detach()).cpu() for s in run["state"] or []],
         }
