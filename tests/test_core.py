@@ -103,22 +103,25 @@ def max_errors(dtype, p, h, cut, zone, dz, ref, fused):
 @pytest.mark.parametrize("B,T,C", [(1, 1, 1), (2, 63, 5), (4, 256, 128), (1, 4097, 64)])
 @pytest.mark.parametrize("zoned", [False, True])
 def test_cuda_kernels_are_as_exact_as_the_composition(dtype, B, T, C, zoned):
-    """Against float64: the fused op in `dtype` errs no more than the composition of torch ops in `dtype`
-    (the path it replaces) does, output by output, give or take a quarter and one ulp of slack; and in
-    float32 it agrees to 1e-5 outright."""
+    """Against float64: in float16 and bfloat16 the fused op errs no more than the composition of torch
+    ops in `dtype` (the path it replaces) does, output by output, give or take a quarter and one ulp of
+    slack; in float32 it agrees to 1e-5. (In float32 both paths err by rounding noise alone, around
+    1e-7, and which of the two errs less at a given draw is a coin toss: the CPU's fused path errs more
+    than 1.25 times the composition in 13 of 200 draws of dz at (2, 63, 5).)"""
     p, h, cut = inputs(B, T, C, dtype=torch.float32, device="cuda")
     zone = zone_of(B, T, C, device="cuda") if zoned else None
     ref_in = [t.detach().double().requires_grad_() for t in (p, h)]
     z_ref, last_ref = core_ref(ref_in[0], ref_in[1], cut, zone)
-    dz = torch.randn_like(z_ref)
+    dz = torch.randn(z_ref.shape, generator=torch.Generator().manual_seed(2), dtype=z_ref.dtype).cuda()
     ref = (z_ref, last_ref, *torch.autograd.grad(z_ref, ref_in, dz))
     fused = max_errors(dtype, p, h, cut, zone, dz, ref, fused=True)
     composed = max_errors(dtype, p, h, cut, zone, dz, ref, fused=False)
     ulp = torch.finfo(dtype).eps
     for name, a, b in zip(("z", "last", "dp", "dh0"), fused, composed):
-        assert a <= 1.25 * b + ulp, f"{name}: fused errs {a:.3g}, the composition {b:.3g}"
         if dtype == torch.float32:
             assert a <= 1e-5, f"{name}: fused errs {a:.3g}"
+        else:
+            assert a <= 1.25 * b + ulp, f"{name}: fused errs {a:.3g}, the composition {b:.3g}"
 
 
 @needs_cuda

@@ -475,7 +475,7 @@ def test_cpu_cuda_parity():
         out_a.float().sum().backward()
         md = QRNN(I, H, num_layers=L, window=3, bidirectional=True).cuda().to(dtype)
         md.load_state_dict(m.state_dict())
-        out_d, h_d = md(x.cuda().to(dtype), h0.cuda())
+        out_d, h_d = md(x.cuda().to(dtype), h0.cuda().to(dtype))  # nn.LSTM too wants hx in the input's dtype
         assert out_d.dtype == dtype and rel_err(out_d.cpu(), out) < 3 * RTOL[dtype]
         assert rel_err(h_d.cpu(), h_n) < 3 * RTOL[dtype]
 
