@@ -415,12 +415,14 @@ __device__ __forceinline__ bool word_set(unsigned long long w) { return (unsigne
 // maps of the Gc - 1 tiles between, which the column's other blocks folded up to a round before.
 // To keep that wait off the copies' path, a tile is replayed one round late: iteration m waits for
 // tile m's copies, folds it and publishes its map, and only then finishes tile m - 1's look-back
-// (issued before the wait) and replays it. Three tile buffers: m - 1 replaying, m folding, m + 1 in
-// flight; tile m + 2 is issued into m - 1's buffer once that is replayed. A feature's look-back is
-// split over the G = NT / CW threads of its slot (up to a warp's worth), each folding a contiguous
-// share of the maps, the shares then composed in order by warp shuffles: results depend on the
-// tile's index alone, so they are bitwise reproducible. Every input is read once, every output
-// written once. LR: rows a thread owns per tile, all in shared memory.
+// (issued before the wait) and replays it. Tile m - 1's rows wait for that replay in registers, so
+// the two tile buffers hold tile m (folding) and tile m + 1 (in flight) while the look-back waits;
+// tile m + 2 is issued into m's buffer once each thread has taken its rows of m into registers. (A
+// third buffer, with m - 1 replayed from shared memory, left room for only 8 rows a thread where two
+// hold 12.) A feature's look-back is split over the G = NT / CW threads of its slot (up to a warp's
+// worth), each folding a contiguous share of the maps, the shares then composed in order by warp
+// shuffles: results depend on the tile's index alone, so they are bitwise reproducible. Every input
+// is read once, every output written once. LR: rows a thread owns per tile.
 #define LOOK 8  // stream mode: look-back maps a thread waits for at once
 template <typename S, int V, int LR, bool BWD>
 __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
@@ -428,7 +430,7 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
     // per thread and feature, [ty][v][cx]: the thread's map, then the map from the tile's start to
     // the thread's first row; hin: per feature slot, the state entering the tile being replayed
     __shared__ float sA[NT * V], sB[NT * V], hin[NT];
-    constexpr int BUFFERS = 3, ARRAYS = BWD ? 3 : 2;  // sqrllm/cuda.py's STREAM_BUFFERS
+    constexpr int BUFFERS = 2, ARRAYS = BWD ? 3 : 2;  // sqrllm/cuda.py's STREAM_BUFFERS
     Raw* const tile_in = (Raw*)dyn_smem;  // BUFFERS buffers of ARRAYS * LR * NT vectors
     constexpr unsigned ARR = LR * NT * sizeof(Raw);
 
@@ -506,6 +508,7 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
         return fmaf(A, h, B);
     };
 
+    Raw ca[LR], cm[LR], cy[BWD ? LR : 1];  // this thread's rows of a, r (and y) of the tile awaiting its replay
     issue(0);
     issue(1);
     for (long long m = 0; m <= n; ++m) {
@@ -556,18 +559,24 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
             __syncthreads();
             stream_trace_at(3, m);
             const long long p0 = first_position(m - 1), rows = min((long long)LR, T - p0);
-            const Raw* ra = buffer(m - 1);
-            const Raw* rm = ra + LR * NT;
-            const Raw* ry = rm + LR * NT;
             float g[V];
 #pragma unroll
             for (int v = 0; v < V; ++v) g[v] = fmaf(Pp[v], hin[v * CT + cx], Qp[v]);
-            replay_rows<S, V, LR, BWD, false>(g, [&](int l) { return ra[l * NT]; }, [&](int l) { return rm[l * NT]; },
-                                              [&](int l) { return ry[l * NT]; }, v_ok, rows, out, dr, dh0, r,
+            replay_rows<S, V, LR, BWD, false>(g, [&](int l) { return ca[l]; }, [&](int l) { return cm[l]; },
+                                              [&](int l) { return cy[BWD ? l : 0]; }, v_ok, rows, out, dr, dh0, r,
                                               position_at(bi, T, C, cv, flip, p0), step, p0, T, bi * C + cv);
             stream_trace_at(4, m);
         }
-        issue(m + 2);  // into tile m - 1's buffer, whose rows this thread has just replayed
+        if (m < n) {  // this thread's rows of tile m into registers, for its replay next iteration
+            const Raw* ra = buffer(m);
+#pragma unroll
+            for (int l = 0; l < LR; ++l) {
+                ca[l] = ra[l * NT];
+                cm[l] = ra[(LR + l) * NT];
+                if (BWD) cy[BWD ? l : 0] = ra[(2 * LR + l) * NT];
+            }
+        }
+        issue(m + 2);  // into tile m's buffer, whose rows this thread has just taken
         tAp = tAc, tBp = tBc;
 #pragma unroll
         for (int v = 0; v < V; ++v) Pp[v] = Pc[v], Qp[v] = Qc[v];

@@ -57,7 +57,7 @@ CHUNK_MIN_COLS = 8
 STREAM_MAX_BLOCKS = 16
 STREAM_MAX_ROWS = 12  # stream mode: rows a thread owns per tile, at most (shared memory permitting)
 STREAM_MIN_FILL = 0.9  # stream mode: the least share of the multiprocessors its grid may use
-STREAM_BUFFERS = 3  # stream mode's tile buffers, as scan_stream in the .cu has them
+STREAM_BUFFERS = 2  # stream mode's tile buffers, as scan_stream in the .cu has them
 
 
 def ensure_available():

@@ -250,17 +250,20 @@ def test_stream_mode_only_where_its_columns_fill_the_gpu():
 
 
 @pytest.mark.parametrize("dtype, bwd, rows", [
-    (torch.bfloat16, False, 8),  # 3 buffers x 2 arrays x 4 KB a row, beside 17 KB of maps, in 227 KB
-    (torch.bfloat16, True, 5),
-    (torch.float32, False, 9),
-    (torch.float32, True, 6),
+    (torch.bfloat16, False, 12),  # 2 buffers x 2 arrays x 4 KB a row: 13 rows fit beside the maps; capped at 12
+    (torch.bfloat16, True, 8),  # 2 buffers x 3 arrays x 4 KB a row, beside 17 KB of maps, in 227 KB
+    (torch.float32, False, 12),
+    (torch.float32, True, 9),
 ])
 def test_stream_tiles_fill_shared_memory(dtype, bwd, rows):
     V = 16 // (torch.finfo(dtype).bits // 8)
     smem = 227 * 1024
     assert cuda.stream_rows(dtype, V, bwd, smem) == rows
     static = 2 * cuda.NT * V * 4 + cuda.NT * 4
-    assert static + 3 * cuda._tile_smem(dtype, V, rows, bwd)[0] <= smem < static + 3 * cuda._tile_smem(dtype, V, rows + 1, bwd)[0]
+    buffers = cuda.STREAM_BUFFERS
+    assert static + buffers * cuda._tile_smem(dtype, V, rows, bwd)[0] <= smem
+    if rows < cuda.STREAM_MAX_ROWS:  # as many rows as fit
+        assert smem < static + buffers * cuda._tile_smem(dtype, V, rows + 1, bwd)[0]
 
 
 @pytest.fixture
