@@ -229,6 +229,7 @@ def _stream_tiles(bwd, dtype, V, device):
 # devices that refused a stream-mode grid (fewer multiprocessors usable than the device reports, as
 # may be for a process limited to part of the GPU): their long scans take chunk mode instead
 _cooperative_refused = set()
+SHRUNK_GRID = "The grid size will be reduced"  # CuPy's warning before it shrinks a cooperative grid
 
 
 @functools.cache
@@ -327,11 +328,17 @@ def _launch(bwd, a, r, y, h0, out, dr, dh0, flip):
     with _on(device):
         p, fn, grid, dyn_smem, (scratch_bytes, fill), tail = _recipe_for(bwd, a, ptrs)
         nodes = torch.full((scratch_bytes,), fill, dtype=torch.uint8, device=a.device) if scratch_bytes else None
+        args = (grid, (NT,), (*map(_ptr, tensors), _ptr(nodes), *tail, np.int32(flip)))
         try:
-            fn(grid, (NT,), (*map(_ptr, tensors), _ptr(nodes), *tail, np.int32(flip)), shared_mem=dyn_smem,
-               stream=_stream(device))
-        except Exception as e:  # CuPy's CUDADriverError; a refused launch ran nothing, so chunk mode can redo it
-            if p.mode != "STREAM" or "COOPERATIVE_LAUNCH_TOO_LARGE" not in str(e):
+            if p.mode != "STREAM":
+                fn(*args, shared_mem=dyn_smem, stream=_stream(device))
+            else:  # CuPy shrinks a cooperative grid that does not fit at once, with a warning, where
+                # the driver would refuse it; stream mode's plan needs every block, so that is a refusal
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("error", SHRUNK_GRID, UserWarning)
+                    fn(*args, shared_mem=dyn_smem, stream=_stream(device))
+        except Exception as e:  # a refused launch ran nothing, so chunk mode can redo it
+            if p.mode != "STREAM" or not any(s in str(e) for s in ("COOPERATIVE_LAUNCH_TOO_LARGE", SHRUNK_GRID)):
                 raise
             warnings.warn(f"sqrllm: CUDA device {device} cannot run stream mode's {grid[0]} blocks at once "
                           f"({e}); its long scans take chunk mode from now on", RuntimeWarning, stacklevel=3)

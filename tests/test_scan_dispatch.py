@@ -274,7 +274,9 @@ def fake_launches(monkeypatch):
 
     def kernel(dtype, V, L, bwd, mode, min_blocks, device, reg_rows=0):
         def fn(grid, block, args, shared_mem, stream):
-            if mode == "STREAM" and refusal[0] is not None:
+            if mode == "STREAM" and isinstance(refusal[0], Warning):
+                warnings.warn(refusal[0])  # as CuPy, before it launches a shrunk grid
+            elif mode == "STREAM" and refusal[0] is not None:
                 raise refusal[0]
             launched.append(mode)
         return fn, 0
@@ -303,6 +305,19 @@ def test_refused_stream_launch_warns_once_and_runs_chunk_mode(fake_launches):
         warnings.simplefilter("error")
         cuda.scan_bwd(x, x, x)  # decided for the device: straight to chunk mode, no second warning
     assert launched == ["CHUNKS", "CHUNKS"]
+    assert cuda.launch_plan(x).mode == "CHUNKS"
+
+
+def test_a_stream_grid_cupy_would_shrink_runs_chunk_mode(fake_launches):
+    # CuPy shrinks a cooperative grid larger than fits at once (with a UserWarning) instead of letting
+    # the driver refuse it; stream mode's blocks each own a share of the tiles, so none may go missing
+    launched, refusal = fake_launches
+    x = torch.zeros(1, 32768, 1024, dtype=torch.bfloat16)
+    refusal[0] = UserWarning("The grid size will be reduced from 128 to 64, as the specified grid size "
+                             "exceeds the limit.")
+    with pytest.warns(RuntimeWarning, match="cannot run stream mode's 128 blocks at once"):
+        cuda.scan_fwd(x, x)
+    assert launched == ["CHUNKS"]
     assert cuda.launch_plan(x).mode == "CHUNKS"
 
 
