@@ -105,7 +105,7 @@ def max_errors(dtype, p, h, cut, zone, dz, ref, fused):
 def test_cuda_kernels_are_as_exact_as_the_composition(dtype, B, T, C, zoned):
     """Against float64: in float16 and bfloat16 the fused op errs no more than the composition of torch
     ops in `dtype` (the path it replaces) does, output by output, give or take a quarter and one ulp of
-    slack; in float32 it agrees to 1e-5. (In float32 both paths err by rounding noise alone, around
+    slack (an ulp at the output's largest magnitude); in float32 it agrees to 1e-5. (In float32 both paths err by rounding noise alone, around
     1e-7, and which of the two errs less at a given draw is a coin toss: the CPU's fused path errs more
     than 1.25 times the composition in 13 of 200 draws of dz at (2, 63, 5).)"""
     p, h, cut = inputs(B, T, C, dtype=torch.float32, device="cuda")
@@ -116,12 +116,12 @@ def test_cuda_kernels_are_as_exact_as_the_composition(dtype, B, T, C, zoned):
     ref = (z_ref, last_ref, *torch.autograd.grad(z_ref, ref_in, dz))
     fused = max_errors(dtype, p, h, cut, zone, dz, ref, fused=True)
     composed = max_errors(dtype, p, h, cut, zone, dz, ref, fused=False)
-    ulp = torch.finfo(dtype).eps
-    for name, a, b in zip(("z", "last", "dp", "dh0"), fused, composed):
+    for name, a, b, want in zip(("z", "last", "dp", "dh0"), fused, composed, ref):
         if dtype == torch.float32:
             assert a <= 1e-5, f"{name}: fused errs {a:.3g}"
-        else:
-            assert a <= 1.25 * b + ulp, f"{name}: fused errs {a:.3g}, the composition {b:.3g}"
+        else:  # one ulp at the output's largest magnitude: its last bit
+            ulp = torch.finfo(dtype).eps * max(1.0, want.abs().max().item())
+            assert a <= 1.25 * b + ulp, f"{name}: fused errs {a:.3g}, the composition {b:.3g}, one ulp {ulp:.3g}"
 
 
 @needs_cuda
