@@ -105,9 +105,10 @@ def max_errors(dtype, p, h, cut, zone, dz, ref, fused):
 def test_cuda_kernels_are_as_exact_as_the_composition(dtype, B, T, C, zoned):
     """Against float64: in float16 and bfloat16 the fused op errs no more than the composition of torch
     ops in `dtype` (the path it replaces) does, output by output, give or take a quarter and one ulp of
-    slack (an ulp at the output's largest magnitude); in float32 it agrees to 1e-5. (In float32 both paths err by rounding noise alone, around
-    1e-7, and which of the two errs less at a given draw is a coin toss: the CPU's fused path errs more
-    than 1.25 times the composition in 13 of 200 draws of dz at (2, 63, 5).)"""
+    slack (an ulp at the output's largest magnitude); in float32 it agrees to 1e-5. (In float32 both
+    paths err by rounding noise alone, around 1e-7, and which of the two errs less at a given draw is a
+    coin toss: the CPU's fused path errs more than 1.25 times the composition in 13 of 200 draws of dz
+    at (2, 63, 5).)"""
     p, h, cut = inputs(B, T, C, dtype=torch.float32, device="cuda")
     zone = zone_of(B, T, C, device="cuda") if zoned else None
     ref_in = [t.detach().double().requires_grad_() for t in (p, h)]
