@@ -53,8 +53,10 @@ CHUNK_MIN_COLS = 8
 # multiprocessors (a resident block each): every block waits on the maps of all the others in its
 # column, so the more there are, the more often one slow block holds the rest. On one H200 a
 # single sequence of 1024 features ran 67-68% -> 71-74% of copy forward (bf16) and 79-80% -> 83-86%
-# (fp32) with 16 blocks a column, and 256 bf16 features 66% -> 57-60% with 33 (docs/benchmarks.md)
-STREAM_MAX_BLOCKS = 16
+# (fp32) with 16 blocks a column; 256 bf16 features, 4 columns of 33 blocks, lost to the tree with
+# three tile buffers (57-60% against 66%) and beat it with two (forward 65.6-67.8% against 65.9-66.4%,
+# forward+backward 72.2-75.3% against 69.2-69.9%, four runs over two sessions; docs/benchmarks.md)
+STREAM_MAX_BLOCKS = 40
 STREAM_MAX_ROWS = 12  # stream mode: rows a thread owns per tile, at most (shared memory permitting)
 STREAM_MIN_FILL = 0.9  # stream mode: the least share of the multiprocessors its grid may use
 STREAM_BUFFERS = 2  # stream mode's tile buffers, as scan_stream in the .cu has them

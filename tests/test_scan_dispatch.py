@@ -214,7 +214,8 @@ def test_tree_nodes_fit_the_scratch_and_cover_each_prefix(lg):
     (1, 32768, 1024, 8, "STREAM", 16, 16),  # bf16: 8 columns of 16 threads, 16 blocks each
     (1, 32768, 1024, 4, "STREAM", 32, 16),  # fp32: 8 columns of 32
     (1, 131072, 256, 4, "STREAM", 8, 16),
-    (1, 131072, 256, 8, "CHUNKS", 8, 0),  # bf16: 4 columns would take 33 blocks each
+    (1, 131072, 256, 8, "STREAM", 8, 33),  # bf16: 4 columns of 8 threads, 33 blocks each
+    (1, 131072, 192, 8, "CHUNKS", 8, 0),  # 3 columns would take 44 blocks each
     (16, 65536, 256, 8, "STREAM", 32, 8),  # 16 columns of 32 threads, 8 blocks each
     (40, 20000, 256, 8, "STREAM", 32, 3),  # 40 columns of 3 blocks: 120 of 132 multiprocessors
     (50, 20000, 256, 8, "CHUNKS", 32, 0),  # 50 columns of 2 would leave 32 idle
