@@ -3,12 +3,14 @@
 import contextlib
 import importlib
 import importlib.util
+import re
 import warnings
 
 import pytest
 import torch
 
 from sqrllm import cuda
+from sqrllm.kernels import SOURCE_DIR
 from sqrllm.scan import scan
 
 scan_module = importlib.import_module("sqrllm.scan")  # the package's `scan` attribute is the function
@@ -265,6 +267,15 @@ def test_stream_tiles_fill_shared_memory(dtype, bwd, rows):
     assert static + buffers * cuda._tile_smem(dtype, V, rows, bwd)[0] <= smem
     if rows < cuda.STREAM_MAX_ROWS:  # as many rows as fit
         assert smem < static + buffers * cuda._tile_smem(dtype, V, rows + 1, bwd)[0]
+
+
+def test_host_sizes_the_launches_as_the_kernel_source_has_them():
+    # threads a block and stream mode's tile buffers are written twice, in sqrllm/cuda.py and in
+    # kernels/sqrll.cu: launches sized by the one for a kernel built with the other would overrun
+    # shared memory or leave blocks' rows unread
+    source = (SOURCE_DIR / "sqrll.cu").read_text()
+    assert re.search(r"^#define NT (\d+)\b", source, re.M).group(1) == str(cuda.NT)
+    assert re.search(r"constexpr int BUFFERS = (\d+),", source).group(1) == str(cuda.STREAM_BUFFERS)
 
 
 @pytest.fixture
