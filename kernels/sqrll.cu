@@ -573,7 +573,7 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
             for (int l = 0; l < LR; ++l) {
                 ca[l] = ra[l * NT];
                 cm[l] = ra[(LR + l) * NT];
-                if (BWD) cy[BWD ? l : 0] = ra[(2 * LR + l) * NT];
+                if constexpr (BWD) cy[l] = ra[(2 * LR + l) * NT];
             }
         }
         issue(m + 2);  // into tile m's buffer, whose rows this thread has just taken
