@@ -117,12 +117,22 @@ class _Core(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz, _):
         p, r, y, h0, reset, zone = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+            return _differentiable_grads(p, h0, reset, zone, dz, ctx.needs_input_grad)
         steps = _steps(p.device.type)
         dp = torch.empty_like(p)
         dy = steps.out_bwd(dz.contiguous(), y, p, dp)
         dx, dr, dh0 = scan_mod._grads(dy, r, y, h0, False)
         steps.gates_bwd(dx, dr, p, reset, zone, dp)
         return dp, (dh0 if ctx.has_h0 else None), None, None
+
+
+def _differentiable_grads(p, h0, reset, zone, dz, needs):
+    """_Core's gradients (dp, dh0, None, None) through core_ref, for a backward whose result is
+    differentiated again: the recomputed forward costs what it would unfused."""
+    wanted = [t for t, need in zip((p, h0), needs) if need]
+    grads = iter(torch.autograd.grad(core_ref(p, h0, reset, zone)[0], wanted, dz, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs[:2]) + (None, None)
 
 
 def fused_available(p):

@@ -86,12 +86,30 @@ class _FusedPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, dc_last):
         g, bias, c_all, c0 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+            inputs = [t for t, need in zip((g, bias, c0), ctx.needs_input_grad) if need]
+            h, c_last = _pool_ref(g, bias, c0, *ctx.args)
+            outputs = [(o, d) for o, d in ((h, dh), (c_last, dc_last)) if d is not None]
+            grads = iter(torch.autograd.grad(*zip(*outputs), inputs=inputs, create_graph=True))
+            dg, dbias, dc0 = (next(grads) if need else None for need in ctx.needs_input_grad[:3])
+            return dg, dbias, dc0, None, None, None, None, None
         if dh is None:
             dh = torch.zeros(c_all.shape, dtype=g.dtype, device=g.device)
         dc_last = None if dc_last is None else dc_last.contiguous()
         dg, dc0, dbias = cuda_layers.qrnn_bwd(g, bias, c_all, c0, dh.contiguous(), dc_last, *ctx.args,
                                        want_dbias=ctx.needs_input_grad[1])
         return dg, dbias, dc0, None, None, None, None, None
+
+
+def _pool_ref(g, bias, c0, H, gates, reverse, s, td):
+    """_FusedPool's forward as torch ops (kernels/qrnn.cu's twin): gates [z | f | o] of g (.., gates * H)
+    plus bias, f scaled by s -> (h (.., H), the last c (B, H))."""
+    if bias is not None:
+        g = (g.float() + bias).to(g.dtype)
+    z, f = g[..., :H].tanh(), g[..., H:2 * H].sigmoid() * s
+    c = _fo_pool(f, z, c0, td == 1, reverse)
+    h = c * g[..., 2 * H:].sigmoid() if gates == 3 else c
+    return h, c.select(td, 0 if reverse else c.shape[td] - 1)
 
 
 @functools.cache
@@ -279,6 +297,8 @@ class QRNN(nn.Module):
                 f"input.to('{w.device}'), or the module, qrnn.to('{x.device}')"
             )
         autocast = torch.is_autocast_enabled(x.device.type)  # it casts inputs and states itself
+        if not x.is_floating_point():
+            raise TypeError(f"QRNN: the input is {x.dtype}; it must be floating point, e.g. input.to({w.dtype})")
         if x.dtype != w.dtype and not autocast:
             raise ValueError(
                 f"QRNN: the input is {x.dtype} but the parameters {w.dtype}; convert the input, "

@@ -155,6 +155,20 @@ def _grads(dy, r, y, h0, reverse):
     return _loop_bwd(dy, r, y, h0, reverse)
 
 
+def _grads_differentiable(dy, r, y, h0, reverse):
+    """_grads as ops autograd records, so that gradients of gradients are exact: g is a scan the
+    other way, each step's multiplier the next step's r (g[t] = dy[t] + r[t+1] * g[t+1])."""
+    first = dy.shape[1] - 1 if reverse else 0  # the step that read h0
+    zero = r.new_zeros(r.shape[0], 1, r.shape[2])  # (B, 1, C)
+    before = zero if h0 is None else h0[:, None].to(y.dtype)  # the state step `first` read
+    if reverse:
+        r_next, y_prev = torch.cat([zero, r[:, :-1]], 1), torch.cat([y[:, 1:], before], 1)
+    else:
+        r_next, y_prev = torch.cat([r[:, 1:], zero], 1), torch.cat([before, y[:, :-1]], 1)
+    g = scan(dy, r_next, None, not reverse)
+    return g, g * y_prev, r[:, first] * g[:, first]
+
+
 @torch.library.custom_op("sqrllm::scan_fwd", mutates_args=())
 def _scan_fwd(x: torch.Tensor, r: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
     return _forward(x, r, h0, reverse)
@@ -187,7 +201,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     r, y, h0 = ctx.saved_tensors
-    dx, dr, dh0 = _scan_bwd(dy.contiguous(), r, y, h0, ctx.reverse)
+    dx, dr, dh0 = _scan_bwd(dy.contiguous(), r, y, h0, ctx.reverse)  # (compiled autograd has no double backward)
     return dx, dr, (dh0 if ctx.has_h0 else None), None
 
 
@@ -208,7 +222,10 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         r, y, h0 = ctx.saved_tensors
-        dx, dr, dh0 = _grads(dy.contiguous(), r, y, h0, ctx.reverse)
+        if torch.is_grad_enabled():  # create_graph=True: these gradients are differentiated again
+            dx, dr, dh0 = _grads_differentiable(dy, r, y, h0, ctx.reverse)
+        else:
+            dx, dr, dh0 = _grads(dy.contiguous(), r, y, h0, ctx.reverse)
         return dx, dr, (dh0 if h0 is not None else None), None
 
 

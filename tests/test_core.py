@@ -26,10 +26,12 @@ def zone_of(B, T, C, device="cpu", seed=1, rate=0.3):
 @pytest.mark.parametrize("h0,reset,zoned", [(True, True, False), (False, False, False), (True, False, False),
                                             (True, True, True), (False, False, True)])
 def test_fused_backward_matches_numerical_gradients(h0, reset, zoned):
+    """First and second derivatives (a backward with create_graph=True is differentiated again)."""
     p, h, cut = inputs(2, 7, 3, h0=h0, reset=reset)
     zone = zone_of(2, 7, 3) if zoned else None
     args = (p, h) if h0 else (p,)
     assert torch.autograd.gradcheck(lambda *a: core(a[0], a[1] if h0 else None, cut, zone, fused=True)[0], args)
+    assert torch.autograd.gradgradcheck(lambda *a: core(a[0], a[1] if h0 else None, cut, zone, fused=True)[0], args)
     assert torch.autograd.gradcheck(lambda *a: core_ref(a[0], a[1] if h0 else None, cut, zone)[0], args)
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from sqrllm.qrnn import QRNN, ForgetMult, forget_mult
+from sqrllm.qrnn import QRNN, ForgetMult, _pool_ref, forget_mult
 
 # ||got - want|| / ||want||, for float64 modules against the float64 reference, and for lower
 # precisions against float64
@@ -92,6 +92,36 @@ def test_matches_paper_equations(window, output_gate, bidirectional):
     out32, h32 = m.float()(x.float(), h0.float())
     assert out32.dtype == torch.float32
     assert rel_err(out32, ref_out) < RTOL[torch.float32] and rel_err(h32, ref_h) < RTOL[torch.float32]
+
+
+def test_gradients_of_gradients_are_exact():
+    """A gradient penalty (create_graph=True) through two bidirectional layers with a window and h0."""
+    torch.manual_seed(1)
+    m = QRNN(3, 4, num_layers=2, window=2, bidirectional=True).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: m(a, b)[0], (x, h0))
+    assert torch.autograd.gradgradcheck(lambda a, b: m(a, b)[1], (x, h0))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("output_gate", [True, False])
+def test_fused_layers_twin_is_the_general_path(batch_first, output_gate):
+    """_pool_ref, the torch-ops twin of the fused CUDA layer (kernels/qrnn.cu) that its backward
+    differentiates when create_graph=True, equals the general path: bias added, zoneout's scale in
+    eval, both directions, h0."""
+    torch.manual_seed(2)
+    H = 4
+    m = QRNN(3, H, bidirectional=True, output_gate=output_gate, zoneout=0.25, batch_first=batch_first).double().eval()
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    h0 = torch.randn(2, 2, H, dtype=torch.float64)
+    out, h_n = m(x if batch_first else x.transpose(0, 1), h0)
+    td, gates = int(batch_first), 3 if output_gate else 2
+    for d, suffix in enumerate(["", "_reverse"]):
+        g = F.linear(x if batch_first else x.transpose(0, 1), getattr(m, "weight_ih_l0" + suffix))
+        h, c_last = _pool_ref(g, getattr(m, "bias_ih_l0" + suffix).float(), h0[d], H, gates, bool(d), 0.75, td)
+        torch.testing.assert_close(h, out[..., d * H:(d + 1) * H], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(c_last, h_n[d], rtol=1e-6, atol=1e-6)
 
 
 def test_batch_first_and_unbatched_match_time_major():
@@ -242,6 +272,9 @@ def test_lstm_state_and_dtype_errors_name_the_fix():
                                          r"convert the input, input.to\(torch.float64\), or the module, "
                                          r"qrnn.to\(torch.float32\)"):
         QRNN(3, 4).double()(x)
+    with pytest.raises(TypeError, match=r"the input is torch.int64; it must be floating point, "
+                                        r"e.g. input.to\(torch.float32\)"):
+        QRNN(3, 4)(x.long())
     with pytest.raises(ValueError, match=r"the input is on meta but the parameters on cpu"):
         QRNN(3, 4)(x.to("meta"))
     with pytest.raises(ValueError, match=r"proj_size=2, but a QRNN has no projection.*nn.Linear\(hidden_size, 2\)"):
@@ -574,6 +607,27 @@ def test_fused_cuda_layer_equals_the_general_path(fused_calls):
     m.eval()(pack_padded_sequence(torch.randn(9, 2, 6), torch.tensor([9, 4])).to("cuda"))
     m(torch.randn(8192, 1, 6, device="cuda"))  # one sequence of 8192 steps: time split across blocks
     assert len(fused_calls) == n
+
+
+@pytest.mark.gpu
+@cuda
+def test_fused_cuda_layer_gradients_of_gradients(fused_calls):
+    """A gradient penalty (create_graph=True) through fused layers equals the general path's."""
+    torch.manual_seed(4)
+    m = QRNN(6, 16, num_layers=2, window=2, bidirectional=True).cuda()
+    general = QRNN(6, 16, num_layers=2, window=2, bidirectional=True).cuda()
+    general.load_state_dict(m.state_dict())
+    general.FUSE = False
+    x = torch.randn(30, 4, 6, device="cuda", requires_grad=True)
+    h0 = torch.randn(4, 4, 16, device="cuda", requires_grad=True)
+    w_out, w_h = torch.randn(30, 4, 32, device="cuda"), torch.randn(4, 4, 16, device="cuda")
+    results = []
+    for layer in (m, general):
+        gx, gh = torch.autograd.grad(loss_of(*layer(x, h0), w_out, w_h), (x, h0), create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum() + gh.square().sum(), [x, h0, *layer.parameters()]))
+    assert len(fused_calls) == 4
+    for got, want in zip(*results):
+        assert want.abs().max() > 0 and rel_err(got, want) < 1e-4
 
 
 @pytest.mark.gpu
