@@ -90,6 +90,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.max_new_tokens < 0 or args.num_samples < 1 or args.threads < 0:
         ap.error("--max_new_tokens must be >= 0, --num_samples >= 1 and --threads >= 0")
+    if not -2**63 <= args.seed < 2**64:
+        ap.error(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     if args.interactive and args.num_samples != 1:
         ap.error("--interactive generates one sample; leave out --num_samples")
     args.stop = [unescape(as_utf8(s)) for s in args.stop]

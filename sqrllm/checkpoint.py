@@ -40,7 +40,7 @@ import torch
 from sqrllm.config import Config
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
-from sqrllm.tokenizer import from_meta
+from sqrllm.tokenizer import from_meta, tokenizer_files, tokenizer_sha256
 
 FORMAT = 1
 POINTER = "latest.json"
@@ -363,6 +363,25 @@ def folder_of(path):
     return path if path.is_dir() else path.resolve().parent
 
 
+def _tokenizer_of(ckpt, path):
+    """The checkpoint's tokenizer, from its description and the model file beside it; CheckpointError if
+    that file is another model than the run's (its sha256, which older checkpoints lack) or the
+    vocabulary sizes differ."""
+    meta, folder = ckpt["tokenizer"], folder_of(path)
+    tokenizer = from_meta(meta, folder)
+    saved, found = meta.get("sha256"), tokenizer_sha256(meta, folder)
+    if saved is not None and found != saved:
+        model_file = folder / tokenizer_files(meta)[0]
+        raise CheckpointError(f"{model_file} is not the SentencePiece model {path} was trained with (sha256 "
+                              f"{found[:12]}..., the checkpoint records {saved[:12]}...); put the run's own "
+                              f"{model_file.name}, which train.py copies into out_dir, next to the checkpoint")
+    if tokenizer.vocab_size != ckpt["vocab_size"]:
+        raise CheckpointError(f"{path} was trained on {ckpt['vocab_size']} tokens but its tokenizer "
+                              f"({', '.join(tokenizer_files(meta)) or meta['kind']}) has {tokenizer.vocab_size}; "
+                              "put the run's own tokenizer next to the checkpoint")
+    return tokenizer
+
+
 def load_model(path, device="cpu"):
     """-> (model in eval mode, tokenizer, checkpoint dict) from a checkpoint file or a run's out_dir.
 
@@ -371,7 +390,7 @@ def load_model(path, device="cpu"):
     cfg = Config(**ckpt["config"])
     model = (GPT if cfg.model == "gpt" else SqrLLM).from_config(cfg, ckpt["vocab_size"])
     model.load_state_dict(ckpt["model"])
-    tokenizer = from_meta(ckpt["tokenizer"], folder_of(path))
+    tokenizer = _tokenizer_of(ckpt, path)
     if cfg.reset_at_eot:  # as in training: every layer's memory restarts at each end-of-text token
         model.reset_token = tokenizer.eot_id
     return model.to(device).eval(), tokenizer, ckpt

@@ -159,6 +159,8 @@ class Config:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}; 0 turns the average off, "
                               "0.99 averages over about the last 100 steps")
+        if not 0 <= self.seed < 2**32:  # numpy's seed takes no more
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
         return self

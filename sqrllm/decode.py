@@ -263,13 +263,13 @@ class CudaGraphStep:
         key = (params.temperature, params.top_k, params.top_p, params.min_p)
         graph = self._draws.get(key)
         if graph is None:
-            from sqrllm.sampling import filter_logits
+            from sqrllm.sampling import filter_logits, tempered
 
             def draw_and_step():
                 if params.temperature == 0:
                     self.ids.copy_(self.logits.argmax(dim=-1))
                 else:
-                    logits = self.logits / params.temperature
+                    logits = tempered(self.logits, params.temperature)
                     probs = torch.softmax(filter_logits(logits, params.top_k, params.top_p, params.min_p), dim=-1)
                     self.inner.launch("dec_draw", 0, self.batch_size, probs, self.rng, self.ids, self.vocab_size)
                     self.rng[1:].add_(1)

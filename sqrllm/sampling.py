@@ -106,6 +106,14 @@ def filter_logits(logits, top_k=0, top_p=1.0, min_p=0.0):
     return logits
 
 
+def tempered(logits, temperature):
+    """logits (B, V) / temperature (> 0). Below 1e-3 the row maximum is taken off first: a tiny
+    temperature would otherwise overflow logits to inf, and softmax of inf is NaN."""
+    if temperature < 1e-3:
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+    return logits / temperature if temperature != 1 else logits
+
+
 def pick(logits, params=None, generator=None, recent=None):
     """Choose the next token for each row of logits (B, V) -> (B,) long.
 
@@ -115,9 +123,7 @@ def pick(logits, params=None, generator=None, recent=None):
         logits = apply_penalties(logits, recent[:, -params.penalty_window :], params)
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float()
-    if params.temperature != 1:
-        logits = logits / params.temperature
+    logits = tempered(logits.float(), params.temperature)
     probs = torch.softmax(filter_logits(logits, params.top_k, params.top_p, params.min_p), dim=-1)
     # one draw per row: argmax of p / E with E ~ Exp(1) picks token i with probability p_i
     # (the first of independent exponential clocks with rates p_i to ring); 4x cheaper than

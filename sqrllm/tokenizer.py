@@ -21,13 +21,25 @@ EOT_PIECE = "<|endoftext|>"  # the end-of-text piece of trained models (Sentence
 _SPACE = "\u2581"  # SentencePiece's stand-in for a space in pieces
 
 
+def utf8(text):
+    """text's UTF-8 bytes; TokenizerError naming the first character that has none: a lone surrogate,
+    which is how Python holds a byte of a command-line argument that is not UTF-8."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = text[e.start]
+        byte = f" (the byte 0x{ord(c) - 0xdc00:02x} of text that is not UTF-8)" if 0xdc80 <= ord(c) <= 0xdcff else ""
+        raise TokenizerError(f"the text is not valid UTF-8: character {e.start} is the lone surrogate {c!r}{byte}; "
+                             "pass UTF-8 text") from None
+
+
 class ByteTokenizer:
     kind = "byte"
     vocab_size = 256
     eot_id = None  # no end-of-text token: every id is a byte
 
     def encode(self, text):
-        return list(text.encode("utf-8"))
+        return list(utf8(text))
 
     def decode(self, ids):
         return bytes(ids).decode("utf-8", errors="replace")
@@ -94,6 +106,8 @@ class SentencePieceTokenizer:
         except (RuntimeError, ValueError, IndexError, UnicodeDecodeError) as e:
             raise TokenizerError(f"{self.path} is not a SentencePiece model ({e})") from None
         self.vocab_size = self.sp.get_piece_size()
+        if not self.vocab_size:  # sentencepiece reads an empty file as a model without pieces
+            raise TokenizerError(f"{self.path} is not a SentencePiece model (it has no pieces)")
         self.eot_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self._bytes = [_piece_bytes(text, kind, pieces.unk_surface) for text, _, kind in pieces.pieces]
         byte_ids = {b[0]: i for i, (b, (_, _, kind)) in enumerate(zip(self._bytes, pieces.pieces))
@@ -107,7 +121,12 @@ class SentencePieceTokenizer:
         """A list of texts -> a list of id lists; eot=True ends each with the end-of-text token."""
         if eot and self.eot_id is None:
             raise TokenizerError(f"{self.path} has no end-of-text (eos) piece to separate documents")
-        out = self.sp.encode(texts, add_eos=eot, num_threads=num_threads)
+        try:
+            out = self.sp.encode(texts, add_eos=eot, num_threads=num_threads)
+        except TypeError:  # sentencepiece's word for a str that is not UTF-8
+            for text in texts:
+                utf8(text)  # names the character
+            raise
         for k, text in enumerate(texts):
             if _SPACE in text:
                 out[k] = self._encode_space_char(text) + ([self.eot_id] if eot else [])

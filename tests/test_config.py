@@ -49,6 +49,7 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("--max_time=-1", "max_time must be >= 0"),
     ("--init_std=-1", "init_std must be a positive number"),
     ("--max_timescale=0", "max_timescale must be at least 1 \\(tokens\\)"),
+    ("--seed=-1", "seed must be in \\[0, 2\\*\\*32\\), got -1"),  # numpy's seed would fail mid-setup
 ])
 def test_bad_overrides_name_the_field(arg, message):
     with pytest.raises(ConfigError, match=message):

@@ -392,6 +392,14 @@ def test_greedy_takes_the_argmax_and_temperature_zero_does_not_crash():
     assert pick(logits, SamplingParams(temperature=0, top_p=0.1)).tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6])
+def test_a_tiny_temperature_draws_the_argmax(temperature):
+    # logits / temperature would overflow to inf, and softmax of inf is NaN (argmax then says token 0)
+    logits = 30 * torch.randn(64, 100, generator=torch.Generator().manual_seed(0))
+    got = pick(logits, SamplingParams(temperature=temperature), torch.Generator().manual_seed(1))
+    assert got.tolist() == logits.argmax(dim=-1).tolist()
+
+
 def test_penalties_change_logits_as_specified():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     recent = torch.tensor([[0, 1, 0, 0]])  # token 0 three times, token 1 once, 2 and 3 never
@@ -429,6 +437,9 @@ def test_sample_py_refuses_bad_controls(capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt=x", "--min_p=2"])
     assert e.value.code == 2 and "min_p must be in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt=x", f"--seed={2**64}"])  # torch's generator takes no more
+    assert e.value.code == 2 and f"--seed must be in [-2**63, 2**64), got {2**64}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad, message", [

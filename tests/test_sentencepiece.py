@@ -21,6 +21,9 @@ from sqrllm.trainer import bits_per_byte, train
 spm = pytest.importorskip("sentencepiece")
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import sample  # noqa: E402
+
 # characters a corpus has and a test string may hold: ASCII, Latin, Greek, CJK, emoji with
 # modifiers, characters NFKC would change (ﬁ, Ａ, ①), spaces of other kinds, control characters
 ALPHABET = (list("abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789.,;:!?'\"-_()[]{}\n\t  ")
@@ -170,6 +173,33 @@ def test_checkpoint_folder_alone_is_enough_for_sample_py(moved_checkpoint, tmp_p
     run = subprocess.run([*cmd[:2], f"--ckpt={lonely / 'ckpt.pt'}", *cmd[3:]], cwd=ROOT, capture_output=True,
                          text=True)
     assert run.returncode != 0 and "tokenizer.model not found" in run.stderr
+
+
+def test_sample_py_refuses_a_tokenizer_model_that_is_not_the_runs(moved_checkpoint, tok, tmp_path):
+    """Another run's tokenizer.model beside the checkpoint, or an empty file, is one error line (not text
+    decoded through the wrong pieces, then an IndexError)."""
+    shutil.copyfile(moved_checkpoint, tmp_path / "ckpt.pt")
+    for model, message in [(tok.path.read_bytes(), f"{tmp_path / 'tokenizer.model'} is not the SentencePiece "
+                                                    f"model {tmp_path / 'ckpt.pt'} was trained with (sha256 "),
+                           (b"", f"{tmp_path / 'tokenizer.model'} is not a SentencePiece model (it has no pieces)")]:
+        (tmp_path / "tokenizer.model").write_bytes(model)
+        with pytest.raises(SystemExit) as e:
+            sample.main([f"--ckpt={tmp_path / 'ckpt.pt'}", "--device=cpu"])
+        assert str(e.value.code).startswith(f"error: {message}")
+
+
+def test_sample_py_names_a_prompt_that_is_not_utf8(moved_checkpoint, tmp_path):
+    """A byte that is not UTF-8 reaches Python as a lone surrogate: one error line for a prompt, and a
+    note that keeps an interactive session going."""
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--ckpt={moved_checkpoint}", "--prompt=the \udcff cat", "--device=cpu"])
+    assert str(e.value.code) == ("error: prompt: the text is not valid UTF-8: character 4 is the lone surrogate "
+                                 "'\\udcff' (the byte 0xff of text that is not UTF-8); pass UTF-8 text")
+    run = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--ckpt={moved_checkpoint}", "--interactive",
+                          "--temperature=0", "--max_new_tokens=8", "--device=cpu"],
+                         input=b"the \xff cat\nthe cat\n", capture_output=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert b"is not valid UTF-8" in run.stderr and run.stdout.strip()  # the second line was answered
 
 
 def test_checkpoint_folder_alone_is_enough_for_export(moved_checkpoint, tmp_path):
