@@ -60,11 +60,12 @@ def cli_rate(cmd, prompt):
 
 
 def sample_py_rate(ckpt, prompt_file, *options):
-    """Generation tokens/s that sample.py reports on stderr (None if it reports none)."""
+    """Generation tokens/s that sample.py reports on stderr (None, its error printed, if it fails)."""
     run = subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt}", f"--prompt_file={prompt_file}",
                           "--temperature=0", "--max_new_tokens=100", "--device=cpu", *options], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if run.returncode != 0:
+        print(f"sample.py {' '.join(options)}: {run.stderr.strip()}", file=sys.stderr)
         return None
     m = re.search(r"generation: [\d,]+ tokens, ([\d,.]+) tokens/s", run.stderr)
     return float(m.group(1).replace(",", "")) if m else None
@@ -76,6 +77,7 @@ def main():
     ap.add_argument("--out", default="build/bench_export", help="export and build folder")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    args.ckpt, args.out = map(os.path.abspath, (args.ckpt, args.out))  # sample.py runs in the repo's root
 
     print(f"load average before: {os.getloadavg()[0]:.2f} (timings need a quiet machine)")
     done = export_checkpoint(args.ckpt, args.out)

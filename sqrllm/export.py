@@ -351,7 +351,9 @@ def export(model, tokenizer_meta, out_dir, config=None, source="a SqrLLM", base_
         if eot < 0:
             raise ExportError("reset_at_eot=True but the tokenizer has no end-of-text token to restart the memory at")
         reset = eot
-    text, weight_bytes = model_cpp(walk, tokens, eot, sp, info, str(source).replace("\n", " "),
+    # one line of UTF-8: a path's bytes that are not UTF-8 (lone surrogates in Python) written as escapes
+    named = " ".join(str(source).encode("utf-8", "backslashreplace").decode("utf-8").splitlines())
+    text, weight_bytes = model_cpp(walk, tokens, eot, sp, info, named,
                                    -1 if reset is None else reset)
     out_dir = Path(out_dir)
     try:

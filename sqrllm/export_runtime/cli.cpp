@@ -165,7 +165,14 @@ int main(int argc, char** argv) {
     const char* tail = sq_decode(-1, &n);
     write_text(tail, n);
     write_text("\n", 1, true);
-    if (dump) fclose(dump);
+    if (dump && (ferror(dump) | (fclose(dump) != 0))) {  // fclose writes what is still buffered
+        fprintf(stderr, "sqrllm: cannot write %s\n", dump_path);
+        return 1;
+    }
+    if (ferror(stdout)) {  // a full disk or a closed pipe: the text is incomplete
+        fprintf(stderr, "sqrllm: cannot write the text to standard output\n");
+        return 1;
+    }
     if (!quiet) {
         char threads_note[64];
         if (on_two == 0 || on_two == i) snprintf(threads_note, sizeof threads_note, "on %d thread%s", on_two ? 2 : 1, on_two ? "s" : "");
