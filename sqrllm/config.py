@@ -36,7 +36,7 @@ class Config:
     eval_max_tokens: int = 0  # cap on val tokens per evaluation; 0 = the whole split
     eval_batch_size: int = 64  # windows (or streams) per evaluation forward
     eval_block_size: int = 0  # tokens per window of the window-reset val loss (memory reset at each); 0 = block_size
-    always_save_checkpoint: bool = True  # save at every eval, not only when val improves
+    always_save_checkpoint: bool = True  # save at every eval; False: only when val improves (a resume continues from the best)
     keep_checkpoints: int = 3  # newest checkpoints kept in out_dir as ckpt-<step>.pt (latest.json lists them)
     progress: bool = True  # tqdm progress bar on a terminal (into a file or a pipe: log lines, as with False)
     wandb_log: bool = False  # also log to Weights & Biases: config, metrics, tokens/s, eval samples (pip install wandb)
@@ -123,7 +123,7 @@ class Config:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("n_mem", "n_ffn", "mlp_every", "max_iters", "reset_every", "eval_interval", "warmup_iters",
                     "max_bad_steps", "ema_start", "eval_block_size", "burn_in", "lr_decay_iters", "eval_max_tokens",
-                    "min_lr", "weight_decay", "max_time", "peak_flops"):
+                    "min_lr", "weight_decay", "max_time", "peak_flops", "grad_clip", "num_threads"):
             v = getattr(self, key)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{key} must be >= 0, got {v}")
@@ -159,6 +159,12 @@ class Config:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}; 0 turns the average off, "
                               "0.99 averages over about the last 100 steps")
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(f"min_lr={self.min_lr} is above learning_rate={self.learning_rate}: the decay would "
+                              "raise the learning rate; pass a min_lr <= learning_rate")
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir is empty (an unset variable?); pass a folder for the run, e.g. "
+                              "--out_dir=out/run")
         if not 0 <= self.seed < 2**32:  # numpy's seed takes no more
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -218,8 +224,10 @@ def _parse_override(text, key):
 def load_config(argv, base=None):
     """Build a Config from [config_file.py] [--key=value ...]; `base` is a dict of starting values."""
     values = dict(base or {})
+    override = None  # the first --key=value, after which a config file would overwrite it
     for arg in argv:
         if arg.startswith("--"):
+            override = override or arg
             key, eq, text = arg[2:].partition("=")
             if not eq:
                 raise ConfigError(f"override '{arg}' must be written --key=value")
@@ -227,6 +235,9 @@ def load_config(argv, base=None):
                 raise _unknown(key)
             values[key] = _parse_override(text, key)
         else:
+            if override:
+                raise ConfigError(f"config file {arg} comes after the override {override}, which it would overwrite; "
+                                  "put config files first: train.py CONFIG.py --key=value ...")
             path = Path(arg)
             if not path.is_file():
                 raise ConfigError(f"config file {arg} not found; pass a file from configs/, e.g. configs/small.py")

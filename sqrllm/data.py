@@ -90,9 +90,16 @@ def read_meta(folder):
     if not path.is_file():
         raise DataError(f"{path} not found; run the dataset's prepare.py")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e}); re-run the dataset's prepare.py") from e
+    # what every prepare.py writes and training reads
+    fields = {"tokenizer": (dict, "an object"), "vocab_size": (int, "an integer"), "splits": (dict, "an object")}
+    for key, (kind, what) in fields.items():
+        value = meta.get(key) if isinstance(meta, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DataError(f"{path}: {key} must be {what}, got {json.dumps(value)}; re-run the dataset's prepare.py")
+    return meta
 
 
 def write_meta(folder, meta):

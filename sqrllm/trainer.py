@@ -410,7 +410,7 @@ def _train(cfg, launched, ending):
                 step_loss = 0.0
                 for micro in range(cfg.gradient_accumulation_steps):
                     x, y, reset = batches.next()
-                    if cfg.batching == "random" or (cfg.reset_every and step % cfg.reset_every == 0):
+                    if cfg.batching == "random" or (cfg.reset_every and step % cfg.reset_every == 0 and micro == 0):
                         state = None
                     elif state is not None and reset.any():
                         keep = (~reset).to(device)[:, None]
@@ -453,7 +453,7 @@ def _train(cfg, launched, ending):
                     if dd.enabled:  # the flag came from any rank; the numbers and cursor are rank 0's
                         what += " on rank 0, skipped on all ranks"
                     where = {"cursor": data_in["cursor"].tolist()} if "cursor" in data_in else {}
-                    metrics.log(step=step + 1, elapsed=time.time() - launched, tokens=tokens_seen,
+                    metrics.log(step=step + 1, elapsed=time.time() - launched, tokens=tokens_seen + tokens_per_step,
                                 skipped=what, **where)
                     if dd.is_main:
                         at = f" at data cursor {where['cursor']}" if where else ""
@@ -499,6 +499,11 @@ def _train(cfg, launched, ending):
                     last_log, last_tokens, loss_sum, loss_n = now, tokens_seen, 0.0, 0
                 if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_iters or out_of_time:
                     last_eval_row = run_eval(save=bad_in_a_row == 0)
+                    if bad_in_a_row and (step == cfg.max_iters or out_of_time) and saved_step != good["step"]:
+                        path = save_checkpoint(good)  # the run ends in skipped steps: what it learned before stays
+                        if dd.is_main:
+                            tqdm.write(f"steps {good['step'] + 1}-{step} were skipped; saved the last good state "
+                                       f"(step {good['step']}) to {path}")
                 if stop:
                     # in a run of bad steps, the last good state is the one to continue from
                     run = good if bad_in_a_row else run_state()

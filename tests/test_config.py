@@ -49,11 +49,25 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("--max_time=-1", "max_time must be >= 0"),
     ("--init_std=-1", "init_std must be a positive number"),
     ("--max_timescale=0", "max_timescale must be at least 1 \\(tokens\\)"),
+    ("--num_threads=-1", "num_threads must be >= 0"),
+    ("--grad_clip=nan", "grad_clip must be >= 0, got nan"),  # 0 turns clipping off; nan would too, silently
+    ("--min_lr=5", "min_lr=5.0 is above learning_rate=0.003: the decay would raise the learning rate"),
+    ("--out_dir=", "out_dir is empty \\(an unset variable\\?\\); pass a folder"),
     ("--seed=-1", "seed must be in \\[0, 2\\*\\*32\\), got -1"),  # numpy's seed would fail mid-setup
 ])
 def test_bad_overrides_name_the_field(arg, message):
     with pytest.raises(ConfigError, match=message):
         load_config(arg.split())
+
+
+def test_an_override_before_a_config_file_is_refused(tmp_path):
+    # the file would overwrite it (nanoGPT's configurator applies its arguments in order too, silently)
+    f = tmp_path / "c.py"
+    f.write_text("max_iters = 20\n")
+    with pytest.raises(ConfigError, match=rf"config file {f} comes after the override --max_iters=7, which it would "
+                                          r"overwrite; put config files first"):
+        load_config(["--max_iters=7", str(f)])
+    assert load_config([str(f), "--max_iters=7"]).max_iters == 7
 
 
 def test_wrong_type_in_file_names_field_and_file(tmp_path):

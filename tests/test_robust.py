@@ -335,6 +335,7 @@ def test_a_non_finite_step_is_skipped_and_logged(data_dir, tmp_path, monkeypatch
     train(load_config(args(data_dir, out, "--max_iters=10", "--eval_interval=0")))
     skipped = [r for r in rows(out) if "skipped" in r]
     assert len(skipped) == 1 and skipped[0]["step"] == 7 and "loss inf" in skipped[0]["skipped"]
+    assert skipped[0]["tokens"] == 7 * 4 * 16  # read, though not learned from, as every row counts them
     assert skipped[0]["cursor"] == [6 * 16] * 4  # where in its stretch each of the 4 rows read the bad batch
     assert [r["step"] for r in rows(out) if "loss" in r] == [5, 10]
     final = checkpoint.load(out)
@@ -353,6 +354,17 @@ def test_bad_steps_in_a_row_stop_with_the_last_good_state(data_dir, tmp_path, mo
     assert all(torch.equal(ckpt["model"][k], v) for k, v in seen["params"].items())
     assert ckpt["data"]["cursor"].tolist() == [12 * 16] * 4
     assert [r["step"] for r in rows(out) if "skipped" in r] == [13, 14, 15]
+
+
+def test_a_run_that_ends_in_skipped_steps_saves_the_last_good_state(data_dir, tmp_path, monkeypatch, capsys):
+    """The last two steps skipped, with no evaluation since step 10: their good predecessor is saved."""
+    out = tmp_path / "run"
+    seen = inject(monkeypatch, {16, 17})
+    train(load_config(args(data_dir, out, "--max_iters=18", "--eval_interval=10")))
+    ckpt = checkpoint.load(out)
+    assert ckpt["step"] == 16 and all(torch.equal(ckpt["model"][k], v) for k, v in seen["params"].items())
+    assert ckpt["data"]["cursor"].tolist() == [16 * 16] * 4
+    assert "steps 17-18 were skipped; saved the last good state (step 16)" in capsys.readouterr().out
 
 
 def test_divergence_from_the_command_line(data_dir, tmp_path, capsys):
@@ -462,12 +474,18 @@ def bad_data(data_dir):
         meta["vocab_size"] += 7
         (d / "meta.json").write_text(json.dumps(meta))
 
+    def no_splits(d):
+        meta = json.loads((d / "meta.json").read_text())
+        del meta["splits"]
+        (d / "meta.json").write_text(json.dumps(meta))
+
     def short_val(d):
         from sqrllm.data import write_tokens
         write_tokens(d / "val.bin", np.array([3], dtype=np.uint8))
 
     for name, damage in (("trunc", truncate), ("magic", magic), ("vocab", vocab), ("shortval", short_val),
-                         ("nomodel", no_model), ("metavocab", meta_vocab)):
+                         ("nomodel", no_model), ("metavocab", meta_vocab), ("nosplits", no_splits),
+                         ("metalist", lambda d: (d / "meta.json").write_text("[]"))):
         variant(name, damage)
     return data_dir
 
@@ -487,6 +505,8 @@ def snapshot(folder):
     (["--dataset=shortval"], "shortval/val.bin holds 1 token; evaluation needs at least 2"),
     (["--dataset=nomodel"], "nomodel/meta.json: SentencePiece model .*nomodel/tokenizer.model not found"),
     (["--dataset=metavocab"], "metavocab/meta.json says vocab_size 47 but its tokenizer has 40 tokens; re-run"),
+    (["--dataset=nosplits"], "nosplits/meta.json: splits must be an object, got null; re-run the dataset's prepare.py"),
+    (["--dataset=metalist"], "metalist/meta.json: tokenizer must be an object, got null; re-run"),
     (["--dataset=nothing"], "dataset 'nothing' not found in .*; prepare it first"),
     (["--init_from=resume", "--dataset=bytes"], "ckpt-000030.pt was trained with a char tokenizer of vocab_size "
                                                 ".*, but dataset 'bytes' has a byte tokenizer of 256"),

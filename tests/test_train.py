@@ -82,6 +82,24 @@ def test_streamed_val_loss_carries_the_memory_through_the_whole_split(data_dir, 
     assert four > one
 
 
+def test_reset_every_zeroes_the_memory_once_a_step(data_dir, tmp_path, monkeypatch):
+    """reset_every=2 with 3 micro-batches a step: the memory starts from zero at the first micro-batch of
+    steps 0 and 2 only; the next micro-batches read on in the same streams, so they carry it."""
+    from sqrllm.model import SqrLLM
+
+    forward, fresh = SqrLLM.forward, []
+
+    def spy(self, idx, targets=None, state=None, last_only=False):
+        if self.training:
+            fresh.append(state is None)
+        return forward(self, idx, targets, state, last_only)
+
+    monkeypatch.setattr(SqrLLM, "forward", spy)
+    train(tiny_config(data_dir, tmp_path / "run", "--max_iters=4", "--reset_every=2", "--gradient_accumulation_steps=3",
+                      "--eval_interval=0", "--eval_stream=false"))
+    assert fresh == [True, False, False] + [False] * 3 + [True, False, False] + [False] * 3
+
+
 def test_burn_in_trains_and_resumes_exactly(data_dir, tmp_path):
     """Random windows that start from the memory of the 8 tokens before them on half the rows: the
     loss falls, and a run stopped at step 10 and resumed logs the losses of one that did not stop
