@@ -5,7 +5,8 @@
 elementwise over (B, T, C). With reverse=True time runs backwards: y[t] = r[t] * y[t+1] + x[t].
 
 Backward, in words (forward direction): g[t] = dy[t] + r[t+1] * g[t+1]; dx = g;
-dr[t] = g[t] * y[t-1]; dh0 = r[0] * g[0].
+dr[t] = g[t] * y[t-1]; dh0 = r[0] * g[0]. A backward whose result is differentiated again
+(create_graph=True) computes the same as ops autograd records: g is itself a scan.
 
 Implementations, all with the signature of `scan`:
 - `scan_ref`: a plain loop through autograd, any dtype including float64. The test oracle.
@@ -201,7 +202,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     r, y, h0 = ctx.saved_tensors
-    dx, dr, dh0 = _scan_bwd(dy.contiguous(), r, y, h0, ctx.reverse)  # (compiled autograd has no double backward)
+    dx, dr, dh0 = _scan_bwd(dy.contiguous(), r, y, h0, ctx.reverse)  # torch.compile has no double backward
     return dx, dr, (dh0 if ctx.has_h0 else None), None
 
 
