@@ -63,7 +63,7 @@ class Config:
     zoneout: float = 0.0  # sqrll layers in training: a memory feature keeps its value at a step with this probability
     tie_weights: bool = True  # output head shares the token embedding
     bias: bool = True  # biases in linear layers (the forget gate's bias is always on)
-    init: str = "scaled"  # "scaled" (GPT-2 style, residual outputs scaled by depth) or "normal"
+    init: str = "scaled"  # "scaled" (residual outputs' std / sqrt(2 * blocks), by depth as in GPT-2) or "normal"
     init_std: float = 0.02  # std of the normal weight init
     forget_init: str = "spread"  # forget bias: "spread" (timescales 1..max_timescale) or "zero"
     max_timescale: float = 64.0  # longest initial memory timescale in tokens, for forget_init="spread"

@@ -13,7 +13,7 @@ as in the usual MFU convention, so MFU measures useful work:
   channel, bias 1, residual add 1, dropout 1, cross-entropy 4 per vocab entry.
 
 MFU = FLOPs per token x tokens/s / (peak FLOP/s per device x devices). Peaks are the datasheets'
-dense tensor-core rates (no sparsity), in PEAK_FLOPS; an H100 SXM and an H200 do 989 TFLOP/s in
+dense tensor-core rates (no sparsity), in PEAK_FLOPS; an H100 SXM and an H200 SXM do 989 TFLOP/s in
 bf16 or fp16.
 """
 
@@ -26,7 +26,8 @@ PEAK_FLOPS = (
     ("H100 PCIe", 756e12, 51e12),
     ("H100 NVL", 835e12, 60e12),
     ("H100", 989e12, 67e12),  # SXM (HBM3)
-    ("H200", 989e12, 67e12),
+    ("H200 NVL", 835e12, 60e12),
+    ("H200", 989e12, 67e12),  # SXM
     ("A100", 312e12, 19.5e12),
     ("L40S", 362e12, 91.6e12),
 )

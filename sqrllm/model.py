@@ -29,7 +29,9 @@ class SqrllLayer(nn.Module):
     """x (B, T, n_in) -> (B, T, n_out), memory (B, n_mem) in and out.
 
     zoneout: in training, the probability that a memory feature keeps its value at a step (forget
-    gate 1, input 0 there; Krueger et al., 2016); evaluation needs no change.
+    gate 1, input 0 there; Krueger et al., 2016). Evaluation runs the recurrence as it is, not
+    Krueger et al.'s expectation (forget gate p + (1 - p) r, input (1 - p) x, which sqrllm.qrnn uses):
+    the measured configs use this form.
     """
 
     def __init__(self, n_in, n_mem, n_out=None, bias=True, zoneout=0.0):
@@ -65,7 +67,9 @@ class GatedMLP(nn.Module):
 
 def init_weights(model, init, std):
     """Biases zero, matrices normal(0, std); with init="scaled" the residual branches' output
-    projections (`*.out.weight`) get std / sqrt(2 * blocks), GPT-2's scaling by depth."""
+    projections (`*.out.weight`) get std / sqrt(2 * blocks). GPT-2 scales by 1 / sqrt(residual
+    branches); every block here is one branch, so this is 1 / sqrt(2) below that, the scale the
+    configs (and the GPT baseline's runs) were tuned and measured with."""
     out_std = std / math.sqrt(2 * len(model.blocks)) if init == "scaled" else std
     for name, p in model.named_parameters():
         if name.endswith("bias"):

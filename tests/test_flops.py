@@ -24,6 +24,7 @@ def test_flops_per_token_counts_every_linear_weight_and_the_attention():
 def test_peak_and_mfu():
     assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
     assert peak_flops("NVIDIA H200", "float16") == 989e12
+    assert peak_flops("NVIDIA H200 NVL", "bfloat16") == 835e12  # the PCIe card: not the SXM's rates
     assert peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
     assert peak_flops("NVIDIA A100-SXM4-80GB", "float32") == 19.5e12
     assert peak_flops("Some Future GPU", "bfloat16") is None
