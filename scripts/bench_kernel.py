@@ -8,7 +8,7 @@ forward+backward (dy, r, y in, dx, dr out as well); that as a % of the device-to
 bandwidth measured in the same run (bytes read + written); and `call us`, the wall time per call of
 forward+backward in a loop, which shows host overhead where launches cannot keep the GPU busy.
 GPU times are medians of CUDA-graph replays, so host overhead is left out; each graph runs the call
-on enough copies of the inputs to overflow L2, so inputs never sit in cache.
+on enough copies of the inputs to overflow L2 (up to 64), so inputs do not sit in cache.
 
 Rows: `sqrllm` (the kernel, through `sqrllm.scan`); `baseline` (one thread per feature, serial over
 T, wrapped in an autograd.Function); `accel-triton` / `accel-cuda` (accelerated-scan's
@@ -44,7 +44,9 @@ def copy_bandwidth():
 def gpu_ms(make, args, nbytes):
     """Median GPU ms of one call of make(*args)(), replayed from a CUDA graph over rotated input copies."""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    copies = [args] + [tuple(t.clone() for t in args) for _ in range(min(7, -(-3 * l2 // nbytes) - 1))]
+    # 3 x L2 of inputs in all (at most 64 copies: a call moving under 3 x L2 / 64, about 2.5 MB on an H100,
+    # may still find some of its inputs in L2)
+    copies = [args] + [tuple(t.clone() for t in args) for _ in range(min(63, -(-3 * l2 // nbytes) - 1))]
     fns = [make(*c) for c in copies]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

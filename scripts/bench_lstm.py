@@ -83,7 +83,9 @@ def calls(x, gy):
 def bench_cell(qrnn, lstm, B, T, repeats, graphs=False):
     """{'inference': (qrnn ms, lstm ms), 'training': (...), 'scan': ms} for one (B, T)."""
     H = qrnn.hidden_size
-    x = torch.randn(T, B, qrnn.input_size, device="cuda")
+    # the input takes a gradient, as in a model whose inputs are learned: cuDNN's LSTM computes it
+    # whether asked or not, and the QRNN would otherwise skip its input-gradient matrix multiply
+    x = torch.randn(T, B, qrnn.input_size, device="cuda", requires_grad=True)
     gy = torch.randn(T, B, H, device="cuda")
     res = {}
     wrap = graphed if graphs else (lambda fn: fn)

@@ -50,7 +50,7 @@ def measure(model, step, near, far, width, prompt_len):
     1 / median time per token), and prefill tokens/s)."""
     sampler = Sampler(model, step=step)
     prompt = torch.randint(0, model.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
-    sampler.feed(prompt[:16].tolist())  # warm up the prefill path
+    sampler.feed(prompt.tolist())  # warm up the prefill path: the kernels of every chunk length it runs
     sampler.reset()
     sampler.stats.prefill_tokens = sampler.stats.prefill_seconds = 0
     sampler.feed(prompt.tolist())

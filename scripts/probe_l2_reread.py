@@ -141,7 +141,9 @@ def main():
                 n_tiles = n // tile
                 ms = time_ms(lambda: fn((grid,), (256,), (x, r, y, np.int64(n_tiles), sink)))
                 gbs = 3 * n_tiles * tile / ms / 1e6
-                line = (f"| {mib} | {minb} | {U} | {D} | {pol} | {2 * grid * tile / 2**20:.1f} | {ms:.3f} "
+                # x and r read between a tile's first read and its second: D steps of the whole grid
+                window = f"{2 * D * grid * tile / 2**20:.1f}" if D else "-"
+                line = (f"| {mib} | {minb} | {U} | {D} | {pol} | {window} | {ms:.3f} "
                         f"| {gbs:.0f} | {100 * gbs / copy:.1f} |")
                 lines.append(line)
                 print(line, flush=True)

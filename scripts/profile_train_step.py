@@ -1,5 +1,8 @@
-"""Where a training step's GPU time goes: the race config's step, replayed from a CUDA graph as
-train.py replays it, under torch.profiler; prints the kernels by total GPU time and the step's wall ms.
+"""Where a training step's GPU time goes: the race config's forward and backward, replayed from a
+CUDA graph as train.py replays it, then gradient clipping and the optimizer step, under torch.profiler;
+prints the kernels by total GPU time and the step's wall ms. Not in it: what train.py adds to a step
+besides, the weight average's update (ema_decay) and the non-finite guard's read of two flags
+(max_bad_steps), so its ms a step is a lower bound on train.py's.
 
     python scripts/profile_train_step.py [configs/shakespeare_char.py] [--key=value ...] [--steps 20]
 

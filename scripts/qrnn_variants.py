@@ -108,7 +108,8 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; ms per call as CUDA graphs, strict fp32")
     for cell in args.cell:
         B, T = map(int, cell.split("x"))
-        x, gy = torch.randn(T, B, H, device="cuda"), torch.randn(T, B, H, device="cuda")
+        # the input takes a gradient, as in scripts/bench_lstm.py (cuDNN's LSTM computes it regardless)
+        x, gy = torch.randn(T, B, H, device="cuda", requires_grad=True), torch.randn(T, B, H, device="cuda")
         modes = calls(x, gy)
         lstm_ms = {mode: time_ms(graphed(make(lstm)), args.repeats) for mode, make in modes.items()}
         print(f"B={B} T={T}: LSTM inference {lstm_ms['inference']:.4f} ms, training {lstm_ms['training']:.4f} ms")
