@@ -142,9 +142,15 @@ def test_model_with_fused_layers_trains_as_the_composition(monkeypatch):
         loss.backward()
         return loss.item(), [p.grad.clone() for p in model.parameters()]
 
+    from sqrllm import core as core_mod
+
+    fused, apply = [], core_mod._Core.apply
+    monkeypatch.setattr(core_mod._Core, "apply", lambda *a: fused.append(1) or apply(*a))
     fused_loss, fused_grads = run()
+    assert len(fused) == 2  # each sqrll layer ran the fused op (CuPy present), not the composition
     monkeypatch.setattr("sqrllm.core.fused_available", lambda p: False)
     ref_loss, ref_grads = run()
+    assert len(fused) == 2
     assert fused_loss == pytest.approx(ref_loss, rel=1e-5)
     for a, b in zip(fused_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -150,7 +150,7 @@ def test_torch_compile_matches_eager():
 
 
 @pytest.mark.skipif(not KERNEL, reason=f"the C++ scan kernel cannot be built here: {WHY}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("B,T,C,h0,reverse", [(1, 1, 1, False, False), (3, 131, 300, True, False),
                                               (3, 131, 300, True, True), (2, 64, 513, False, True)])
 def test_kernel_equals_the_loop(dtype, B, T, C, h0, reverse):

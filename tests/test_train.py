@@ -115,11 +115,24 @@ def test_burn_in_trains_and_resumes_exactly(data_dir, tmp_path):
     assert logged["whole"][-1][1] < 0.7 * logged["whole"][0][1]
 
 
-def test_train_leaves_the_deterministic_setting_as_it_found_it(data_dir, tmp_path):
+def test_train_leaves_the_deterministic_setting_as_it_found_it(data_dir, tmp_path, monkeypatch):
     """A run with deterministic=true switches torch's deterministic algorithms on for itself only."""
+    from sqrllm.model import SqrLLM
+
+    forward, during = SqrLLM.forward, []
+
+    def spy(self, *args, **kw):
+        during.append(torch.are_deterministic_algorithms_enabled())
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(SqrLLM, "forward", spy)
     assert not torch.are_deterministic_algorithms_enabled()
     train(tiny_config(data_dir, tmp_path / "a", "--max_iters=2", "--deterministic=true"))
+    assert during and all(during)  # training and evaluation forwards
     assert not torch.are_deterministic_algorithms_enabled()
+    during.clear()
+    train(tiny_config(data_dir, tmp_path / "c", "--max_iters=2"))
+    assert during and not any(during)
     torch.use_deterministic_algorithms(True)
     try:
         train(tiny_config(data_dir, tmp_path / "b", "--max_iters=2"))
