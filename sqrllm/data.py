@@ -70,7 +70,7 @@ def read_tokens(path):
         header = f.read(HEADER_SIZE)
     if len(header) < HEADER_SIZE or header[:8] != MAGIC:
         raise DataError(f"{path} is not a sqrllm token file (bad magic); {fix}")
-    version, itemsize = np.frombuffer(header[8:16], "<u4")
+    version, itemsize = map(int, np.frombuffer(header[8:16], "<u4"))  # Python ints: count * itemsize > 2**32
     count = int(np.frombuffer(header[16:24], "<u8")[0])
     if version != VERSION:
         raise DataError(f"{path} has format version {version}, this sqrllm reads {VERSION}; {fix}")
@@ -81,7 +81,7 @@ def read_tokens(path):
                         f"{count} x {itemsize}; the file is truncated or corrupt; {fix}")
     if count == 0:
         raise DataError(f"{path} holds no tokens; {fix} with more text")
-    return np.memmap(path, dtype=np.dtype(_DTYPES[int(itemsize)]).newbyteorder("<"), mode="r",
+    return np.memmap(path, dtype=np.dtype(_DTYPES[itemsize]).newbyteorder("<"), mode="r",
                      offset=HEADER_SIZE, shape=(count,))
 
 

@@ -12,6 +12,7 @@ The Hub needs network at prepare time; local files do not.
 """
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -64,10 +65,27 @@ def _builder(files):
     return kinds.pop()
 
 
+@contextlib.contextmanager
+def _reading(opts, verb="open"):
+    """What `datasets` raises while opening or reading the input, as one DataError that names it."""
+    datasets = _datasets()
+    where = opts["files"] or opts["dataset"]
+    try:
+        yield
+    except DataError:
+        raise
+    except (FileNotFoundError, ValueError, ConnectionError) as e:  # pyarrow's parse errors are ValueErrors
+        raise DataError(f"could not {verb} {where} ({type(e).__name__}: {first_line(e)})") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # reading the files failed; the cause says why
+        cause = e.__cause__ or e
+        raise DataError(f"could not read {where} ({type(cause).__name__}: {first_line(cause)}); local files "
+                        "must be UTF-8 text or records") from None
+
+
 def open_split(opts, split):
     """One split as a `datasets` (Iterable)Dataset; split "train" or "val" names the role."""
     datasets = _datasets()
-    try:
+    with _reading(opts):
         if opts["files"]:
             files = {"train": opts["files"]}
             if opts["val_files"]:
@@ -84,34 +102,29 @@ def open_split(opts, split):
         name = opts["train_split"] if split == "train" else opts["val_split"]
         return datasets.load_dataset(opts["dataset"], opts["config"], split=name, streaming=opts["streaming"],
                                      cache_dir=opts["cache_dir"])
-    except DataError:
-        raise
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
-        where = opts["files"] or opts["dataset"]
-        raise DataError(f"could not open {where} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    except datasets.exceptions.DatasetGenerationError as e:  # reading the files failed; the cause says why
-        cause = e.__cause__ or e
-        raise DataError(f"could not read {opts['files'] or opts['dataset']} ({type(cause).__name__}: "
-                        f"{first_line(cause)}); local files must be UTF-8 text or records") from None
 
 
-def _texts(ds, field, max_docs):
-    """The text field of each record, in order, skipping empty ones; at most max_docs records (0: all)."""
+def _texts(opts, split):
+    """The text field of each record of a split, in order, skipping empty ones; at most max_docs records
+    (0: all). Streamed, the input is read (and its errors met) only here."""
+    ds, field, max_docs = open_split(opts, split), opts["text_field"], opts["max_docs"]
     if ds.column_names is not None and field not in ds.column_names:
         raise DataError(f"the records have no field {field!r}; pass --text_field, one of: "
                         f"{', '.join(ds.column_names)}")
     n = 0
-    for batch in ds.select_columns([field]).iter(batch_size=1000):
-        for text in batch[field]:
-            if max_docs and n >= max_docs:
-                return
-            n += 1
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise DataError(f"field {field!r} holds {type(text).__name__} values, not text; pass --text_field")
-            if text:
-                yield text
+    with _reading(opts, "read"):
+        for batch in ds.select_columns([field]).iter(batch_size=1000):
+            for text in batch[field]:
+                if max_docs and n >= max_docs:
+                    return
+                n += 1
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise DataError(f"field {field!r} holds {type(text).__name__} values, not text; "
+                                    "pass --text_field")
+                if text:
+                    yield text
 
 
 def documents(opts, with_val=True):
@@ -119,10 +132,10 @@ def documents(opts, with_val=True):
     split's, every 1/val_fraction-th of them to val when there is no val split."""
     own_val = bool(opts["val_split"] or opts["val_files"])
     if own_val and with_val:
-        for text in _texts(open_split(opts, "val"), opts["text_field"], opts["max_docs"]):
+        for text in _texts(opts, "val"):
             yield "val", text
     f = 0.0 if own_val else opts["val_fraction"]
-    for i, text in enumerate(_texts(open_split(opts, "train"), opts["text_field"], opts["max_docs"])):
+    for i, text in enumerate(_texts(opts, "train")):
         yield ("val" if math.floor((i + 1) * f) > math.floor(i * f) else "train"), text
 
 

@@ -10,6 +10,7 @@ The data/<name>/prepare.py scripts are thin command-line wrappers around these f
 import collections
 import contextlib
 import hashlib
+import http.client
 import itertools
 import multiprocessing
 import os
@@ -64,18 +65,18 @@ def staged(out_dir):
     all are written (meta.json last); a preparation that fails leaves out_dir as it was. Outputs of an
     earlier preparation that the new one lacks (more shards, a tokenizer model) are removed then;
     other files (prepare.py, a downloaded input.txt) stay."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # a link to a folder elsewhere: stage on that folder's file system
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         yield stage
         out_dir.mkdir(exist_ok=True)
         new = {f.name for f in stage.iterdir()}
-        for f in out_dir.iterdir():
-            if _OUTPUT.fullmatch(f.name) and f.name not in new:
-                f.unlink()
         for name in sorted(new, key=lambda n: n == "meta.json"):
             os.replace(stage / name, out_dir / name)
+        for f in out_dir.iterdir():  # only once the new dataset is whole
+            if _OUTPUT.fullmatch(f.name) and f.name not in new:
+                f.unlink()
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -94,12 +95,15 @@ def _write_dataset(out_dir, tokenizer, splits, source):
             ids = np.frombuffer(content, dtype=np.uint8).astype(dtype)
             n_bytes = len(content)
         elif isinstance(tokenizer, SentencePieceTokenizer):
-            # pieces of models trained here never span a newline, so cutting there changes no id
-            chunks = list(_newline_chunks(content))
-            ids = _flat(tokenizer.encode_batch(chunks, num_threads=os.cpu_count() or 1), dtype)
+            # pieces of models trained here never span a newline, so cutting there changes no id; a
+            # batch of chunks at a time, so that id lists (tens of bytes an id) never hold a whole split
+            chunks, parts = _newline_chunks(content), []
+            while batch := list(itertools.islice(chunks, 16)):
+                parts.append(_flat(tokenizer.encode_batch(batch, num_threads=os.cpu_count() or 1), dtype))
+            ids = np.concatenate(parts)
             n_bytes = len(content.encode("utf-8"))
         else:
-            ids = np.array(tokenizer.encode(content), dtype=dtype)
+            ids = _char_ids(tokenizer, content, dtype)
             n_bytes = len(content.encode("utf-8"))
         write_tokens(out_dir / f"{name}.bin", ids)
         meta["splits"][name] = {"tokens": int(ids.size), "bytes": n_bytes}
@@ -202,7 +206,7 @@ def prepare_shakespeare_char(out_dir, input_path=None):
             try:
                 with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
                     data = r.read()
-            except OSError as e:
+            except (OSError, http.client.HTTPException) as e:  # the latter: a connection cut mid-file
                 raise DataError(f"could not download Tiny Shakespeare ({e}); pass a local copy with "
                                 "--input PATH") from None
             input_path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,6 +249,21 @@ def _newline_chunks(text, size=TASK_CHARS):
         hi = len(text) if hi < 0 else hi + 1
         yield text[lo:hi]
         lo = hi
+
+
+def _char_ids(tokenizer, text, dtype, chunk=1 << 22):
+    """A char tokenizer's encode(text) as an array, looked up in numpy a chunk of characters at a time
+    (a list of Python ints would take 8 bytes or more a character)."""
+    points = np.array([ord(c) for c in tokenizer.chars], dtype=np.uint32)
+    order = np.argsort(points)
+    ids = np.empty(len(text), dtype=dtype)
+    for lo in range(0, len(text), chunk):
+        text_points = np.frombuffer(text[lo:lo + chunk].encode("utf-32-le"), dtype="<u4")
+        at = np.searchsorted(points[order], text_points).clip(max=len(points) - 1)
+        if not np.array_equal(points[order][at], text_points):
+            tokenizer.encode(text[lo:lo + chunk])  # raises, naming the characters
+        ids[lo:lo + len(text_points)] = order[at]
+    return ids
 
 
 def _flat(id_lists, dtype):

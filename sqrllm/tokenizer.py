@@ -165,6 +165,15 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be built or trained; the message names the file and the fix."""
 
 
+def _lines(text):
+    """text.split("\n"), one line at a time (a corpus of gigabytes is not copied into a list)."""
+    lo = 0
+    while (hi := text.find("\n", lo)) >= 0:
+        yield text[lo:hi]
+        lo = hi + 1
+    yield text[lo:]
+
+
 MAX_LINE = 1 << 14  # characters: at most 4 bytes each, within the trainer's max_sentence_length of 64 KiB
 
 
@@ -186,14 +195,14 @@ def train_sentencepiece(texts, path, vocab_size, model_type="unigram", max_bytes
     def lines():
         try:
             for text in texts:
-                for line in text.split("\n"):
+                for line in _lines(text):
                     for i in range(0, len(line), MAX_LINE):  # longer lines the trainer would drop unseen
                         piece = line[i:i + MAX_LINE]
                         seen["lines"] += 1
                         seen["bytes"] += len(piece.encode("utf-8"))
                         yield piece
-                if seen["bytes"] >= max_bytes:
-                    return
+                        if seen["bytes"] >= max_bytes:
+                            return
         except Exception as e:  # the texts' own error (an input that cannot be read), raised as it is below
             failed.append(e)
             raise

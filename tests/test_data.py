@@ -1,6 +1,7 @@
 """Token files, prepare scripts and batching."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,19 @@ def test_token_file_round_trip(tmp_path):
         back = read_tokens(tmp_path / "a.bin")
         assert back.dtype.itemsize == ids.dtype.itemsize and np.array_equal(back, ids)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_token_file_over_4_gib_is_read(tmp_path):
+    # 2**31 two-byte tokens: the header's size check multiplied in 32 bits and called the file truncated
+    path = tmp_path / "big.bin"
+    write_tokens(path, np.arange(8, dtype=np.uint16))
+    header = bytearray(path.read_bytes()[:32])
+    header[16:24] = (2**31).to_bytes(8, "little")
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(32 + 2**32)  # sparse: no disk used
+    tokens = read_tokens(path)
+    assert tokens.shape == (2**31,) and tokens.dtype == np.uint16 and tokens[-1] == 0
 
 
 def test_bad_token_files_are_named(tmp_path):
@@ -161,6 +175,21 @@ def test_shakespeare_prepared_from_a_local_copy_needs_no_download_again(tmp_path
     copy.write_text("A stand-in for the play: two lines of plain text.\nThe second of them, and so on.\n" * 20)
     with pytest.raises(DataError, match="could not download Tiny Shakespeare \\(no network\\); pass a local copy"):
         prepare.prepare_shakespeare_char(tmp_path / "fresh")
+
+    class CutOff:  # a connection that closes before the whole file came
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            raise prepare.http.client.IncompleteRead(b"First Citizen", 1115381)
+
+    monkeypatch.setattr(prepare.urllib.request, "urlopen", lambda *a, **kw: CutOff())
+    with pytest.raises(DataError, match="could not download Tiny Shakespeare \\(IncompleteRead\\(13 bytes read"):
+        prepare.prepare_shakespeare_char(tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / "input.txt").exists()
     made = prepare.prepare_shakespeare_char(tmp_path / "sc", copy)
     files = {f.name: f.read_bytes() for f in (tmp_path / "sc").iterdir()}
     assert prepare.prepare_shakespeare_char(tmp_path / "sc") == made
@@ -211,6 +240,36 @@ def test_one_long_line_trains_a_sentencepiece_model(tmp_path):
     (tmp_path / "one_line.txt").write_text(line)
     meta, _ = prepare_text(tmp_path / "sp", [tmp_path / "one_line.txt"], level="sentencepiece", vocab_size=300)
     assert meta["vocab_size"] > 256 + 20  # pieces learned beyond the bytes and the characters
+
+
+def test_sentencepiece_training_reads_no_more_than_max_bytes(tmp_path):
+    from sqrllm.tokenizer import train_sentencepiece
+
+    text = "".join(f"line {i} of a text that is one long document\n" for i in range(3000))  # about 140 KB
+    seen = train_sentencepiece([text], tmp_path / "t.model", vocab_size=300, max_bytes=10_000)
+    assert 10_000 <= seen["bytes"] < 10_100  # the cap is checked line by line, not once per document
+
+
+def test_prepare_into_a_link_to_another_file_system(tmp_path):
+    """The dataset is staged on the file system it ends on (a rename cannot cross file systems), and a
+    second preparation replaces the first there."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system other than the test's tmp_path")
+    target = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        (tmp_path / "in.txt").write_text("to be or not to be\n" * 200)
+        (tmp_path / "ds").symlink_to(target)
+        prepare_text(tmp_path / "ds", [tmp_path / "in.txt"], level="byte")
+        meta, _ = prepare_text(tmp_path / "ds", [tmp_path / "in.txt"], level="char")
+        assert json.loads((target / "meta.json").read_text())["tokenizer"]["kind"] == "char"
+        assert read_tokens(target / "train.bin").size == meta["splits"]["train"]["tokens"]
+        assert not list(shm.glob(f".{target.name}-*"))  # no staging folder left
+    finally:
+        shutil.rmtree(target)
 
 
 def test_folders_are_walked_without_their_hidden_files(tmp_path):

@@ -166,11 +166,15 @@ def test_shard_tokens_below_one_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unreadable_or_folder_inputs_are_one_error(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_unreadable_or_folder_inputs_are_one_error(tmp_path, streaming):
+    """Streamed, the files are read only as the documents are taken: the same one error line."""
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"could not read .*latin1.txt.* \(UnicodeDecodeError: .*\); local files "
-                                        r"must be UTF-8"):
-        prepare_hf(tmp_path / "out", files=[str(tmp_path / "latin1.txt")], progress=False)
+    with pytest.raises(DataError, match=r"could not read .*latin1.txt.* \(UnicodeDecodeError: .*\)"):
+        prepare_hf(tmp_path / "out", files=[str(tmp_path / "latin1.txt")], progress=False, streaming=streaming)
+    (tmp_path / "bad.jsonl").write_text('{"text": "one document"}\n{"text": "cut off\n')
+    with pytest.raises(DataError, match=r"could not read .*bad.jsonl.* \(\w+: .*\)"):
+        prepare_hf(tmp_path / "out", files=[str(tmp_path / "bad.jsonl")], progress=False, streaming=streaming)
     with pytest.raises(DataError, match=r"input .* is a folder; pass its files"):
         prepare_hf(tmp_path / "out", files=[str(tmp_path)], progress=False)
     assert not (tmp_path / "out").exists()
