@@ -62,18 +62,28 @@ STREAM_MIN_FILL = 0.9  # stream mode: the least share of the multiprocessors its
 STREAM_BUFFERS = 2  # stream mode's tile buffers, as scan_stream in the .cu has them
 
 
+class Unsupported(ImportError):
+    """CuPy works, but a GPU here cannot run the kernels."""
+
+
 def ensure_available():
-    """Raise ImportError unless CuPy imports and sees a CUDA device."""
+    """Raise ImportError unless CuPy imports and sees a CUDA device; Unsupported (an ImportError) if a
+    device is older than compute capability 8.0, which the kernels' asynchronous copies need."""
     try:
         import cupy
     except ImportError as e:
         raise ImportError(f"CuPy is not installed ({e})") from None
     try:
         count = cupy.cuda.runtime.getDeviceCount()
+        capabilities = [cupy.cuda.Device(d).compute_capability for d in range(count)]  # "90" for 9.0
     except Exception as e:  # CuPy built for another CUDA, no driver, ...
         raise ImportError(f"CuPy cannot use the GPU ({type(e).__name__}: {e})") from None
     if count == 0:
         raise ImportError("CuPy sees no CUDA device")
+    for d, cc in enumerate(capabilities):
+        if int(cc) < 80:
+            raise Unsupported(f"the kernels need compute capability 8.0 or newer (cp.async); device {d} has "
+                              f"{cc[:-1]}.{cc[-1]}")
 
 
 class Plan(NamedTuple):
@@ -191,6 +201,15 @@ def _smem_per_block(device):
     return cupy.cuda.runtime.getDeviceProperties(device)["sharedMemPerBlockOptin"]
 
 
+def _fitting(tile, dtype, V, bwd, device):
+    """tile = (L, blocks per SM) with L lowered, 2 at a time, until a block fits `device`'s shared
+    memory: the tiles are sized for an H100's 227 KB, and an sm_86 or sm_89 GPU gives a block 99 KB."""
+    L, min_blocks = tile
+    while L > 2 and sum(_tile_smem(dtype, V, L, bwd)) > _smem_per_block(device):
+        L -= 2
+    return L, min_blocks
+
+
 def _long_loop_tiles(bwd, dtype, V, device, loop_tile):
     """`plan`'s loop argument for loop_tile = (L, blocks per SM) on `device`: (L, resident blocks), or
     None where a block of that L would not fit the device's shared memory."""
@@ -280,7 +299,7 @@ def _recipe(bwd, dtype, B, T, C, V, device, tile, loop_tile, min_fill, tree_log2
             chunk_min_cols, stream_max_blocks):
     """What a launch needs besides the pointers: its plan, kernel, grid, shared memory, scratch (bytes,
     fill byte), last args."""
-    L, min_blocks = tile
+    L, min_blocks = _fitting(tile, dtype, V, bwd, device)
     p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, reg_rows, chunk_max_ct,
              chunk_min_cols, loop=_long_loop_tiles(bwd, dtype, V, device, loop_tile),
              stream=None if device in _cooperative_refused else _stream_tiles(bwd, dtype, V, device),

@@ -33,9 +33,12 @@ def _decode_module(source, device):
 
 
 def decode_launch(name, rows, batch, *args):
-    """Launch decode kernel `name` on PyTorch's current stream: a warp per one of `rows` outputs,
-    grid (ceil(rows / DEC_WARPS), batch); args: tensors (passed as pointers), ints, floats."""
-    device = torch.cuda.current_device()
+    """Launch decode kernel `name` on PyTorch's current stream of its tensors' device: a warp per one
+    of `rows` outputs, grid (ceil(rows / DEC_WARPS), batch); args: tensors (passed as pointers), ints,
+    floats."""
+    if batch > 65535:  # the grid's y dimension
+        raise ValueError(f"the CUDA decode kernels take at most 65,535 rows at once, got {batch}")
+    device = next(a for a in args if isinstance(a, torch.Tensor)).device.index
     packed = tuple(_ptr(a) if isinstance(a, torch.Tensor) else np.int32(a) if isinstance(a, int) else np.float32(a)
                    for a in args)
     with _on(device):

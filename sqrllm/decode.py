@@ -123,6 +123,8 @@ class KernelStep:
     per batch size that the step owns (each call overwrites it), so a CUDA graph of the step can
     be followed by another that reads them."""
 
+    MAX_BATCH = 65535  # rows: the kernels' grids hold the batch in their y dimension
+
     def __init__(self, model):
         param = next(model.parameters())
         if not param.is_cuda or param.dtype != torch.float32:
@@ -196,7 +198,7 @@ class CudaGraphStep:
         if not param.is_cuda:
             raise ValueError("CudaGraphStep needs a model on a CUDA device")
         self.inner = None
-        if param.dtype == torch.float32:
+        if param.dtype == torch.float32 and batch_size <= KernelStep.MAX_BATCH:
             try:
                 self.inner = KernelStep(model)
             except ImportError:

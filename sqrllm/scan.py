@@ -119,20 +119,20 @@ def _cpu():
 
 
 def _cuda():
-    """The CuPy kernel module, or None (with a one-time warning) when CuPy is missing."""
+    """The CuPy kernel module, or None (with a one-time warning) when CuPy is missing or a GPU here is
+    too old for the kernels."""
     global _cuda_backend
     if _cuda_backend is None:
+        from sqrllm import cuda
+
         try:
-            from sqrllm import cuda
             cuda.ensure_available()
             _cuda_backend = cuda
         except ImportError as e:
-            warnings.warn(
-                f"sqrllm: the CUDA scan kernel is unavailable ({e}); using the slower pure-PyTorch "
-                'loop on the GPU. Install CuPy with pip install -e ".[cuda12]" (CUDA 12) or '
-                '-e ".[cuda13]" (CUDA 13).',
-                stacklevel=3,
-            )
+            fix = "" if isinstance(e, cuda.Unsupported) else (
+                ' Install CuPy with pip install -e ".[cuda12]" (CUDA 12) or -e ".[cuda13]" (CUDA 13).')
+            warnings.warn(f"sqrllm: the CUDA scan kernel is unavailable ({e}); using the slower pure-PyTorch "
+                          f"loop on the GPU.{fix}", stacklevel=3)
             _cuda_backend = False
     return _cuda_backend or None
 

@@ -4,6 +4,8 @@ import contextlib
 import importlib
 import importlib.util
 import re
+import sys
+import types
 import warnings
 
 import pytest
@@ -59,6 +61,21 @@ def test_missing_cupy_warns_once_naming_the_extra_and_falls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert scan_module._cuda() is None  # decided once, no second warning
+
+
+def test_a_gpu_too_old_for_the_kernels_falls_back_saying_why(monkeypatch):
+    # CuPy imports and sees the GPU, but an sm_75 GPU cannot compile cp.async: the loop serves
+    device = types.SimpleNamespace(compute_capability="75")
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1), Device=lambda d: device))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(cuda.Unsupported, match=r"compute capability 8\.0 or newer \(cp\.async\); device 0 has 7\.5"):
+        cuda.ensure_available()
+    monkeypatch.setattr(scan_module, "_cuda_backend", None)
+    with pytest.warns(UserWarning, match=r"device 0 has 7\.5\); using the slower pure-PyTorch loop on the GPU\.$"):
+        assert scan_module._cuda() is None  # no CuPy to install: it is there
+    device.compute_capability = "90"
+    cuda.ensure_available()
 
 
 def test_available_cupy_is_used(monkeypatch):
@@ -296,6 +313,7 @@ def fake_launches(monkeypatch):
     monkeypatch.setattr(cuda, "_on", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(cuda, "_stream", lambda device: None)
     monkeypatch.setattr(cuda, "_resident", lambda device, blocks: 132 * blocks)
+    monkeypatch.setattr(cuda, "_smem_per_block", lambda device: 232448)  # an H100's 227 KB
     monkeypatch.setattr(cuda, "_long_loop_tiles", lambda *a: None)
     monkeypatch.setattr(cuda, "_stream_tiles", lambda *a: (132, 8))
     monkeypatch.setattr(cuda, "_scan_kernel", kernel)
@@ -303,6 +321,26 @@ def fake_launches(monkeypatch):
     cuda._recipe.cache_clear()
     yield launched, refusal
     cuda._recipe.cache_clear()  # its entries hold the fake kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bwd", [False, True])
+def test_tiles_shrink_to_fit_a_gpu_with_less_shared_memory(fake_launches, monkeypatch, dtype, bwd):
+    """On an sm_86 / sm_89 GPU a block may have 99 KB: the tiles, sized for an H100's 227 KB (about
+    106-115 KB with 16-byte vectors), take fewer rows instead of failing to launch."""
+    rows = []
+
+    def kernel(dtype, V, L, bwd, mode, min_blocks, device, reg_rows=0):
+        rows.append((V, L))
+        return (lambda *a, **kw: None), cuda._tile_smem(dtype, V, L, bwd)[0]
+
+    monkeypatch.setattr(cuda, "_scan_kernel", kernel)
+    monkeypatch.setattr(cuda, "_smem_per_block", lambda device: 101376)
+    x = torch.zeros(64, 1024, 512, dtype=dtype)  # many columns: loop mode, on the base tiles
+    assert cuda._recipe_for(bwd, x, (0,))[0].mode == "LOOP"
+    (V, L), = rows
+    assert V == 16 // x.element_size() and L < (cuda.BWD_TILE if bwd else cuda.FWD_TILE)[0]
+    assert sum(cuda._tile_smem(dtype, V, L, bwd)) <= 101376 < sum(cuda._tile_smem(dtype, V, L + 2, bwd))
 
 
 def test_refused_stream_launch_warns_once_and_runs_chunk_mode(fake_launches):
