@@ -30,13 +30,31 @@ OPTIONAL = [["-march=native", "-fopenmp"], ["-march=native"], []]
 
 
 def _cpu_flags():
+    """What -march=native builds for, for the cache key: a library built on one CPU may not run on
+    another that shares the cache folder (a network home)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
                 return line
     except OSError:
         pass
+    if platform.system() == "Darwin":  # no /proc: the CPU's name and, on Intel, its feature lists
+        keys = ["machdep.cpu.brand_string", "machdep.cpu.features", "machdep.cpu.leaf7_features"]
+        try:
+            return subprocess.run(["sysctl", "-n", *keys], capture_output=True, text=True).stdout
+        except OSError:
+            pass
     return platform.processor()
+
+
+def _cache():
+    """The kernel cache folder: SQRLLM_CACHE, else ~/.cache/sqrllm."""
+    if os.environ.get("SQRLLM_CACHE"):
+        return Path(os.environ["SQRLLM_CACHE"])
+    try:
+        return Path.home() / ".cache" / "sqrllm"
+    except RuntimeError:  # no home folder (a user id without a passwd entry, as in some containers)
+        raise ImportError("no home folder for the kernel cache; set SQRLLM_CACHE to a writable folder") from None
 
 
 _libs = {}  # kernel name -> the loaded library, or the ImportError message of its failed build
@@ -60,42 +78,57 @@ def load():
 
 
 def _build_and_load(name):
-    compiler = shlex.split(os.environ.get("CXX", "c++"))
+    compiler = shlex.split(os.environ.get("CXX", "")) or ["c++"]  # an empty CXX is the default
     path = SOURCE_DIR / f"{name}.cpp"
     source = path.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(compiler + FLAGS + sum(OPTIONAL, [])).encode(),
                                      _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
-    cache = Path(os.environ.get("SQRLLM_CACHE", Path.home() / ".cache" / "sqrllm"))
-    lib_path = cache / f"{name}-{key}.so"
-    if not lib_path.exists():
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
-        except OSError as e:
-            raise ImportError(f"cannot write to the kernel cache {cache} ({e.strerror or e}); set SQRLLM_CACHE "
-                              "to a writable folder") from None
-        os.close(fd)
-        try:
-            for extra in OPTIONAL:
-                try:
-                    run = subprocess.run([*compiler, *FLAGS, *extra, str(path), "-o", tmp], capture_output=True,
-                                         text=True)
-                except OSError as e:
-                    why = f"no C++ compiler ({compiler[0]}: {e.strerror}); set CXX or install g++"
-                    raise ImportError(why) from None
-                if run.returncode == 0:
-                    break
-            else:
-                raise ImportError(f"building {path.name} failed: {run.stderr.strip()[-2000:]}")
-            os.replace(tmp, lib_path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+    lib_path = _cache() / f"{name}-{key}.so"
+    built = not lib_path.exists() and _build(compiler, path, lib_path)
     try:
         lib = ctypes.CDLL(str(lib_path))
     except OSError as e:
-        raise ImportError(f"loading {lib_path} failed: {e}") from None
+        if built:
+            raise ImportError(f"loading {lib_path} failed: {e}") from None
+        _build(compiler, path, lib_path)  # a cached file that does not load (cut short, unreadable): once more
+        try:
+            lib = ctypes.CDLL(str(lib_path))
+        except OSError as e:
+            raise ImportError(f"loading {lib_path} failed: {e}") from None
     SIGNATURES[name](lib)
     return lib
+
+
+def _build(compiler, path, lib_path):
+    """Compile `path` into lib_path through a temp file in its folder (renamed: a concurrent build or
+    load never sees half a library), readable by all who may read the folder; -> True."""
+    cache = lib_path.parent
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
+    except OSError as e:
+        raise ImportError(f"cannot write to the kernel cache {cache} ({e.strerror or e}); set SQRLLM_CACHE "
+                          "to a writable folder") from None
+    os.close(fd)
+    try:
+        for extra in OPTIONAL:
+            try:
+                run = subprocess.run([*compiler, *FLAGS, *extra, str(path), "-o", tmp], capture_output=True,
+                                     text=True)
+            except OSError as e:
+                why = f"no C++ compiler ({compiler[0]}: {e.strerror}); set CXX or install g++"
+                raise ImportError(why) from None
+            if run.returncode == 0:
+                break
+        else:
+            raise ImportError(f"building {path.name} failed: {run.stderr.strip()[-2000:]}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # mkstemp's 0600 would leave the library to its builder alone
+        os.replace(tmp, lib_path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return True
 
 
 def _decode_signatures(lib):

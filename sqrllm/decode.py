@@ -383,7 +383,7 @@ class NativeStep:
         else:
             self._check(state, B)
             pointers = (ctypes.c_void_p * len(state))(*[h.data_ptr() for h in state])
-        logits = torch.empty(B, self.vocab_size)
+        logits = torch.empty(B, self.vocab_size, dtype=torch.float32)  # what the kernel writes, whatever the default
         threads = self._threads(B)
         t0 = time.perf_counter()
         if self.lib.sq_step(self.plan, B, ids.data_ptr(), pointers, logits.data_ptr(), threads):

@@ -212,6 +212,19 @@ def test_native_step_gives_the_same_bits_on_any_number_of_threads():
 
 
 @NATIVE
+def test_native_step_gives_float32_logits_whatever_the_default_dtype():
+    model = tiny_model()
+    want = PlainStep(model)(torch.tensor([3, 9]), model.init_state(2))
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = NativeStep(model)(torch.tensor([3, 9]), model.init_state(2, dtype=torch.float32))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@NATIVE
 def test_native_step_rejects_what_it_cannot_run():
     model = tiny_model()
     step = NativeStep(model)

@@ -182,6 +182,33 @@ def test_without_a_compiler_the_loop_serves_and_says_why(tmp_path):
     assert last == "[1.75, 1.75]"
 
 
+@pytest.mark.skipif(not KERNEL, reason=f"the C++ scan kernel cannot be built here: {WHY}")
+def test_an_empty_cxx_is_the_default_compiler_and_a_bad_cached_library_is_rebuilt(tmp_path):
+    """CXX set but empty (an unset variable in a script) means c++; a cached library that does not load
+    (cut short by a full disk, say) is built again; the library is readable by others than its builder."""
+    env = {**os.environ, "CXX": " ", "SQRLLM_CACHE": str(tmp_path / "cache")}
+    assert scan_in_a_process(env) == ["True", "", "[1.75, 1.75]"]
+    (lib,) = (tmp_path / "cache").glob("scan_cpu-*.so")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert lib.stat().st_mode & 0o777 == 0o755 & ~umask  # not mkstemp's 0600
+    lib.write_bytes(b"not a library")
+    assert scan_in_a_process(env) == ["True", "", "[1.75, 1.75]"]
+    assert lib.stat().st_size > 1000
+
+
+def test_without_a_home_folder_sqrllm_cache_is_enough(monkeypatch, tmp_path):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(cpu.Path, "home", no_home)
+    monkeypatch.delenv("SQRLLM_CACHE", raising=False)
+    with pytest.raises(ImportError, match="no home folder for the kernel cache; set SQRLLM_CACHE"):
+        cpu._cache()
+    monkeypatch.setenv("SQRLLM_CACHE", str(tmp_path))
+    assert cpu._cache() == tmp_path
+
+
 def test_an_unwritable_kernel_cache_is_named_and_the_loop_serves(tmp_path):
     """SQRLLM_CACHE under a regular file: the kernel says where it could not write and what to set, and
     scan still works (on the loop)."""
