@@ -132,8 +132,10 @@ def _link_newest(path, link):
     try:
         try:
             os.link(path, tmp)
-        except OSError:
+        except OSError:  # a file system without hard links
             shutil.copyfile(path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, link)
     finally:
         tmp.unlink(missing_ok=True)
@@ -190,7 +192,8 @@ def read_pointer(folder):
     try:
         data = json.loads((Path(folder) / POINTER).read_text(encoding="utf-8"))
         entries = data["checkpoints"]
-        if all(_NAME.fullmatch(e["file"]) and isinstance(e["sha256"], str) for e in entries):
+        if all(_NAME.fullmatch(e["file"]) and isinstance(e["sha256"], str) and type(e.get("bytes")) is int
+               for e in entries):
             return entries
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -213,6 +216,18 @@ def _listed_entry(path):
         if e["file"] == path.name or (path.name == NEWEST and listed.is_file() and os.path.samefile(listed, path)):
             return e
     return None
+
+
+def _verify_copy(path, entries):
+    """ckpt.pt where it is a copy (no hard links on its file system): it must be one of the listed
+    checkpoints, byte for byte (with none listed, there is nothing to hold it to)."""
+    if not entries:
+        return
+    size = path.stat().st_size
+    if not any(e["bytes"] == size for e in entries) or _sha256(path) not in {e["sha256"] for e in entries}:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (it is none of the checkpoints "
+                              f"{path.parent / POINTER} lists); pass the folder {path.parent} to load the newest "
+                              "intact one")
 
 
 def _verify(path, entry):
@@ -285,15 +300,18 @@ def load(path, map_location="cpu"):
     entry = _listed_entry(path.resolve())  # a link's target is what latest.json lists
     if entry is not None:
         _verify(path, entry)
+    elif path.name == NEWEST:
+        _verify_copy(path, read_pointer(path.parent) or [])
     return _load_file(path, map_location)
 
 
 def _candidates(folder):
-    """-> [(path, latest.json entry or None)], newest first: what latest.json lists, else the
-    ckpt-*.pt files by step, else ckpt.pt."""
+    """-> [(path, latest.json entry or None)], newest first: what latest.json lists, then ckpt.pt (if
+    the listed files are gone); else the ckpt-*.pt files by step, else ckpt.pt."""
     entries = read_pointer(folder)
     if entries:
-        return [(folder / e["file"], e) for e in entries]
+        return [(folder / e["file"], e) for e in entries] + ([(folder / NEWEST, None)]
+                                                             if (folder / NEWEST).is_file() else [])
     files = sorted((f for f in folder.glob("ckpt-*.pt") if _NAME.fullmatch(f.name)),
                    key=lambda f: int(_NAME.fullmatch(f.name)[1]), reverse=True)
     if not files and (folder / NEWEST).is_file():
@@ -319,6 +337,8 @@ def load_latest(folder, map_location="cpu", warn=None,
                 raise CheckpointError(f"checkpoint {path} listed in {folder / POINTER} is missing")
             if entry is not None:
                 _verify(path, entry)
+            elif path.name == NEWEST:
+                _verify_copy(path, read_pointer(folder) or [])
             ckpt = _load_file(path, map_location)
         except CheckpointError as e:
             skipped.append(str(e))
@@ -331,7 +351,7 @@ def load_latest(folder, map_location="cpu", warn=None,
             kept = [{"file": p.name, "step": int(_NAME.fullmatch(p.name)[1]), "bytes": p.stat().st_size,
                      "sha256": _sha256(p)} for p, _ in found[i:] if _NAME.fullmatch(p.name)]
         else:
-            kept = [e for _, e in found[i:]]
+            kept = [e for _, e in found[i:] if e is not None]  # (ckpt.pt, last in line, is listed by its file)
         return ckpt, path, kept
     raise CheckpointError(f"no intact checkpoint in {folder}: " + "; ".join(skipped))
 

@@ -115,8 +115,9 @@ def _world_size(ckpt):
     return ckpt.get("world_size", len(ckpt.get("ranks", [None])))
 
 
-def check_resume(cfg, ckpt, path, meta, world_size=1):
-    """Refuse a checkpoint this run cannot continue; -> the data layout changes the user allowed."""
+def check_resume(cfg, ckpt, path, meta, world_size=1, n_train=None):
+    """Refuse a checkpoint this run cannot continue; -> the data layout changes the user allowed.
+    n_train: the training split's tokens now (checkpoints record theirs)."""
     keys = MODEL_KEYS + ("model",) + (("n_head",) if cfg.model == "gpt" else ())
     diff = [f"{k}: {_saved(ckpt, k)} -> {getattr(cfg, k)}" for k in keys if _saved(ckpt, k) != getattr(cfg, k)]
     if diff:
@@ -134,6 +135,9 @@ def check_resume(cfg, ckpt, path, meta, world_size=1):
                if _saved(ckpt, k) != getattr(cfg, k)]
     if _world_size(ckpt) != world_size:
         changed.append(f"world size (processes) {_world_size(ckpt)} -> {world_size}")
+    if ckpt.get("train_tokens", n_train) != n_train:  # the dataset prepared again, or another one
+        changed.append(f"training tokens {ckpt['train_tokens']:,} -> {n_train:,} (dataset '{cfg.dataset}' "
+                       "changed since)")
     if changed and not cfg.allow_batch_change:
         raise ConfigError(f"cannot resume {path}: {'; '.join(changed)}; the data streams and the carried memory "
                           "depend on these, so keep them, or pass --allow_batch_change=true to restart the streams "
@@ -159,10 +163,11 @@ def _check_tokenizer_files(cfg, saved_tok, path, meta):
                             "out_dir")
 
 
-def hold_out_dir(out_dir):
+def hold_out_dir(out_dir, mark=True):
     """Create out_dir and lock out_dir/.lock -> the open lock file; the lock holds until it is closed
     or the process ends, so that a second run into the same out_dir stops at once instead of moving
-    or overwriting this one's files. ConfigError when out_dir cannot be written or is held."""
+    or overwriting this one's files. ConfigError when out_dir cannot be written or is held.
+    mark: write this process's id into the lock file now (else `mark_held` does, once the run writes)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         f = open(out_dir / ".lock", "a+")
@@ -180,10 +185,16 @@ def hold_out_dir(out_dir):
                           "another --out_dir") from None
     except OSError:  # a filesystem without locks (some network mounts): the run goes on unguarded
         pass
+    if mark:
+        mark_held(f)
+    return f
+
+
+def mark_held(f):
+    """Name this process in a lock file `hold_out_dir` returned, for a run that finds it held."""
     f.truncate(0)
     f.write(f"pid {os.getpid()}\n")
     f.flush()
-    return f
 
 
 def set_aside_previous_run(out_dir, data_folder, meta, dd, device, warn):
@@ -222,7 +233,7 @@ def restart_data(batches, ckpt, n_tokens, cfg):
     """After an allowed batch change: with stream batching before and after, every row starts at the
     saved mean progress through its stretch; otherwise the data starts over. -> what was done."""
     if _saved(ckpt, "batching") == "stream" and cfg.batching == "stream":
-        old_length = (n_tokens - 1) // (_saved(ckpt, "batch_size") * _world_size(ckpt))
+        old_length = (ckpt.get("train_tokens", n_tokens) - 1) // (_saved(ckpt, "batch_size") * _world_size(ckpt))
         cursors = [r["data"]["cursor"] for r in ckpt.get("ranks", [ckpt])]
         progress = float(torch.cat(cursors).double().mean()) / max(1, old_length)
         cursor = batches.state_dict()["cursor"]

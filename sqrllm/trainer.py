@@ -31,7 +31,7 @@ from sqrllm.config import Config, ConfigError, resolve_device
 from sqrllm.data import RandomBatches, StreamBatches, copy_tokenizer_files, load_dataset, reset_token
 from sqrllm.ema import ema_for_run
 from sqrllm.faults import (EXIT_DIVERGED, EXIT_NO_WRITE, EXIT_PREEMPTED, RunStopped, StopSignals, check_model_keys,
-                           check_resume, hold_out_dir, nonfinite, restart_data, set_aside_previous_run)
+                           check_resume, hold_out_dir, mark_held, nonfinite, restart_data, set_aside_previous_run)
 from sqrllm.flops import flops_per_token, mfu, peak_flops
 from sqrllm.gpt import GPT
 from sqrllm.model import SqrLLM
@@ -210,9 +210,22 @@ def _train(cfg, launched, ending):
             tqdm.write(text, file=sys.stderr)
 
     ckpt, entries, changed = None, [], []
+    writes = dd.is_main and not cfg.eval_only  # an evaluation alone leaves the run's files as they are
+    lock = None
     if cfg.init_from == "resume":
+        # held before the newest checkpoint is read: a run still writing one (relaunched right after a
+        # stop) makes this one stop, rather than resume from an older one and delete the newer
+        held = None
+        if writes and out_dir.is_dir():
+            try:
+                lock = hold_out_dir(out_dir, mark=False)
+                ending.callback(lock.close)
+            except ConfigError as e:
+                held = e
+        if distributed.any_rank(held is not None, device):
+            raise held or ConfigError(f"process 0 could not claim out_dir {out_dir}; its error says why")
         ckpt, ckpt_path, entries = checkpoint.load_latest(out_dir, warn=warn)
-        changed = check_resume(cfg, ckpt, ckpt_path, meta, dd.world_size)
+        changed = check_resume(cfg, ckpt, ckpt_path, meta, dd.world_size, len(train_tokens))
         if ckpt["step"] >= cfg.max_iters and not cfg.eval_only:
             if dd.is_main:
                 tqdm.write(f"nothing to train: {ckpt_path} is at step {ckpt['step']} and max_iters is {cfg.max_iters}; "
@@ -267,11 +280,12 @@ def _train(cfg, launched, ending):
     ema = ema_for_run(model, cfg, ckpt, notes)  # None unless ema_decay
     averaged = ema.averaged if ema else contextlib.nullcontext  # evaluations see the average
 
-    writes = dd.is_main and not cfg.eval_only  # an evaluation alone leaves the run's files as they are
     wandb_run = tracking.WandbRun(cfg, enabled=writes)  # no-op unless wandb_log; checks wandb is installed
     # Everything is checked: from here on, out_dir is written, by this run alone.
     held = None
-    if writes:
+    if writes and lock is not None:
+        mark_held(lock)
+    elif writes:
         try:
             ending.callback(hold_out_dir(out_dir).close)
         except ConfigError as e:
@@ -331,7 +345,8 @@ def _train(cfg, launched, ending):
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "config": cfg.to_dict(), "vocab_size": meta["vocab_size"],
             "wandb_run_id": wandb_run.id,  # a resumed run continues this wandb run
-            "tokenizer": meta["tokenizer"], "world_size": dd.world_size, "step": run["step"],
+            "tokenizer": meta["tokenizer"], "world_size": dd.world_size, "train_tokens": len(train_tokens),
+            "step": run["step"],
             "best_val": run["best_val"], "tokens_seen": run["tokens_seen"], **own,
             "state": [distributed.gather_rows(s.detach()).cpu() for s in run["state"] or []],
         }

@@ -21,7 +21,7 @@ import torch
 from sqrllm import checkpoint, trainer
 from sqrllm.checkpoint import CheckpointError
 from sqrllm.config import load_config
-from sqrllm.data import DataError, read_tokens
+from sqrllm.data import DataError, read_tokens, write_tokens
 from sqrllm.faults import check_resume
 from sqrllm.model import SqrLLM
 from sqrllm.trainer import EXIT_DIVERGED, EXIT_NO_WRITE, EXIT_PREEMPTED, RunStopped, train
@@ -215,6 +215,35 @@ def test_corrupt_newest_checkpoint_is_named_and_resume_falls_back(three_checkpoi
     assert result["step"] == 30
     assert [r["step"] for r in rows(out) if "loss" in r] == [5, 10, 15, 20, 25, 30]  # the lost steps, once
     assert checkpoint.load(out)["step"] == 30
+
+
+def test_ckpt_pt_as_a_copy_is_checked_and_serves_when_the_listed_files_are_gone(three_checkpoints, data_dir,
+                                                                                tmp_path, capsys):
+    """Where hard links fail, ckpt.pt is a copy of the newest checkpoint (copytree makes it one here): a
+    flipped byte in it is named, as in a linked one; and with the listed files deleted, it serves."""
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints, out)
+    assert not os.path.samefile(out / "ckpt.pt", out / "ckpt-000030.pt")
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 30
+    for f in out.glob("ckpt-*.pt"):
+        f.unlink()
+    ckpt, path, _ = checkpoint.load_latest(out, warn=print)
+    assert ckpt["step"] == 30 and path == out / "ckpt.pt" and "ckpt-000030.pt listed in" in capsys.readouterr().out
+    data = bytearray((out / "ckpt.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "ckpt.pt").write_bytes(data)
+    with pytest.raises(CheckpointError, match=f"checkpoint {out / 'ckpt.pt'} is truncated or corrupt \\(it is none "
+                                              "of the checkpoints"):
+        checkpoint.load(out / "ckpt.pt")
+
+
+def test_a_latest_json_entry_without_its_size_is_no_pointer(three_checkpoints, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints, out)
+    pointer = json.loads((out / "latest.json").read_text())
+    del pointer["checkpoints"][0]["bytes"]
+    (out / "latest.json").write_text(json.dumps(pointer))
+    assert checkpoint.load(out)["step"] == 30  # the ckpt-*.pt files by step (a KeyError before)
 
 
 def test_sample_names_a_corrupt_checkpoint_and_reads_a_run_folder(three_checkpoints, tmp_path, capsys):
@@ -574,6 +603,49 @@ def test_resume_without_a_checkpoint_says_how_to_start(data_dir, tmp_path, capsy
     line = one_error_line(capsys.readouterr().err)
     assert code == 1 and "no checkpoint in" in line and "train once without --init_from=resume" in line
     assert not (tmp_path / "empty").exists()
+
+
+def test_a_resume_reads_the_newest_checkpoint_only_once_it_holds_out_dir(three_checkpoints, data_dir, tmp_path,
+                                                                         monkeypatch):
+    """Else a run relaunched while the stopped one still writes could resume from the checkpoint before,
+    then rotate the newer ones away."""
+    import fcntl
+
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints, out)
+    load_latest, held = checkpoint.load_latest, []
+
+    def spy(folder, **kw):
+        with open(Path(folder) / ".lock") as other:  # a second open file: flock would block if held
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return load_latest(folder, **kw)
+
+    monkeypatch.setattr(checkpoint, "load_latest", spy)
+    train(load_config(args(data_dir, out, "--max_iters=32", "--init_from=resume")))
+    assert held == [True]
+    assert (out / ".lock").read_text() == f"pid {os.getpid()}\n"
+
+
+def test_a_dataset_prepared_again_is_a_data_change_to_allow(three_checkpoints, data_dir, tmp_path, capsys):
+    """The streams' stretches depend on the training split's length: a resume on a split of another
+    length (prepared again, from less text) is refused like a batch change, and with the opt-in the
+    streams restart at the saved share of their new stretches."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(data_dir / "tiny", data / "tiny")
+    shutil.copytree(three_checkpoints, out)
+    n = len(read_tokens(data / "tiny" / "train.bin"))
+    write_tokens(data / "tiny" / "train.bin", np.array(read_tokens(data / "tiny" / "train.bin")[: n // 2]))
+    code = CLI(args(data, out, "--max_iters=35", "--init_from=resume"))
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 1 and f"training tokens {n:,} -> {n // 2:,} (dataset 'tiny' changed since)" in line, line
+    result = train(load_config(args(data, out, "--max_iters=35", "--init_from=resume", "--allow_batch_change=true")))
+    progress = 30 * 16 / ((n - 1) // 4)  # the saved share of the old stretches, on the new ones
+    assert result["step"] == 35 and f"start {progress:.0%} of the way" in capsys.readouterr().out
+    assert checkpoint.load(out)["data"]["cursor"].tolist() == [int(progress * ((n // 2 - 1) // 4)) + 5 * 16] * 4
 
 
 def test_batch_change_with_opt_in_restarts_the_streams(three_checkpoints, data_dir, tmp_path, capsys):
