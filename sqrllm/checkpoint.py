@@ -218,18 +218,6 @@ def _listed_entry(path):
     return None
 
 
-def _verify_copy(path, entries):
-    """ckpt.pt where it is a copy (no hard links on its file system): it must be one of the listed
-    checkpoints, byte for byte (with none listed, there is nothing to hold it to)."""
-    if not entries:
-        return
-    size = path.stat().st_size
-    if not any(e["bytes"] == size for e in entries) or _sha256(path) not in {e["sha256"] for e in entries}:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (it is none of the checkpoints "
-                              f"{path.parent / POINTER} lists); pass the folder {path.parent} to load the newest "
-                              "intact one")
-
-
 def _verify(path, entry):
     size = path.stat().st_size
     if size != entry["bytes"] or _sha256(path) != entry["sha256"]:
@@ -300,8 +288,6 @@ def load(path, map_location="cpu"):
     entry = _listed_entry(path.resolve())  # a link's target is what latest.json lists
     if entry is not None:
         _verify(path, entry)
-    elif path.name == NEWEST:
-        _verify_copy(path, read_pointer(path.parent) or [])
     return _load_file(path, map_location)
 
 
@@ -337,8 +323,6 @@ def load_latest(folder, map_location="cpu", warn=None,
                 raise CheckpointError(f"checkpoint {path} listed in {folder / POINTER} is missing")
             if entry is not None:
                 _verify(path, entry)
-            elif path.name == NEWEST:
-                _verify_copy(path, read_pointer(folder) or [])
             ckpt = _load_file(path, map_location)
         except CheckpointError as e:
             skipped.append(str(e))

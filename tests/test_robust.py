@@ -217,24 +217,14 @@ def test_corrupt_newest_checkpoint_is_named_and_resume_falls_back(three_checkpoi
     assert checkpoint.load(out)["step"] == 30
 
 
-def test_ckpt_pt_as_a_copy_is_checked_and_serves_when_the_listed_files_are_gone(three_checkpoints, data_dir,
-                                                                                tmp_path, capsys):
-    """Where hard links fail, ckpt.pt is a copy of the newest checkpoint (copytree makes it one here): a
-    flipped byte in it is named, as in a linked one; and with the listed files deleted, it serves."""
+def test_ckpt_pt_serves_when_the_files_latest_json_lists_are_gone(three_checkpoints, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(three_checkpoints, out)
-    assert not os.path.samefile(out / "ckpt.pt", out / "ckpt-000030.pt")
-    assert checkpoint.load(out / "ckpt.pt")["step"] == 30
     for f in out.glob("ckpt-*.pt"):
         f.unlink()
-    ckpt, path, _ = checkpoint.load_latest(out, warn=print)
-    assert ckpt["step"] == 30 and path == out / "ckpt.pt" and "ckpt-000030.pt listed in" in capsys.readouterr().out
-    data = bytearray((out / "ckpt.pt").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (out / "ckpt.pt").write_bytes(data)
-    with pytest.raises(CheckpointError, match=f"checkpoint {out / 'ckpt.pt'} is truncated or corrupt \\(it is none "
-                                              "of the checkpoints"):
-        checkpoint.load(out / "ckpt.pt")
+    ckpt, path, entries = checkpoint.load_latest(out, warn=print)
+    assert ckpt["step"] == 30 and path == out / "ckpt.pt" and entries == []
+    assert f"checkpoint {out / 'ckpt-000030.pt'} listed in" in capsys.readouterr().out
 
 
 def test_a_latest_json_entry_without_its_size_is_no_pointer(three_checkpoints, tmp_path):
