@@ -159,9 +159,6 @@ class Config:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}; 0 turns the average off, "
                               "0.99 averages over about the last 100 steps")
-        if self.min_lr > self.learning_rate:
-            raise ConfigError(f"min_lr={self.min_lr} is above learning_rate={self.learning_rate}: the decay would "
-                              "raise the learning rate; pass a min_lr <= learning_rate")
         if not self.out_dir.strip():
             raise ConfigError("out_dir is empty (an unset variable?); pass a folder for the run, e.g. "
                               "--out_dir=out/run")
@@ -169,6 +166,9 @@ class Config:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(f"min_lr={self.min_lr} is above learning_rate={self.learning_rate}: the decay would "
+                              "raise the learning rate; pass a min_lr <= learning_rate")
         return self
 
     def to_dict(self):

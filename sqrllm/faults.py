@@ -135,7 +135,10 @@ def check_resume(cfg, ckpt, path, meta, world_size=1, n_train=None):
                if _saved(ckpt, k) != getattr(cfg, k)]
     if _world_size(ckpt) != world_size:
         changed.append(f"world size (processes) {_world_size(ckpt)} -> {world_size}")
-    if ckpt.get("train_tokens", n_train) != n_train:  # the dataset prepared again, or another one
+    # the dataset prepared again, or another one: the streams' stretches moved (random windows and an
+    # evaluation alone do not mind)
+    streams = _saved(ckpt, "batching") == "stream" and cfg.batching == "stream" and not cfg.eval_only
+    if streams and n_train is not None and ckpt.get("train_tokens", n_train) != n_train:
         changed.append(f"training tokens {ckpt['train_tokens']:,} -> {n_train:,} (dataset '{cfg.dataset}' "
                        "changed since)")
     if changed and not cfg.allow_batch_change:

@@ -61,16 +61,22 @@ def dataset_name(name):
 
 @contextlib.contextmanager
 def staged(out_dir):
-    """A fresh folder beside out_dir to prepare a dataset in, whose files replace out_dir's only once
-    all are written (meta.json last); a preparation that fails leaves out_dir as it was. Outputs of an
+    """A fresh folder inside out_dir (.stage-*) to prepare a dataset in, whose files replace out_dir's
+    only once all are written (meta.json last); a preparation that fails leaves out_dir as it was. Outputs of an
     earlier preparation that the new one lacks (more shards, a tokenizer model) are removed then;
     other files (prepare.py, a downloaded input.txt) stay."""
-    out_dir = Path(out_dir).resolve()  # a link to a folder elsewhere: stage on that folder's file system
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    out_dir = Path(out_dir)
+    made = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # inside out_dir: on its file system, whatever links lead there (a rename cannot cross file systems)
+    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out_dir))
     try:
-        yield stage
-        out_dir.mkdir(exist_ok=True)
+        try:
+            yield stage
+        except BaseException:
+            if made:  # out_dir as it was: not there
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
         new = {f.name for f in stage.iterdir()}
         for name in sorted(new, key=lambda n: n == "meta.json"):
             os.replace(stage / name, out_dir / name)
@@ -98,7 +104,7 @@ def _write_dataset(out_dir, tokenizer, splits, source):
             # pieces of models trained here never span a newline, so cutting there changes no id; a
             # batch of chunks at a time, so that id lists (tens of bytes an id) never hold a whole split
             chunks, parts = _newline_chunks(content), []
-            while batch := list(itertools.islice(chunks, 16)):
+            while batch := list(itertools.islice(chunks, max(16, 2 * (os.cpu_count() or 1)))):
                 parts.append(_flat(tokenizer.encode_batch(batch, num_threads=os.cpu_count() or 1), dtype))
             ids = np.concatenate(parts)
             n_bytes = len(content.encode("utf-8"))

@@ -51,6 +51,7 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("--max_timescale=0", "max_timescale must be at least 1 \\(tokens\\)"),
     ("--num_threads=-1", "num_threads must be >= 0"),
     ("--grad_clip=nan", "grad_clip must be >= 0, got nan"),  # 0 turns clipping off; nan would too, silently
+    ("--learning_rate=0", "learning_rate must be a positive number, got 0.0"),  # not "min_lr is above it"
     ("--min_lr=5", "min_lr=5.0 is above learning_rate=0.003: the decay would raise the learning rate"),
     ("--out_dir=", "out_dir is empty \\(an unset variable\\?\\); pass a folder"),
     ("--seed=-1", "seed must be in \\[0, 2\\*\\*32\\), got -1"),  # numpy's seed would fail mid-setup

@@ -221,6 +221,8 @@ def test_a_failed_preparation_leaves_the_dataset_as_it_was(tmp_path):
     with pytest.raises(DataError, match="is not a SentencePiece model"):
         prepare_text(out, [second], level="sentencepiece", tokenizer_model=junk)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    with pytest.raises(DataError, match="the val split is empty"):  # into a folder not there before: none after
+        prepare_text(tmp_path / "fresh", [second], level="sentencepiece", vocab_size=300, val_fraction=1e-7)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["first.txt", "junk.model", "second.txt", "text"]
     prepare_text(out, [second], level="char")  # a new preparation replaces all of the old one's outputs
     assert sorted(f.name for f in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
@@ -267,7 +269,7 @@ def test_prepare_into_a_link_to_another_file_system(tmp_path):
         meta, _ = prepare_text(tmp_path / "ds", [tmp_path / "in.txt"], level="char")
         assert json.loads((target / "meta.json").read_text())["tokenizer"]["kind"] == "char"
         assert read_tokens(target / "train.bin").size == meta["splits"]["train"]["tokens"]
-        assert not list(shm.glob(f".{target.name}-*"))  # no staging folder left
+        assert not list(target.glob(".stage-*"))  # no staging folder left
     finally:
         shutil.rmtree(target)
 

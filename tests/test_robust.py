@@ -632,6 +632,8 @@ def test_a_dataset_prepared_again_is_a_data_change_to_allow(three_checkpoints, d
     code = CLI(args(data, out, "--max_iters=35", "--init_from=resume"))
     line = one_error_line(capsys.readouterr().err)
     assert code == 1 and f"training tokens {n:,} -> {n // 2:,} (dataset 'tiny' changed since)" in line, line
+    assert CLI(args(data, out, "--init_from=resume", "--eval_only=true")) == 0  # an evaluation reads no streams
+    capsys.readouterr()
     result = train(load_config(args(data, out, "--max_iters=35", "--init_from=resume", "--allow_batch_change=true")))
     progress = 30 * 16 / ((n - 1) // 4)  # the saved share of the old stretches, on the new ones
     assert result["step"] == 35 and f"start {progress:.0%} of the way" in capsys.readouterr().out
