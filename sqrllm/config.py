@@ -36,7 +36,7 @@ class Config:
     eval_max_tokens: int = 0  # cap on val tokens per evaluation; 0 = the whole split
     eval_batch_size: int = 64  # windows (or streams) per evaluation forward
     eval_block_size: int = 0  # tokens per window of the window-reset val loss (memory reset at each); 0 = block_size
-    always_save_checkpoint: bool = True  # save at every eval; False: only when val improves (a resume continues from the best)
+    always_save_checkpoint: bool = True  # save at every eval; False: when val improves (resume from the best)
     keep_checkpoints: int = 3  # newest checkpoints kept in out_dir as ckpt-<step>.pt (latest.json lists them)
     progress: bool = True  # tqdm progress bar on a terminal (into a file or a pipe: log lines, as with False)
     wandb_log: bool = False  # also log to Weights & Biases: config, metrics, tokens/s, eval samples (pip install wandb)
