@@ -127,6 +127,35 @@ def test_narrower_chunk_feature_tiles_match_reference(monkeypatch, max_ct, dtype
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
 
 
+def far_inputs(B, T, C, device="cuda"):
+    """float32 x, r, h0, dy whose state carries from far back: r = 1 but for a halving every T / 8
+    steps (at places that differ by feature), x = 1..8 at 8 places, h0 = 2, dy = 1 at 10 places. With
+    inputs() the product of r over a tile is below 1e-7, so a tile whose carry-in left out all but the
+    tile just before it would still pass; here every term of y is 2**-k times a small integer, and
+    leaving one out moves y by more than 1e-4 of its largest value (float32's TOL is 1e-5)."""
+    t, c = torch.arange(T, device=device)[:, None], torch.arange(C, device=device)
+    step = T // 8
+    r = torch.where((t + 7 * c) % step == 3, 0.5, 1.0).expand(B, T, C).contiguous()
+    x = torch.where(t % step == 0, (t // step + 1).float(), 0.0).expand(B, T, C).contiguous()
+    dy = torch.where((t % step == step // 2) | (t == 0) | (t == T - 1), 1.0, 0.0).expand(B, T, C).contiguous()
+    return x, r, torch.full((B, C), 2.0, device=device), dy
+
+
+@pytest.mark.parametrize("time_split", ["chunks-radix-2", "chunks-radix-4", "chunks-radix-8", "stream"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_state_from_far_back_reaches_every_tile(monkeypatch, time_split, reverse):
+    # (1, 40000, 32): tens of tiles along time in chunk mode (trees of 2 to 5 levels) and rounds of
+    # look-back in stream mode; the state entering each tile must hold every tile before it
+    use_mode(monkeypatch, "STREAM" if time_split == "stream" else "CHUNKS")
+    if time_split != "stream":
+        monkeypatch.setattr(cuda, "TREE_LOG2", int(time_split[-1]).bit_length() - 1)
+    x, r, h0, dy = far_inputs(1, 40000, 32)
+    assert cuda.launch_plan(x).mode == ("STREAM" if time_split == "stream" else "CHUNKS")
+    ref = reference(x, r, h0, dy, reverse)
+    assert ref[0].abs().min() > 0 and ref[1].abs().min() > 0  # every output and gradient carries something
+    assert_matches_reference(kernel_nan_filled(x, r, h0, dy, reverse), ref, torch.float32)
+
+
 @pytest.mark.parametrize("tree_log2", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_tree_radix_matches_reference(monkeypatch, tree_log2, dtype):
@@ -200,12 +229,19 @@ def test_chunks_with_carried_state_equal_one_call(dtype, reverse):
 
 
 def test_non_contiguous_inputs():
+    """Transposed, strided and broadcast inputs, and a gradient of stride 0 (y.sum()'s): the values of
+    their contiguous copies, held to the reference, gradients included."""
     x, r, h0, _ = inputs(4, 129, 40, torch.float32, seed=6)
     xt, rt = (t.transpose(0, 2).contiguous().transpose(0, 2) for t in (x, r))
     assert not xt.is_contiguous()
     assert torch.equal(scan(xt, rt, h0), scan(x, r, h0))
     assert torch.equal(scan(x[:, ::2], r[:, ::2]), scan(x[:, ::2].contiguous(), r[:, ::2].contiguous()))
-    assert torch.equal(scan(x, r, h0[:, None, :].expand(4, 3, 40)[:, 1]), scan(x, r, h0))
+    h0s = torch.cat([h0, h0], 1)[:, ::2]  # every other column: not contiguous
+    assert not h0s.is_contiguous() and torch.equal(scan(x, r, h0s), scan(x, r, h0s.contiguous()))
+    leaves = [t.clone().requires_grad_() for t in (xt, rt, h0s)]
+    y = scan(*leaves)
+    got = (y.detach(), *torch.autograd.grad(y.sum(), leaves))  # dy: a stride-0 view of one 1
+    assert_matches_reference(got, reference(x, r, h0s, torch.ones_like(x)), torch.float32)
 
 
 def test_runs_on_the_current_stream():
