@@ -127,6 +127,19 @@ def test_narrower_chunk_feature_tiles_match_reference(monkeypatch, max_ct, dtype
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
 
 
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_loop_mode_on_its_short_tiles_matches_reference(dtype):
+    # (16, 200, 4096): columns enough to fill the GPU (two waves of blocks in float32 on 132
+    # multiprocessors), too short for the long tiles; other tests reach this mode only when forced
+    x, r, h0, dy = inputs(16, 200, 4096, dtype, seed=13)
+    for bwd in (False, True):
+        p = cuda.launch_plan(x, bwd)
+        if p.mode != "LOOP":
+            pytest.skip(f"this GPU plans {p.mode} for (16, 200, 4096), not loop mode")
+        assert not p.long_tiles
+    assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
+
+
 def far_inputs(B, T, C, device="cuda"):
     """float32 x, r, h0, dy whose state carries from far back: r = 1 but for a halving every T / 8
     steps (at places that differ by feature), x = 1..8 at 8 places, h0 = 2, dy = 1 at 10 places. With

@@ -695,7 +695,7 @@ def _results(layer, x, gy):
 
 @pytest.mark.gpu
 @cuda
-def test_graphed_layer_matches_eager():
+def test_graphed_layer_matches_eager(fused_calls):
     """The fused layer (CuPy launches on the current stream) can be captured as CUDA graphs with
     torch.cuda.make_graphed_callables, which is how a training loop drops PyTorch's per-call host
     work; replays give the eager results bitwise."""
@@ -704,6 +704,7 @@ def test_graphed_layer_matches_eager():
     x = torch.randn(24, 8, 32, device="cuda", requires_grad=True)
     gy = torch.randn(24, 8, 32, device="cuda")
     want = _results(m, x, gy)  # detached: no eager autograd graph lives into the capture
+    assert fused_calls  # the fused layer (CuPy present), not the general path
     graphed = torch.cuda.make_graphed_callables(m, (x,))
     for _ in range(2):  # replays, not the capture, are what is checked
         for a, b in zip(_results(graphed, x, gy), want):
@@ -711,7 +712,7 @@ def test_graphed_layer_matches_eager():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda])])
-def test_compiled_layer_matches_eager(device):
+def test_compiled_layer_matches_eager(device, fused_calls):
     """torch.compile traces a layer (the general path, its scan a custom op) without errors, and
     outputs, state and gradients agree with the eager layer (on CUDA: the fused kernel)."""
     torch.manual_seed(14)
@@ -719,6 +720,7 @@ def test_compiled_layer_matches_eager(device):
     x = torch.randn(20, 3, 16, device=device, requires_grad=True)
     gy = torch.randn(20, 3, 32, device=device)
     want = _results(m, x, gy)
+    assert bool(fused_calls) == (device == "cuda")  # on CUDA the eager side is the fused layer
     for a, b in zip(_results(torch.compile(m), x, gy), want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -726,7 +728,7 @@ def test_compiled_layer_matches_eager(device):
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("split", [False, True])
-def test_fused_walk_at_and_around_whole_rounds(split, monkeypatch):
+def test_fused_walk_at_and_around_whole_rounds(split, monkeypatch, fused_calls):
     """The kernel loads 8 steps a round and only a last, partial round checks bounds; walks (and
     segments of walks) at and around whole rounds give the general path's outputs and gradients."""
     from sqrllm import cuda_layers as sq_cuda
@@ -750,5 +752,6 @@ def test_fused_walk_at_and_around_whole_rounds(split, monkeypatch):
             out, h_n = layer(x, h0)
             grads = torch.autograd.grad((out * gy).sum() + (h_n * gh).sum(), [x, h0, *layer.parameters()])
             results.append((out, h_n, *grads))
+        assert fused_calls  # m ran the fused kernel (CuPy present), general the general path
         for a, b in zip(*results):
             assert rel_err(a, b) < RTOL[torch.float32], T
