@@ -80,11 +80,12 @@ def test_forward_and_gradients_match_reference(dtype, T, B, C):
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("T", [1, 63, 4097])
 @pytest.mark.parametrize("with_h0", [True, False])
-def test_reverse_and_no_initial_state_match_reference(dtype, T, with_h0):
+@pytest.mark.parametrize("reverse", [True, False])
+def test_either_direction_with_and_without_initial_state_matches_reference(dtype, T, with_h0, reverse):
     x, r, h0, dy = inputs(2, T, 40, dtype, seed=T)
     h0 = h0 if with_h0 else torch.zeros_like(h0)
-    got = kernel_nan_filled(x, r, h0 if with_h0 else None, dy, reverse=True)
-    assert_matches_reference(got, reference(x, r, h0, dy, reverse=True), dtype)
+    got = kernel_nan_filled(x, r, h0 if with_h0 else None, dy, reverse=reverse)
+    assert_matches_reference(got, reference(x, r, h0, dy, reverse=reverse), dtype)
 
 
 @pytest.mark.parametrize("time_split", ["chunks", "chunks-shared-only", "stream", "loop", "loop-long"])
@@ -229,7 +230,8 @@ def test_op_runs_the_kernel_forward_and_backward(dtype, reverse):
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("reverse", [False, True])
 def test_chunks_with_carried_state_equal_one_call(dtype, reverse):
-    x, r, h0, _ = inputs(2, 3000, 48, dtype, seed=5)
+    x, r, h0, dy = inputs(2, 3000, 48, dtype, seed=5)
+    leaves = [t.requires_grad_() for t in (x, r, h0)]
     whole = scan(x, r, h0, reverse=reverse)
     spans = list(zip([0, 1, 700, 701, 2048], [1, 700, 701, 2048, 3000]))
     pieces, h = [], h0
@@ -239,6 +241,9 @@ def test_chunks_with_carried_state_equal_one_call(dtype, reverse):
         pieces.append(y)
     chunked = torch.cat(pieces[::-1] if reverse else pieces, dim=1)
     assert rel_err(chunked, whole.double()) < TOL[dtype]
+    # gradients through the carried states too (as training with carried memory takes them)
+    for a, b in zip(torch.autograd.grad(chunked, leaves, dy), torch.autograd.grad(whole, leaves, dy)):
+        assert rel_err(a, b.double()) < TOL[dtype]
 
 
 def test_non_contiguous_inputs():
