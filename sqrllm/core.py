@@ -130,9 +130,7 @@ class _Core(torch.autograd.Function):
 def _differentiable_grads(p, h0, reset, zone, dz, needs):
     """_Core's gradients (dp, dh0, None, None) through core_ref, for a backward whose result is
     differentiated again: the recomputed forward costs what it would unfused."""
-    wanted = [t for t, need in zip((p, h0), needs) if need]
-    grads = iter(torch.autograd.grad(core_ref(p, h0, reset, zone)[0], wanted, dz, create_graph=True))
-    return tuple(next(grads) if need else None for need in needs[:2]) + (None, None)
+    return (*scan_mod.twin_grads([core_ref(p, h0, reset, zone)[0]], [dz], (p, h0), needs[:2]), None, None)
 
 
 def fused_available(p):

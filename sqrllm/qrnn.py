@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from sqrllm import cuda, cuda_layers
-from sqrllm.scan import scan
+from sqrllm.scan import scan, twin_grads
 
 
 def forget_mult(f, x, h0=None, batch_first=False, reverse=False):
@@ -87,12 +87,9 @@ class _FusedPool(torch.autograd.Function):
     def backward(ctx, dh, dc_last):
         g, bias, c_all, c0 = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
-            inputs = [t for t, need in zip((g, bias, c0), ctx.needs_input_grad) if need]
-            h, c_last = _pool_ref(g, bias, c0, *ctx.args)
-            outputs = [(o, d) for o, d in ((h, dh), (c_last, dc_last)) if d is not None]
-            grads = iter(torch.autograd.grad(*zip(*outputs), inputs=inputs, create_graph=True))
-            dg, dbias, dc0 = (next(grads) if need else None for need in ctx.needs_input_grad[:3])
-            return dg, dbias, dc0, None, None, None, None, None
+            grads = twin_grads(_pool_ref(g, bias, c0, *ctx.args), (dh, dc_last), (g, bias, c0),
+                               ctx.needs_input_grad[:3])
+            return *grads, None, None, None, None, None
         if dh is None:
             dh = torch.zeros(c_all.shape, dtype=g.dtype, device=g.device)
         dc_last = None if dc_last is None else dc_last.contiguous()

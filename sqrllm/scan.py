@@ -170,6 +170,16 @@ def _grads_differentiable(dy, r, y, h0, reverse):
     return g, g * y_prev, r[:, first] * g[:, first]
 
 
+def twin_grads(outputs, grad_outputs, inputs, needs):
+    """For a backward whose result is differentiated again: the gradients of `outputs` (from a
+    differentiable twin of a fused op; one whose gradient is None is left out) with respect to the
+    `inputs` whose `needs` is set, None for the others."""
+    outputs, grad_outputs = zip(*[(o, g) for o, g in zip(outputs, grad_outputs) if g is not None])
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True))
+    return [next(grads) if need else None for need in needs]
+
+
 @torch.library.custom_op("sqrllm::scan_fwd", mutates_args=())
 def _scan_fwd(x: torch.Tensor, r: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
     return _forward(x, r, h0, reverse)

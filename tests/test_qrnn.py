@@ -2,6 +2,7 @@
 
 import functools
 import math
+import types
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from sqrllm.qrnn import QRNN, ForgetMult, _pool_ref, forget_mult
+from sqrllm.qrnn import QRNN, ForgetMult, _FusedPool, _pool_ref, forget_mult
 
 # ||got - want|| / ||want||, for float64 modules against the float64 reference, and for lower
 # precisions against float64
@@ -122,6 +123,31 @@ def test_fused_layers_twin_is_the_general_path(batch_first, output_gate):
         h, c_last = _pool_ref(g, getattr(m, "bias_ih_l0" + suffix).float(), h0[d], H, gates, bool(d), 0.75, td)
         torch.testing.assert_close(h, out[..., d * H:(d + 1) * H], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(c_last, h_n[d], rtol=1e-6, atol=1e-6)
+
+
+def test_fused_layers_backward_for_a_double_backward_runs_its_twin():
+    """_FusedPool.backward with grad enabled (create_graph=True) needs no GPU: it differentiates
+    _pool_ref. Its gradients land in the slots of (g, bias, c0), None where not needed or where an
+    output's gradient is None, and can be differentiated again."""
+    torch.manual_seed(3)
+    H = 4
+    g, bias = torch.randn(5, 2, 3 * H, dtype=torch.float64), torch.randn(3 * H, dtype=torch.float64)
+    c0 = torch.randn(2, H, dtype=torch.float64)
+    for t in (g, bias, c0):
+        t.requires_grad_()
+    dh, dc = torch.randn(5, 2, H, dtype=torch.float64), torch.randn(2, H, dtype=torch.float64)
+    for dc_last, needs in ((dc, (True, True, True)), (None, (True, False, True))):
+        ctx = types.SimpleNamespace(saved_tensors=(g, bias, None, c0), args=(H, 3, False, 0.75, 0),
+                                    needs_input_grad=(*needs, False, False, False, False, False))
+        with torch.enable_grad():
+            got = _FusedPool.backward(ctx, dh, dc_last)
+        h, c_last = _pool_ref(g, bias, c0, H, 3, False, 0.75, 0)
+        loss = (h * dh).sum() + ((c_last * dc_last).sum() if dc_last is not None else 0)
+        want = torch.autograd.grad(loss, [t for t, need in zip((g, bias, c0), needs) if need])
+        assert len(got) == 8 and got[3:] == (None,) * 5 and (got[1] is None) == (not needs[1])
+        for a, b in zip([t for t in got[:3] if t is not None], want):
+            torch.testing.assert_close(a, b)
+        assert got[0].requires_grad  # differentiable again
 
 
 def test_batch_first_and_unbatched_match_time_major():
