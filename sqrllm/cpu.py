@@ -84,24 +84,30 @@ def _build_and_load(name):
     key = hashlib.sha256(b"\0".join([source, " ".join(compiler + FLAGS + sum(OPTIONAL, [])).encode(),
                                      _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
     lib_path = _cache() / f"{name}-{key}.so"
-    built = not lib_path.exists() and _build(compiler, path, lib_path)
+    cached = lib_path.exists()
+    if not cached:
+        _build(compiler, path, lib_path)
     try:
-        lib = ctypes.CDLL(str(lib_path))
-    except OSError as e:
-        if built:
-            raise ImportError(f"loading {lib_path} failed: {e}") from None
+        lib = _load(lib_path)
+    except ImportError:
+        if not cached:
+            raise
         _build(compiler, path, lib_path)  # a cached file that does not load (cut short, unreadable): once more
-        try:
-            lib = ctypes.CDLL(str(lib_path))
-        except OSError as e:
-            raise ImportError(f"loading {lib_path} failed: {e}") from None
+        lib = _load(lib_path)
     SIGNATURES[name](lib)
     return lib
 
 
+def _load(lib_path):
+    try:
+        return ctypes.CDLL(str(lib_path))
+    except OSError as e:
+        raise ImportError(f"loading {lib_path} failed: {e}") from None
+
+
 def _build(compiler, path, lib_path):
     """Compile `path` into lib_path through a temp file in its folder (renamed: a concurrent build or
-    load never sees half a library), readable by all who may read the folder; -> True."""
+    load never sees half a library), readable by all who may read the folder."""
     cache = lib_path.parent
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -128,7 +134,6 @@ def _build(compiler, path, lib_path):
         os.replace(tmp, lib_path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return True
 
 
 def _decode_signatures(lib):

@@ -16,6 +16,7 @@ from sqrllm.kernels import SOURCE_DIR
 # --- one decoding step (kernels/decode_cuda.cu), for sqrllm.decode.KernelStep ---
 
 DEC_WARPS = 8  # warps per block, as in the .cu
+DEC_MAX_BATCH = 65535  # rows at once: the grids hold the batch in their y dimension
 
 
 @functools.cache
@@ -36,8 +37,8 @@ def decode_launch(name, rows, batch, *args):
     """Launch decode kernel `name` on PyTorch's current stream of its tensors' device: a warp per one
     of `rows` outputs, grid (ceil(rows / DEC_WARPS), batch); args: tensors (passed as pointers), ints,
     floats."""
-    if batch > 65535:  # the grid's y dimension
-        raise ValueError(f"the CUDA decode kernels take at most 65,535 rows at once, got {batch}")
+    if batch > DEC_MAX_BATCH:
+        raise ValueError(f"the CUDA decode kernels take at most {DEC_MAX_BATCH:,} rows at once, got {batch}")
     device = next(a for a in args if isinstance(a, torch.Tensor)).device.index
     packed = tuple(_ptr(a) if isinstance(a, torch.Tensor) else np.int32(a) if isinstance(a, int) else np.float32(a)
                    for a in args)

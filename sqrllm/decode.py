@@ -123,8 +123,6 @@ class KernelStep:
     per batch size that the step owns (each call overwrites it), so a CUDA graph of the step can
     be followed by another that reads them."""
 
-    MAX_BATCH = 65535  # rows: the kernels' grids hold the batch in their y dimension
-
     def __init__(self, model):
         param = next(model.parameters())
         if not param.is_cuda or param.dtype != torch.float32:
@@ -198,7 +196,9 @@ class CudaGraphStep:
         if not param.is_cuda:
             raise ValueError("CudaGraphStep needs a model on a CUDA device")
         self.inner = None
-        if param.dtype == torch.float32 and batch_size <= KernelStep.MAX_BATCH:
+        from sqrllm.cuda_layers import DEC_MAX_BATCH
+
+        if param.dtype == torch.float32 and batch_size <= DEC_MAX_BATCH:
             try:
                 self.inner = KernelStep(model)
             except ImportError:

@@ -103,9 +103,9 @@ def _write_dataset(out_dir, tokenizer, splits, source):
         elif isinstance(tokenizer, SentencePieceTokenizer):
             # pieces of models trained here never span a newline, so cutting there changes no id; a
             # batch of chunks at a time, so that id lists (tens of bytes an id) never hold a whole split
-            chunks, parts = _newline_chunks(content), []
-            while batch := list(itertools.islice(chunks, max(16, 2 * (os.cpu_count() or 1)))):
-                parts.append(_flat(tokenizer.encode_batch(batch, num_threads=os.cpu_count() or 1), dtype))
+            chunks, parts, threads = _newline_chunks(content), [], os.cpu_count() or 1
+            while batch := list(itertools.islice(chunks, max(16, 2 * threads))):
+                parts.append(_flat(tokenizer.encode_batch(batch, num_threads=threads), dtype))
             ids = np.concatenate(parts)
             n_bytes = len(content.encode("utf-8"))
         else:
@@ -262,11 +262,12 @@ def _char_ids(tokenizer, text, dtype, chunk=1 << 22):
     (a list of Python ints would take 8 bytes or more a character)."""
     points = np.array([ord(c) for c in tokenizer.chars], dtype=np.uint32)
     order = np.argsort(points)
+    points = points[order]  # sorted: an id is order[position among them]
     ids = np.empty(len(text), dtype=dtype)
     for lo in range(0, len(text), chunk):
         text_points = np.frombuffer(text[lo:lo + chunk].encode("utf-32-le"), dtype="<u4")
-        at = np.searchsorted(points[order], text_points).clip(max=len(points) - 1)
-        if not np.array_equal(points[order][at], text_points):
+        at = np.searchsorted(points, text_points).clip(max=len(points) - 1)
+        if not np.array_equal(points[at], text_points):
             tokenizer.encode(text[lo:lo + chunk])  # raises, naming the characters
         ids[lo:lo + len(text_points)] = order[at]
     return ids

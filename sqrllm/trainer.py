@@ -211,19 +211,26 @@ def _train(cfg, launched, ending):
 
     ckpt, entries, changed = None, [], []
     writes = dd.is_main and not cfg.eval_only  # an evaluation alone leaves the run's files as they are
-    lock = None
-    if cfg.init_from == "resume":
-        # held before the newest checkpoint is read: a run still writing one (relaunched right after a
-        # stop) makes this one stop, rather than resume from an older one and delete the newer
-        held = None
-        if writes and out_dir.is_dir():
+
+    def claim(wanted, mark):
+        """out_dir's lock where `wanted` (process 0 only), else None. A collective: every rank calls it,
+        and all raise the claim's error."""
+        lock, held = None, None
+        if wanted:
             try:
-                lock = hold_out_dir(out_dir, mark=False)
+                lock = hold_out_dir(out_dir, mark)
                 ending.callback(lock.close)
             except ConfigError as e:
                 held = e
         if distributed.any_rank(held is not None, device):
             raise held or ConfigError(f"process 0 could not claim out_dir {out_dir}; its error says why")
+        return lock
+
+    lock = None
+    if cfg.init_from == "resume":
+        # held before the newest checkpoint is read: a run still writing one (relaunched right after a
+        # stop) makes this one stop, rather than resume from an older one and delete the newer
+        lock = claim(writes and out_dir.is_dir(), mark=False)
         ckpt, ckpt_path, entries = checkpoint.load_latest(out_dir, warn=warn)
         changed = check_resume(cfg, ckpt, ckpt_path, meta, dd.world_size, len(train_tokens))
         if ckpt["step"] >= cfg.max_iters and not cfg.eval_only:
@@ -282,16 +289,9 @@ def _train(cfg, launched, ending):
 
     wandb_run = tracking.WandbRun(cfg, enabled=writes)  # no-op unless wandb_log; checks wandb is installed
     # Everything is checked: from here on, out_dir is written, by this run alone.
-    held = None
-    if writes and lock is not None:
+    if lock is not None:
         mark_held(lock)
-    elif writes:
-        try:
-            ending.callback(hold_out_dir(out_dir).close)
-        except ConfigError as e:
-            held = e
-    if distributed.any_rank(held is not None, device):
-        raise held or ConfigError(f"process 0 could not claim out_dir {out_dir}; its error says why")
+    claim(writes and lock is None, mark=True)  # on every rank: its check is a collective
     if ckpt is None:
         set_aside_previous_run(out_dir, data_folder, meta, dd, device, warn)
     metrics = Metrics(out_dir / "metrics.jsonl" if writes else None)
