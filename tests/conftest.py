@@ -26,6 +26,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fused_core_calls(monkeypatch):
+    """Counts the calls that take a sqrll layer's fused core op (sqrllm.core._Core) rather than the
+    composition of torch ops: on a CUDA machine without CuPy, a test comparing the two would compare
+    the composition with itself."""
+    from sqrllm import core
+
+    calls, apply = [], core._Core.apply
+    monkeypatch.setattr(core._Core, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
 
 
