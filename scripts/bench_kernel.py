@@ -7,8 +7,11 @@ torch.autograd.grad); effective GB/s, counting 3 elements moved forward (x, r in
 forward+backward (dy, r, y in, dx, dr out as well); that as a % of the device-to-device copy
 bandwidth measured in the same run (bytes read + written); and `call us`, the wall time per call of
 forward+backward in a loop, which shows host overhead where launches cannot keep the GPU busy.
-GPU times are medians of CUDA-graph replays, so host overhead is left out; each graph runs the call
-on enough copies of the inputs to overflow L2 (up to 64), so inputs do not sit in cache.
+GPU times are medians of CUDA-graph replays, so host overhead is left out. Each graph runs the call
+over enough copies of the inputs to overflow L2 (at least 2 and up to 64, in turn), so inputs do not
+sit in cache, and as many times as make about --graph-ms of GPU work (up to 64), so the graph's own
+launch, about 5 us a replay, is spread over its calls as it is for the copy of 1 GiB it is compared
+with (--graph-ms 0: one call a copy, the launch in every call's time, as tables before 2026-12-05).
 
 Rows: `sqrllm` (the kernel, through `sqrllm.scan`); `baseline` (one thread per feature, serial over
 T, wrapped in an autograd.Function); `accel-triton` / `accel-cuda` (accelerated-scan's
@@ -18,6 +21,7 @@ importable; the CUDA one needs a power-of-two T, is compiled at import (slow) an
 """
 
 import argparse
+import math
 import subprocess
 import sys
 import time
@@ -41,13 +45,27 @@ def copy_bandwidth():
     return 2 * src.numel() / ms / 1e6  # GB/s
 
 
-def gpu_ms(make, args, nbytes):
-    """Median GPU ms of one call of make(*args)(), replayed from a CUDA graph over rotated input copies."""
+def eager_ms(fn):
+    """GPU ms of one call of fn after a warm-up call, launch included: a first guess at its time."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def gpu_ms(make, args, nbytes, graph_ms):
+    """Median GPU ms of one call of make(*args)(), replayed from a CUDA graph of calls over rotated input
+    copies: enough copies for 3 x L2 of inputs (at most 64: a call moving under 3 x L2 / 64, about 2.5 MB on
+    an H100, may still find some of its inputs in L2), and enough calls for graph_ms of GPU time."""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    # 3 x L2 of inputs in all (at most 64 copies: a call moving under 3 x L2 / 64, about 2.5 MB on an H100,
-    # may still find some of its inputs in L2)
-    copies = [args] + [tuple(t.clone() for t in args) for _ in range(min(63, -(-3 * l2 // nbytes) - 1))]
-    fns = [make(*c) for c in copies]
+    needed = min(64, -(-3 * l2 // nbytes))
+    calls = max(needed, min(64, math.ceil(graph_ms / eager_ms(make(*args)))) if graph_ms > 0 else 1)
+    n_copies = max(needed, min(2, calls))  # two at least where a call follows a call: not its own inputs again
+    copies = [args] + [tuple(t.clone() for t in args) for _ in range(n_copies - 1)]
+    fns = [make(*copies[i % n_copies]) for i in range(calls)]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
@@ -172,6 +190,13 @@ def add_plan_args(ap):
                     "with that many (default: sqrllm.cuda's)")
 
 
+def add_graph_arg(ap):
+    """--graph-ms, for gpu_ms."""
+    ap.add_argument("--graph-ms", type=float, default=1.0,
+                    help="GPU time a timed graph replay aims at, in calls of up to 64 (default 1.0); "
+                    "0: one call an input copy, the graph's launch in each call's time")
+
+
 def tile_pair(text):
     """"L,blocks,L,blocks" as the forward and backward tiles ((L, blocks), (L, blocks))."""
     f_l, f_b, b_l, b_b = map(int, text.split(","))
@@ -226,6 +251,7 @@ def main():
                     help="macros put in front of kernels/sqrll.cu, e.g. POLL=8 (default: the .cu's)")
     ap.add_argument("--kernel", metavar="FILE",
                     help="compile the scan from FILE instead of kernels/sqrll.cu (two versions in one run)")
+    add_graph_arg(ap)
     ap.add_argument("--out", help="also write the table to this markdown file, row by row")
     ap.add_argument("--append", action="store_true", help="add rows to --out without a new header")
     ap.add_argument("--isolate", action="store_true",
@@ -253,6 +279,7 @@ def main():
         f"tiles of up to {cuda.STREAM_MAX_ROWS} rows a thread in {cuda.STREAM_BUFFERS} buffers; "
         f"macros: {' '.join(args.define) or 'the .cu defaults'}; "
         f"scan source: {args.kernel or 'kernels/sqrll.cu'}. "
+        f"Timed graphs: {f'calls for about {args.graph_ms} ms a replay' if args.graph_ms > 0 else 'one call a copy'}. "
         f"Host floor here: {floor:.0f} us for the autograd forward+backward of a tiny x * x.",
         "",
         "| shape (B, T, C) | dtype | impl | fwd ms | fwd GB/s | fwd % copy | fwd+bwd ms | fwd+bwd GB/s "
@@ -286,8 +313,8 @@ def main():
                 if name == "accel-cuda" and T & (T - 1):
                     continue  # power-of-two T only
                 try:
-                    ms_f = gpu_ms(lambda *a: make(*a)[0], (x, r, dy), 3 * nbytes)
-                    ms_fb = gpu_ms(lambda *a: make(*a)[1], (x, r, dy), 8 * nbytes)
+                    ms_f = gpu_ms(lambda *a: make(*a)[0], (x, r, dy), 3 * nbytes, args.graph_ms)
+                    ms_fb = gpu_ms(lambda *a: make(*a)[1], (x, r, dy), 8 * nbytes, args.graph_ms)
                 except RuntimeError as e:  # a call that cannot be captured: time it eagerly instead
                     if "illegal memory access" in str(e):  # the CUDA context is lost: nothing more runs here
                         raise

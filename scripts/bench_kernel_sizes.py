@@ -21,7 +21,7 @@ from sqrllm import cuda
 from sqrllm.scan import scan
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernel import DTYPES, autograd_pair, copy_bandwidth, gpu_ms  # noqa: E402
+from bench_kernel import DTYPES, add_graph_arg, autograd_pair, copy_bandwidth, gpu_ms  # noqa: E402
 
 
 def fit(nbytes, us):
@@ -40,6 +40,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", required=True, help="B,T,C")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    add_graph_arg(ap)
     args = ap.parse_args()
     copy = copy_bandwidth()
     print(f"Device: {torch.cuda.get_device_name()}; device-to-device copy: {copy:.0f} GB/s (read + write)\n")
@@ -57,9 +58,9 @@ def main():
             dy = torch.randn(B, T, C, device="cuda").to(dtype)
             nbytes = B * T * C * x.element_size()
             mode = cuda.launch_plan(x).mode
-            us_add = 1e3 * gpu_ms(add_call, (x, r, dy), 3 * nbytes)
-            us_f = 1e3 * gpu_ms(lambda *a: make(*a)[0], (x, r, dy), 3 * nbytes)
-            us_fb = 1e3 * gpu_ms(lambda *a: make(*a)[1], (x, r, dy), 8 * nbytes)
+            us_add = 1e3 * gpu_ms(add_call, (x, r, dy), 3 * nbytes, args.graph_ms)
+            us_f = 1e3 * gpu_ms(lambda *a: make(*a)[0], (x, r, dy), 3 * nbytes, args.graph_ms)
+            us_fb = 1e3 * gpu_ms(lambda *a: make(*a)[1], (x, r, dy), 8 * nbytes, args.graph_ms)
             pct = lambda n, us: 100 * n / us / 1e3 / copy  # noqa: E731
             print(f"| ({B}, {T}, {C}) | {dname} | {mode.lower()} | {3 * nbytes / 1e6:.0f} | {us_add:.1f} "
                   f"| {pct(3 * nbytes, us_add):.1f} | {us_f:.1f} | {pct(3 * nbytes, us_f):.1f} | {us_fb:.1f} "

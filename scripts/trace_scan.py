@@ -31,7 +31,7 @@ from sqrllm.scan import scan
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernel import (  # noqa: E402
-    DTYPES, add_plan_args, apply_plan_args, copy_bandwidth, gpu_ms, patch_scan_source)
+    DTYPES, add_graph_arg, add_plan_args, apply_plan_args, copy_bandwidth, gpu_ms, patch_scan_source)
 
 MAX_BLOCKS = 1 << 16  # blocks traced: the .cu's TRACE
 STREAM_BLOCKS, STREAM_ROUNDS = cuda.NT * 4, 64  # stream mode: blocks and iterations traced, as the .cu's
@@ -44,6 +44,7 @@ def main():
     ap.add_argument("--bwd", action="store_true", help="trace the backward kernel instead")
     ap.add_argument("--bin-us", type=float, default=2.0, help="timeline bin width, us")
     ap.add_argument("--calls", type=int, default=5, help="traced launches; the median-span one is shown")
+    add_graph_arg(ap)
     ap.add_argument("--save", help="write every traced launch's stamps to this .npz")
     ap.add_argument("--define", nargs="+", default=[], metavar="NAME=VALUE",
                     help="more macros put in front of kernels/sqrll.cu, e.g. POLL=8")
@@ -87,7 +88,7 @@ def main():
                              memptr=modules[-1].get_global("sqrll_stream_trace"))
     else:
         trace = cupy.ndarray((MAX_BLOCKS, 8), cupy.uint64, memptr=modules[-1].get_global("sqrll_trace"))
-    graph_us = 1e3 * gpu_ms(make, (x, r, dy), moved)
+    graph_us = 1e3 * gpu_ms(make, (x, r, dy), moved, args.graph_ms)
     copy = copy_bandwidth()
 
     runs = []
