@@ -62,7 +62,7 @@ def gpu_ms(make, args, nbytes, graph_ms):
     an H100, may still find some of its inputs in L2), and enough calls for graph_ms of GPU time."""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     needed = min(64, -(-3 * l2 // nbytes))
-    calls = max(needed, min(64, math.ceil(graph_ms / eager_ms(make(*args)))) if graph_ms > 0 else 1)
+    calls = needed if graph_ms <= 0 else max(needed, min(64, math.ceil(graph_ms / eager_ms(make(*args)))))
     n_copies = max(needed, min(2, calls))  # two at least where a call follows a call: not its own inputs again
     copies = [args] + [tuple(t.clone() for t in args) for _ in range(n_copies - 1)]
     fns = [make(*copies[i % n_copies]) for i in range(calls)]
