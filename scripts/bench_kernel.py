@@ -28,13 +28,19 @@ import time
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench
 
 from sqrllm import cuda
 from sqrllm.scan import scan
 
 SHAPES = [(16, 2048, 1024), (8, 2048, 4096), (256, 128, 1024), (1, 32768, 1024), (1, 131072, 256), (64, 256, 384)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def do_bench(fn, **kw):
+    """triton.testing.do_bench (imported here: the script's other helpers run without triton)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, **kw)
 
 
 def copy_bandwidth():
@@ -56,14 +62,21 @@ def eager_ms(fn):
     return start.elapsed_time(end)
 
 
+def graph_plan(nbytes, l2, graph_ms, guess_ms):
+    """(calls, input copies) for a timed graph of a call moving nbytes: copies for 3 x l2 bytes of inputs
+    (at least 2 where the graph holds more than one call, so that no call follows itself on its own inputs),
+    calls for graph_ms of GPU time by guess_ms() a call (asked only when graph_ms > 0); 64 at most."""
+    needed = min(64, -(-3 * l2 // nbytes))
+    calls = needed if graph_ms <= 0 else max(needed, min(64, math.ceil(graph_ms / guess_ms())))
+    return calls, max(needed, min(2, calls))
+
+
 def gpu_ms(make, args, nbytes, graph_ms):
     """Median GPU ms of one call of make(*args)(), replayed from a CUDA graph of calls over rotated input
     copies: enough copies for 3 x L2 of inputs (at most 64: a call moving under 3 x L2 / 64, about 2.5 MB on
     an H100, may still find some of its inputs in L2), and enough calls for graph_ms of GPU time."""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    needed = min(64, -(-3 * l2 // nbytes))
-    calls = needed if graph_ms <= 0 else max(needed, min(64, math.ceil(graph_ms / eager_ms(make(*args)))))
-    n_copies = max(needed, min(2, calls))  # two at least where a call follows a call: not its own inputs again
+    calls, n_copies = graph_plan(nbytes, l2, graph_ms, lambda: eager_ms(make(*args)))
     copies = [args] + [tuple(t.clone() for t in args) for _ in range(n_copies - 1)]
     fns = [make(*copies[i % n_copies]) for i in range(calls)]
     side = torch.cuda.Stream()
