@@ -52,17 +52,17 @@ class Config:
     reset_at_eot: bool = False  # zero the memory at each end-of-text token (datasets of documents, e.g. data/hf)
     # --- model ---
     model: str = "sqrll"  # "sqrll" (SqrLLM) or "gpt" (the Transformer baseline of sqrllm/gpt.py)
-    n_layer: int = 4  # sqrll layers (attention layers for model="gpt"), each followed by MLPs per mlp_every
+    n_layer: int = 4  # sqrll layers, followed by MLPs per mlp_every (model="gpt": attention layers, each with an MLP)
     n_head: int = 6  # attention heads, for model="gpt"
     n_embd: int = 256  # model width
     n_mem: int = 0  # memory width of each sqrll layer; 0 = n_embd
     n_ffn: int = 0  # hidden width of the gated MLP; 0 = 2 * n_embd
-    mlp_every: int = 1  # a gated MLP block after every N-th sqrll layer; 0 = no MLP
+    mlp_every: int = 1  # a gated MLP block after every N-th sqrll layer; 0 = no MLP (model="gpt" ignores it)
     dropout: float = 0.0  # dropout on residual branches and embeddings
     drop_path: float = 0.0  # stochastic depth: a row skips a residual branch with this probability at the last block, 0 at the first
     zoneout: float = 0.0  # sqrll layers in training: a memory feature keeps its value at a step with this probability
     tie_weights: bool = True  # output head shares the token embedding
-    bias: bool = True  # biases in linear layers (the forget gate's bias is always on)
+    bias: bool = True  # biases in linear layers (a sqrll layer's gate projection keeps its four, the forget gate's among them)
     init: str = "scaled"  # "scaled" (residual outputs' std / sqrt(2 * blocks), by depth as in GPT-2) or "normal"
     init_std: float = 0.02  # std of the normal weight init
     forget_init: str = "spread"  # forget bias: "spread" (timescales 1..max_timescale) or "zero"
