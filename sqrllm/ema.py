@@ -58,7 +58,8 @@ class EMA:
 
 def ema_for_run(model, cfg, ckpt, notes):
     """The EMA `cfg` asks for (None with ema_decay 0), continued from `ckpt` (None, or the checkpoint
-    being resumed, whose raw weights `model` holds) where it holds an average; appends what it did to `notes`."""
+    being resumed, whose raw weights `model` holds) where it holds an average; appends what it did to `notes`.
+    With eval_only and ema_decay 0, `model` gets the checkpoint's average, what the run evaluated."""
     ema = EMA(model, cfg.ema_decay, cfg.ema_start) if cfg.ema_decay else None
     if ema:
         notes.append(f"EMA of the weights on (ema_decay {cfg.ema_decay}, averaging after step {cfg.ema_start}): "
@@ -66,6 +67,9 @@ def ema_for_run(model, cfg, ckpt, notes):
     if ckpt is not None and "model_raw" in ckpt:
         if ema:
             ema.load_state_dict(model, ckpt["model"])
+        elif cfg.eval_only:  # evaluate what the run evaluated and sample.py reads, not the raw weights
+            model.load_state_dict(ckpt["model"])
+            notes.append("evaluating the checkpoint's \"model\", the average of the weights")
         else:
             notes.append("ema_decay is 0 but the checkpoint holds an average: training goes on from its raw "
                          "weights and the average is dropped; pass the run's --ema_decay to keep it")

@@ -121,6 +121,18 @@ def test_val_loss_is_of_the_saved_average(data_dir, averaged, tmp_path):
     assert row["val_loss"] == last["val_loss"]
 
 
+def test_eval_only_without_ema_decay_evaluates_the_saved_average(data_dir, averaged, tmp_path, capsys):
+    """--eval_only evaluates the checkpoint's "model" (the average) even when the run's --ema_decay is
+    not given again, not the raw weights it would train on from."""
+    out, _ = averaged
+    again = tmp_path / "run"
+    shutil.copytree(out, again)
+    capsys.readouterr()
+    row = train(config(data_dir, again, "--init_from=resume", "--eval_only=true"))
+    assert row["val_loss"] == rows(out, "val_loss")[-1]["val_loss"]
+    assert "the average is dropped" not in capsys.readouterr().out
+
+
 def test_resume_with_ema_is_bitwise_exact(data_dir, averaged, tmp_path):
     ref_dir, ref = averaged
     out = tmp_path / "run"
