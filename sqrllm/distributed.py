@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sqrllm.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -43,15 +45,19 @@ def from_env():
 def setup(device):
     """Join the process group when started by torchrun; -> (Dist, the device this rank uses).
 
-    device: "cuda" or "cpu" as resolved from the config; "cuda" becomes cuda:LOCAL_RANK.
+    device: "cuda" or "cpu" as resolved from the config; "cuda" becomes cuda:LOCAL_RANK. ConfigError for
+    one named GPU, or more processes on this machine than it has GPUs.
     """
     d = from_env()
     if not d.enabled:
         return d, device
     if device.startswith("cuda"):
         if device != "cuda":
-            raise ValueError(f"device={device!r} names one GPU, but torchrun started {d.world_size} processes; "
-                             "use --device=cuda (each process takes the GPU of its LOCAL_RANK)")
+            raise ConfigError(f"device={device!r} names one GPU, but torchrun started {d.world_size} processes; "
+                              "use --device=cuda (each process takes the GPU of its LOCAL_RANK)")
+        if d.local_rank >= (count := torch.cuda.device_count()):
+            raise ConfigError(f"torchrun started process LOCAL_RANK={d.local_rank} on a machine with {count} "
+                              f"CUDA device(s); pass --nproc_per_node={count} (one process per GPU)")
         device = f"cuda:{d.local_rank}"
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=torch.device(device))

@@ -97,3 +97,27 @@ def test_two_gloo_ranks_match_one_process(data_dir, tmp_path):
     for a, b in zip(ckpt_two["state"], ckpt_one["state"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert len(ckpt_two["ranks"]) == 2
+
+
+@pytest.mark.parametrize("device, local_rank, message", [
+    ("cuda:1", 0, "device='cuda:1' names one GPU, but torchrun started 2 processes; use --device=cuda"),
+    ("cuda", 1, "torchrun started process LOCAL_RANK=1 on a machine with 1 CUDA device(s); pass --nproc_per_node=1"),
+])
+def test_torchrun_on_gpus_it_cannot_have_is_one_error_line(data_dir, tmp_path, monkeypatch, capsys, device,
+                                                           local_rank, message):
+    """A GPU named under torchrun, or more processes than the machine has GPUs: train.py exits with status 1
+    and one error line naming the fix (not a traceback), before out_dir is made."""
+    from sqrllm import config
+
+    monkeypatch.setattr(config, "pick_device", lambda name: name)  # as on a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for var, value in (("RANK", local_rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", 2)):
+        monkeypatch.setenv(var, str(value))
+    monkeypatch.syspath_prepend(str(ROOT))
+    import train as train_py
+
+    out = tmp_path / "run"
+    assert train_py.main([*args(data_dir, out, 4), f"--device={device}", "--dtype=float32"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not out.exists()
