@@ -268,7 +268,8 @@ def _train(cfg, launched, ending):
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, chosen in zip(optimizer.param_groups, ours):  # the config's, as config.json records them
             group.update(chosen)
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty from a run that was not float16: a float16 resume starts a fresh scale
+            scaler.load_state_dict(ckpt["scaler"])
         step, best_val, tokens_seen = ckpt["step"], ckpt["best_val"], ckpt["tokens_seen"]
         own = ckpt["ranks"][dd.rank] if "ranks" in ckpt and not changed else ckpt  # this rank's cursor, RNG, sums
         if changed:

@@ -273,6 +273,17 @@ def test_resume_applies_changed_optimizer_settings(data_dir, tmp_path):
         ((0.9, 0.95), 0.5), ((0.9, 0.95), 0.0)]
 
 
+@pytest.mark.parametrize("before, after", [("float32", "float16"), ("float16", "float32")])
+def test_resume_may_switch_to_or_from_float16(data_dir, tmp_path, before, after):
+    """dtype is not part of the model's shape: a bfloat16 (or float32) run goes on in float16, whose
+    gradient scaler starts afresh, and a float16 run goes on without one."""
+    out = tmp_path / "run"
+    train(tiny_config(data_dir, out, "--max_iters=5", "--device=cpu", f"--dtype={before}"))
+    train(tiny_config(data_dir, out, "--max_iters=10", "--device=cpu", f"--dtype={after}", "--init_from=resume"))
+    saved = checkpoint.load(out)
+    assert saved["step"] == 10 and bool(saved["scaler"]) == (after == "float16")
+
+
 def test_resume_refuses_another_model_shape(data_dir, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(data_dir, out, "--max_iters=5"))
