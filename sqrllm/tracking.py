@@ -25,7 +25,8 @@ SAMPLE_PARAMS = SamplingParams(temperature=0.8, top_k=200)
 class WandbRun:
     """A wandb run, or nothing at all (wandb_log=False, or a rank other than 0): every method is a no-op.
 
-    Made before anything is written (it checks that wandb is installed); `start` opens the run.
+    Made before anything is written (it checks that wandb is installed and, unless offline, logged in);
+    `start` opens the run.
     """
 
     def __init__(self, cfg, enabled=True):
@@ -37,11 +38,20 @@ class WandbRun:
         except ImportError:
             raise ConfigError("wandb_log=True needs the wandb package: pip install 'sqrllm[wandb]' "
                               "(or set wandb_log=False)") from None
+        if wandb.setup().settings.mode not in ("offline", "dryrun", "disabled"):
+            try:  # as wandb.init would, but before out_dir is written (in a terminal: asks for the key)
+                wandb.login(verify=False)
+            except wandb.errors.UsageError as e:
+                raise ConfigError(f"wandb_log=True but wandb cannot log in ({e}); run `wandb login` or set "
+                                  "WANDB_API_KEY, or log offline with WANDB_MODE=offline (or set wandb_log=False)"
+                                  ) from None
         self.wandb = wandb
 
-    def start(self, out_dir, run_id=None, meta=None, data_folder=None):
-        """Open the run in out_dir/wandb; run_id (from a checkpoint) continues that run."""
+    def start(self, out_dir, run_id=None, meta=None, data_folder=None, samples=None):
+        """Open the run in out_dir/wandb; run_id and samples ([step, text] rows), from a checkpoint,
+        continue that run and its table of samples."""
         self.id, self.meta, self.data_folder = run_id, meta, data_folder
+        self.samples = [[int(step), text] for step, text in samples or []]
         if self.wandb is None:
             return
         cfg = self.cfg

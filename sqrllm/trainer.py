@@ -296,7 +296,8 @@ def _train(cfg, launched, ending):
     if ckpt is None:
         set_aside_previous_run(out_dir, data_folder, meta, dd, device, warn)
     metrics = Metrics(out_dir / "metrics.jsonl" if writes else None)
-    wandb_run.start(out_dir, ckpt and ckpt.get("wandb_run_id"), meta, data_folder)
+    wandb_run.start(out_dir, ckpt and ckpt.get("wandb_run_id"), meta, data_folder,
+                    ckpt and ckpt.get("wandb_samples"))
     ending.push(wandb_run.close)
     if ckpt is not None and writes and (dropped := metrics.drop_after(step)):
         notes.append(f"dropped {dropped} metrics.jsonl rows past step {step} (a run that went on beyond it)")
@@ -345,7 +346,8 @@ def _train(cfg, launched, ending):
             **({"model_raw": model.state_dict()} if ema else {}),  # sample.py and export read "model"
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "config": cfg.to_dict(), "vocab_size": meta["vocab_size"],
-            "wandb_run_id": wandb_run.id,  # a resumed run continues this wandb run
+            "wandb_run_id": wandb_run.id,  # a resumed run continues this wandb run, and its table of samples
+            "wandb_samples": [s for s in wandb_run.samples if s[0] <= run["step"]],
             "tokenizer": meta["tokenizer"], "world_size": dd.world_size, "train_tokens": len(train_tokens),
             "step": run["step"],
             "best_val": run["best_val"], "tokens_seen": run["tokens_seen"], **own,

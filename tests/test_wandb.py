@@ -119,6 +119,9 @@ def test_offline_run_holds_config_metrics_and_samples_and_resume_reuses_the_id(t
     assert len(runs) == 2 and runs[1].name.endswith(f"-{run_id}")
     rows, _ = history(runs[1])
     assert {25, 30} <= set(rows) and min(rows) > 20 and "val_loss" in rows[30]
+    # the table of samples holds the samples of before the resume too ("all samples so far")
+    tables = sorted((runs[1] / "files" / "media" / "table").glob("samples_*.table.json"))
+    assert [r[0] for r in json.loads(tables[-1].read_text())["data"]] == [10, 20, 30]
 
 
 def test_without_wandb_the_error_says_how_to_install(tiny_data, tmp_path, monkeypatch):
@@ -134,6 +137,20 @@ def test_without_wandb_the_error_says_how_to_install(tiny_data, tmp_path, monkey
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ConfigError, match=r"pip install 'sqrllm\[wandb\]'"):
         train(tiny(tiny_data, tmp_path / "run", "--max_iters=2"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_without_a_login_the_error_says_how_and_nothing_is_written(tiny_data, tmp_path, monkeypatch):
+    """Online, with no API key: one error naming `wandb login` and offline mode, before out_dir is made."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no.netrc"))
+    wandb.teardown()  # wandb reads its mode from the environment when it is set up
+    try:
+        with pytest.raises(ConfigError, match=r"wandb cannot log in .*run `wandb login` .*WANDB_MODE=offline"):
+            train(tiny(tiny_data, tmp_path / "run", "--max_iters=2"))
+    finally:
+        wandb.teardown()
     assert not (tmp_path / "run").exists()
 
 
