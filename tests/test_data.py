@@ -1,6 +1,9 @@
 """Token files, prepare scripts and batching."""
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,8 @@ from sqrllm import prepare
 from sqrllm.data import DataError, RandomBatches, StreamBatches, read_tokens, write_tokens
 from sqrllm.prepare import prepare_text
 from sqrllm.tokenizer import ByteTokenizer, CharTokenizer, StreamDecoder
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_token_file_round_trip(tmp_path):
@@ -282,3 +287,12 @@ def test_folders_are_walked_without_their_hidden_files(tmp_path):
     (tmp_path / "notes" / ".DS_Store").write_bytes(b"\x00\x01")
     text, files, _ = prepare.read_text_inputs([tmp_path / "notes"])
     assert text == "kept\n" and files == [tmp_path / "notes" / "a.txt"]
+
+
+def test_builtin_prepare_answers_help_without_preparing(tmp_path):
+    """`python data/builtin/prepare.py --help` prints its usage and writes nothing (it has no options)."""
+    script = tmp_path / "prepare.py"  # it prepares into its own folder: a copy prepares into tmp_path
+    shutil.copy(ROOT / "data" / "builtin" / "prepare.py", script)
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage:")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepare.py"]
