@@ -65,16 +65,16 @@ def eager_ms(fn):
 def graph_plan(nbytes, l2, graph_ms, guess_ms):
     """(calls, input copies) for a timed graph of a call moving nbytes: copies for 3 x l2 bytes of inputs
     (at least 2 where the graph holds more than one call, so that no call follows itself on its own inputs),
-    calls for graph_ms of GPU time by guess_ms() a call (asked only when graph_ms > 0); 64 at most."""
+    calls for graph_ms of GPU time by guess_ms() a call (asked only when graph_ms > 0); 64 at most of each
+    (a call moving under 3 x L2 / 64, about 2.5 MB on an H100, may still find some of its inputs in L2)."""
     needed = min(64, -(-3 * l2 // nbytes))
     calls = needed if graph_ms <= 0 else max(needed, min(64, math.ceil(graph_ms / guess_ms())))
     return calls, max(needed, min(2, calls))
 
 
 def gpu_ms(make, args, nbytes, graph_ms):
-    """Median GPU ms of one call of make(*args)(), replayed from a CUDA graph of calls over rotated input
-    copies: enough copies for 3 x L2 of inputs (at most 64: a call moving under 3 x L2 / 64, about 2.5 MB on
-    an H100, may still find some of its inputs in L2), and enough calls for graph_ms of GPU time."""
+    """Median GPU ms of one call of make(*args)(), replayed from a CUDA graph of graph_plan's calls over its
+    input copies in turn."""
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     calls, n_copies = graph_plan(nbytes, l2, graph_ms, lambda: eager_ms(make(*args)))
     copies = [args] + [tuple(t.clone() for t in args) for _ in range(n_copies - 1)]

@@ -62,7 +62,7 @@ class Config:
     drop_path: float = 0.0  # stochastic depth: a row skips a residual branch with this probability at the last block, 0 at the first
     zoneout: float = 0.0  # sqrll layers in training: a memory feature keeps its value at a step with this probability
     tie_weights: bool = True  # output head shares the token embedding
-    bias: bool = True  # biases in linear layers (a sqrll layer's gate projection keeps its four, the forget gate's among them)
+    bias: bool = True  # biases in linear layers (a sqrll layer's four gate biases, forget gate's included, stay on)
     init: str = "scaled"  # "scaled" (residual outputs' std / sqrt(2 * blocks), by depth as in GPT-2) or "normal"
     init_std: float = 0.02  # std of the normal weight init
     forget_init: str = "spread"  # forget bias: "spread" (timescales 1..max_timescale) or "zero"
