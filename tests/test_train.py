@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,22 @@ def test_training_lowers_loss_and_writes_outputs(data_dir, tmp_path):
     ckpt = checkpoint.load(out / "ckpt.pt")
     assert ckpt["step"] == 60 and ckpt["config"]["n_layer"] == 2 and len(ckpt["state"]) == 2
     assert result["step"] == 60
+
+
+def test_tokens_per_second_leaves_out_the_evaluations(data_dir, tmp_path, monkeypatch):
+    import sqrllm.trainer as trainer
+
+    def slow_evaluate(*args, **kwargs):  # an evaluation far longer than the steps between logs
+        time.sleep(1.0)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
+    out = tmp_path / "run"
+    train(tiny_config(data_dir, out, "--max_iters=12", "--log_interval=4", "--eval_interval=4", "--eval_max_tokens=512"))
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    for r in rows[1:]:  # the intervals after an evaluation: 4 steps of a tiny model, well under the 1 s sleep
+        assert 4 * 8 * 32 / r["tok_per_s"] < 0.8, r
 
 
 def test_eval_block_size_sets_the_windows_of_the_reset_val_loss(data_dir, tmp_path):
