@@ -64,12 +64,18 @@ def staged(out_dir):
     """A fresh folder inside out_dir (.stage-*) to prepare a dataset in, whose files replace out_dir's
     only once all are written (meta.json last); a preparation that fails leaves out_dir as it was. Outputs of an
     earlier preparation that the new one lacks (more shards, a tokenizer model) are removed then;
-    other files (prepare.py, a downloaded input.txt) stay."""
+    other files (prepare.py, a downloaded input.txt) stay. The folder's name holds the host and process id, so
+    that the next preparation there removes what a killed one left (never a living one's)."""
     out_dir = Path(out_dir)
     made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", platform.node())
+    for old in out_dir.glob(f".stage-{host}-*-*"):  # left by a preparation killed on this host
+        pid = old.name[len(f".stage-{host}-"):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
     # inside out_dir: on its file system, whatever links lead there (a rename cannot cross file systems)
-    stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out_dir))
+    stage = Path(tempfile.mkdtemp(prefix=f".stage-{host}-{os.getpid()}-", dir=out_dir))
     try:
         try:
             yield stage
@@ -85,6 +91,17 @@ def staged(out_dir):
                 f.unlink()
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _alive(pid):
+    """Whether a process pid runs on this host (one of another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def _write_dataset(out_dir, tokenizer, splits, source):

@@ -279,6 +279,31 @@ def test_prepare_into_a_link_to_another_file_system(tmp_path):
         shutil.rmtree(target)
 
 
+def test_a_preparation_removes_what_a_killed_one_left(tmp_path):
+    import os
+    import platform
+    import re
+    import subprocess
+    import sys
+
+    (tmp_path / "in.txt").write_text("to be or not to be\n" * 200)
+    out = tmp_path / "ds"
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()  # its pid is now free
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", platform.node())
+    left = {name: out / f".stage-{name}" for name in
+            (f"{host}-{killed.pid}-ab12", f"{host}-{os.getpid()}-cd34", f"elsewhere-{killed.pid}-ef56")}
+    for stage in left.values():
+        stage.mkdir(parents=True)
+        (stage / "train.bin").write_bytes(b"\0" * 1000)
+    prepare_text(out, [tmp_path / "in.txt"], level="byte")
+    assert not left[f"{host}-{killed.pid}-ab12"].exists()  # its process is gone
+    assert left[f"{host}-{os.getpid()}-cd34"].exists()  # a running preparation's
+    assert left[f"elsewhere-{killed.pid}-ef56"].exists()  # another host's: its process cannot be asked
+    assert sorted(p.name for p in out.glob(".stage-*")) == sorted(p.name for p in list(left.values())[1:])
+
+
 def test_folders_are_walked_without_their_hidden_files(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("kept\n")
