@@ -58,7 +58,8 @@ def test_tokens_per_second_leaves_out_the_evaluations(data_dir, tmp_path, monkey
 
     monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
     out = tmp_path / "run"
-    train(tiny_config(data_dir, out, "--max_iters=12", "--log_interval=4", "--eval_interval=4", "--eval_max_tokens=512"))
+    train(tiny_config(data_dir, out, "--max_iters=12", "--log_interval=4", "--eval_interval=4",
+                      "--eval_max_tokens=512"))
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [4, 8, 12]
     for r in rows[1:]:  # the intervals after an evaluation: 4 steps of a tiny model, well under the 1 s sleep
