@@ -16,8 +16,8 @@ A training run's out_dir holds its last `keep_checkpoints` checkpoints and a poi
 A run started afresh (not --init_from=resume) in an out_dir holding another run's files first moves
 those into out_dir/previous-<UTC time> (`archive_run`), so that nothing is lost or mixed.
 
-Loading a file that latest.json lists (ckpt.pt included, through its link or as a copy) checks its
-size and sha256, so a truncated or corrupted file is an error naming it; `load_latest` falls back to the
+Loading a file that latest.json lists (ckpt.pt included, through its link) checks its size and
+sha256, so a truncated or corrupted file is an error naming it; `load_latest` falls back to the
 newest intact checkpoint with a warning.
 """
 
@@ -209,23 +209,13 @@ def _sha256(path):
 
 
 def _listed_entry(path):
-    """The latest.json entry recorded for `path` (by name, or the file ckpt.pt links to), or None. A ckpt.pt
-    that is a copy (where links fail) gets the listed entry of its sha256, else one of its size (which it
-    then fails as corrupt), else None (not checked, as a link to an unlisted file is not). A save stopped
-    between listing the new checkpoint and copying it leaves a copy of the one before, listed unless
-    keep_checkpoints is 1."""
+    """The latest.json entry recorded for `path` (by name, or the file ckpt.pt links to), or None."""
     entries = read_pointer(path.parent) or []
     for e in entries:
         listed = path.parent / e["file"]
         if e["file"] == path.name or (path.name == NEWEST and listed.is_file() and os.path.samefile(listed, path)):
             return e
-    if path.name != NEWEST:
-        return None
-    sized = [e for e in entries if e["bytes"] == path.stat().st_size]
-    if not sized:
-        return None
-    digest = _sha256(path)
-    return next((e for e in sized if e["sha256"] == digest), sized[0])
+    return None
 
 
 def _verify(path, entry):
