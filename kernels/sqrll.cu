@@ -63,11 +63,10 @@
 #else
 #define COPY_PREFETCH ""
 #endif
-#define STORE_OP "st.global" STORE_CS_Q
 #if STORE_CS
-#define STORE_CS_Q ".cs"
+#define STORE_OP "st.global.cs"
 #else
-#define STORE_CS_Q ""
+#define STORE_OP "st.global"
 #endif
 
 // Storage types (float, f16_t, bf16_t) and to_f32 / from_f32: kernels/storage.cuh, which

@@ -69,10 +69,10 @@ def staged(out_dir):
     out_dir = Path(out_dir)
     made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    host = re.sub(r"[^A-Za-z0-9_.]", "_", platform.node())
-    for old in out_dir.glob(f".stage-{host}-*-*"):  # left by a preparation killed on this host
-        pid = old.name[len(f".stage-{host}-"):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    host = stage_host()
+    for old in out_dir.glob(f".stage-{host}-*"):  # left by a preparation killed on this host
+        pid = re.fullmatch(rf"\.stage-{re.escape(host)}-(\d+)-.*", old.name)
+        if pid and not _alive(int(pid[1])):
             shutil.rmtree(old, ignore_errors=True)
     # inside out_dir: on its file system, whatever links lead there (a rename cannot cross file systems)
     stage = Path(tempfile.mkdtemp(prefix=f".stage-{host}-{os.getpid()}-", dir=out_dir))
@@ -91,6 +91,11 @@ def staged(out_dir):
                 f.unlink()
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def stage_host():
+    """This host's name as `staged` puts it in a staging folder's name (.stage-<host>-<pid>-*)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", platform.node())
 
 
 def _alive(pid):

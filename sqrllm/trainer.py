@@ -411,7 +411,6 @@ def _train(cfg, launched, ending):
     guard = cfg.max_bad_steps > 0
     bad_in_a_row, good = 0, None  # good: the run_state after the last good step
     last_log, last_tokens = time.time(), tokens_seen
-    paused = 0.0  # seconds of evaluation since last_log: not training, so not in tok/s
     last_eval_row = None
     # the bar on a terminal; into a file or a pipe, a line per log_interval instead of the bar's redraws
     bar_on = cfg.progress and dd.is_main and sys.stderr.isatty()
@@ -501,7 +500,7 @@ def _train(cfg, launched, ending):
                 if (step % cfg.log_interval == 0 or step == cfg.max_iters or out_of_time) and loss_n:
                     train_loss = distributed.mean(loss_sum / loss_n).item()  # waits for the device
                     now = time.time()
-                    tok_s = (tokens_seen - last_tokens) / max(now - last_log - paused, 1e-9)
+                    tok_s = (tokens_seen - last_tokens) / max(now - last_log, 1e-9)
                     perf = {"tok_per_s": tok_s, "mfu": mfu(flops_tok, tok_s, peak, dd.world_size),
                             "mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                             "grad_norm": grad_norm.item()}
@@ -515,11 +514,11 @@ def _train(cfg, launched, ending):
                     if not math.isfinite(train_loss):
                         raise RunStopped(f"training loss became {train_loss} at step {step}; lower learning_rate "
                                          "or raise warmup_iters (max_bad_steps > 0 skips such steps)", EXIT_DIVERGED)
-                    last_log, last_tokens, loss_sum, loss_n, paused = now, tokens_seen, 0.0, 0, 0.0
+                    last_log, last_tokens, loss_sum, loss_n = now, tokens_seen, 0.0, 0
                 if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_iters or out_of_time:
                     eval_start = time.time()
                     last_eval_row = run_eval(save=bad_in_a_row == 0)
-                    paused += time.time() - eval_start
+                    last_log += time.time() - eval_start  # not training: left out of the next tok/s
                     if bad_in_a_row and (step == cfg.max_iters or out_of_time) and saved_step != good["step"]:
                         path = save_checkpoint(good)  # the run ends in skipped steps: what it learned before stays
                         if dd.is_main:

@@ -1,6 +1,7 @@
 """Token files, prepare scripts and batching."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -260,7 +261,6 @@ def test_sentencepiece_training_reads_no_more_than_max_bytes(tmp_path):
 def test_prepare_into_a_link_to_another_file_system(tmp_path):
     """The dataset is staged on the file system it ends on (a rename cannot cross file systems), and a
     second preparation replaces the first there."""
-    import shutil
     import tempfile
 
     shm = Path("/dev/shm")
@@ -280,18 +280,12 @@ def test_prepare_into_a_link_to_another_file_system(tmp_path):
 
 
 def test_a_preparation_removes_what_a_killed_one_left(tmp_path):
-    import os
-    import platform
-    import re
-    import subprocess
-    import sys
-
     (tmp_path / "in.txt").write_text("to be or not to be\n" * 200)
     out = tmp_path / "ds"
     killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     killed.kill()
     killed.wait()  # its pid is now free
-    host = re.sub(r"[^A-Za-z0-9_.]", "_", platform.node())
+    host = prepare.stage_host()
     left = {name: out / f".stage-{name}" for name in
             (f"{host}-{killed.pid}-ab12", f"{host}-{os.getpid()}-cd34", f"elsewhere-{killed.pid}-ef56")}
     for stage in left.values():
