@@ -57,7 +57,10 @@ CHUNK_MIN_COLS = 8
 # three tile buffers (57-60% against 66%) and beat it with two (forward 65.6-67.8% against 65.9-66.4%,
 # forward+backward 72.2-75.3% against 69.2-69.9%, four runs over two sessions; docs/benchmarks.md)
 STREAM_MAX_BLOCKS = 40
-STREAM_MAX_ROWS = 12  # stream mode: rows a thread owns per tile, at most (shared memory permitting)
+# stream mode: rows a thread owns per tile, at most (shared memory permitting). 13 forward is what fits
+# beside the maps in an H100's or H200's 227 KB, spill-free; 13 for 12 took (1, 131072, 256) bf16 forward
+# from 78.8-83.0% of copy to 82.2-83.3% on one H100 (docs/benchmarks.md)
+STREAM_MAX_ROWS = 13
 STREAM_MIN_FILL = 0.9  # stream mode: the least share of the multiprocessors its grid may use
 STREAM_BUFFERS = 2  # stream mode's tile buffers, as scan_stream in the .cu has them
 
