@@ -6,7 +6,8 @@ For each (batch x length) cell of scripts/bench_lstm.py's setting (one layer of 
 strict), times the QRNN's inference and training calls as CUDA graphs under every variant, beside
 cuDNN's LSTM timed in the same run, and prints how far each variant's outputs and input gradient
 are from the default's. A variant sets .cu macros (QNT, QMAX_SEG, QSEG_U, QU, QU_BWD), sqrllm.cuda_layers's
-min_threads / seg_steps and QRNN.FOLD_BIAS (fold_bias=0: cuBLAS adds the bias), e.g.
+min_threads / seg_steps, QRNN.FOLD_BIAS (fold_bias=0: cuBLAS adds the bias) and QRNN.SIDE_WGRAD
+(side_wgrad=1: the weight gradient on a side stream beside the input gradient), e.g.
 `seg8:QMAX_SEG=8,QSEG_U=16`. --profile prints, per cell, the GPU
 kernels of one eager call of each mode under torch.profiler, microseconds each. --gemm times the
 layer's input projection alone: with the weight as stored (F.linear: x @ W^T), held transposed, and
@@ -29,7 +30,7 @@ from sqrllm.qrnn import QRNN  # noqa: E402
 
 DEFAULTS = {"QNT": cuda_layers.QRNN_THREADS, "QMAX_SEG": cuda_layers.QRNN_MAX_SEG,
             "min_threads": cuda_layers.QRNN_MIN_THREADS, "seg_steps": cuda_layers.QRNN_SEG_STEPS,
-            "fold_bias": int(QRNN.FOLD_BIAS)}
+            "fold_bias": int(QRNN.FOLD_BIAS), "side_wgrad": int(QRNN.SIDE_WGRAD)}
 
 
 def apply(settings):
@@ -50,6 +51,7 @@ def apply(settings):
     cuda_layers.QRNN_MIN_THREADS = int(settings.get("min_threads", DEFAULTS["min_threads"]))
     cuda_layers.QRNN_SEG_STEPS = int(settings.get("seg_steps", DEFAULTS["seg_steps"]))
     QRNN.FOLD_BIAS = bool(int(settings.get("fold_bias", DEFAULTS["fold_bias"])))
+    QRNN.SIDE_WGRAD = bool(int(settings.get("side_wgrad", DEFAULTS["side_wgrad"])))
 
 
 def parse_variant(text):

@@ -98,6 +98,39 @@ class _FusedPool(torch.autograd.Function):
         return dg, dbias, dc0, None, None, None, None, None
 
 
+class _SideProjection(torch.autograd.Function):
+    """F.linear(x, w) without a bias, x (.., I) and w (G, I) -> (.., G), whose backward computes the
+    weight's gradient on a side stream beside the input's on the current one: the two matrix
+    multiplies are independent, and each alone can leave multiprocessors idle (few output tiles).
+    Off by default (QRNN.SIDE_WGRAD) until measured; on the CPU it is plain F.linear's math."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, dg):
+        x, w = ctx.saved_tensors
+        want_x, want_w = ctx.needs_input_grad
+        dg_rows, x_rows = dg.reshape(-1, dg.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, G), (N, I)
+        if not (dg.is_cuda and want_w) or torch.is_grad_enabled():  # one stream; create_graph differentiable
+            return dg @ w if want_x else None, dg_rows.t() @ x_rows if want_w else None
+        main, side = torch.cuda.current_stream(), _side_stream(dg.device)
+        dw = torch.empty_like(w)  # allocated for the current stream, which waits for the side one below
+        side.wait_stream(main)  # dg is ready
+        with torch.cuda.stream(side):
+            torch.mm(dg_rows.t(), x_rows, out=dw)  # (G, I)
+        dx = dg @ w if want_x else None
+        main.wait_stream(side)  # before anything on this stream reads dw or reuses dg's and x's memory
+        return dx, dw
+
+
+@functools.cache
+def _side_stream(device):
+    return torch.cuda.Stream(device)
+
+
 def _pool_ref(g, bias, c0, H, gates, reverse, s, td):
     """_FusedPool's forward as torch ops (kernels/qrnn.cu's twin): gates [z | f | o] of g (.., gates * H)
     plus bias, f scaled by s -> (h (.., H), the last c (B, H))."""
@@ -394,7 +427,11 @@ class QRNN(nn.Module):
         H = self.hidden_size
         if self._fuse(x, keep, td):
             fold = self.FOLD_BIAS and b is not None
-            g = F.linear(x, w, None if fold else b)  # (.., gates * H)
+            if self.SIDE_WGRAD and (fold or b is None) and w.requires_grad and torch.is_grad_enabled() \
+                    and not torch.is_autocast_enabled("cuda"):
+                g = _SideProjection.apply(x, w)  # (.., gates * H)
+            else:
+                g = F.linear(x, w, None if fold else b)  # (.., gates * H)
             b = b.float().contiguous() if fold else None
             s = 1 - self.zoneout if self.zoneout else 1.0  # eval: f times its expectation
             c0 = None if h0 is None else h0.to(g.dtype).contiguous()
@@ -434,6 +471,9 @@ class QRNN(nn.Module):
     # The fused kernel adds the bias (and sums its gradient as it walks) rather than cuBLAS's epilogue
     # and a column reduction; False is the unfolded way, kept for scripts/qrnn_variants.py to compare.
     FOLD_BIAS = True
+    # The backward's weight gradient on a side stream beside the input gradient (_SideProjection);
+    # off until scripts/qrnn_variants.py (side_wgrad=1) measures it against one stream.
+    SIDE_WGRAD = False
 
     def _fuse(self, x, keep, td):
         T, BH = x.shape[td], x.shape[1 - td] * self.hidden_size

@@ -737,6 +737,54 @@ def test_graphed_layer_matches_eager(fused_calls):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_side_projection_is_a_linear_map_and_its_gradients():
+    """_SideProjection (QRNN.SIDE_WGRAD's matrix multiply) is F.linear(x, w) without a bias, its
+    gradients those of that map, to second order (its one-stream backward, which the CPU and
+    create_graph take)."""
+    from sqrllm.qrnn import _SideProjection
+
+    torch.manual_seed(17)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_SideProjection.apply(x, w), F.linear(x, w), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(_SideProjection.apply, (x, w))
+    assert torch.autograd.gradgradcheck(_SideProjection.apply, (x, w))
+    dw, = torch.autograd.grad(_SideProjection.apply(x.detach(), w).sum(), [w])  # x takes no gradient
+    torch.testing.assert_close(dw, x.detach().reshape(-1, 4).sum(0).expand(6, 4))
+
+
+@pytest.mark.gpu
+@cuda
+def test_weight_gradient_on_a_side_stream_matches_one_stream(monkeypatch, fused_calls):
+    """With SIDE_WGRAD the backward computes each weight's gradient on a side stream: outputs and
+    every gradient match the one-stream layer's, eagerly (gradients accumulating over two calls, as
+    in a training step) and replayed from CUDA graphs."""
+    from sqrllm import qrnn
+
+    torch.manual_seed(18)
+    m = QRNN(32, 48, num_layers=2, window=2, bidirectional=True).cuda()
+    x = torch.randn(40, 6, 32, device="cuda", requires_grad=True)
+    gy = torch.randn(40, 6, 96, device="cuda")
+    want = _results(m, x, gy)
+    sides = []
+    apply = qrnn._SideProjection.apply
+    monkeypatch.setattr(qrnn._SideProjection, "apply", lambda *a: sides.append(1) or apply(*a))
+    monkeypatch.setattr(QRNN, "SIDE_WGRAD", True)
+    got = _results(m, x, gy)
+    assert len(sides) == 4  # two layers x two directions took the side stream
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < RTOL[torch.float32]
+    m.zero_grad()
+    for _ in range(2):
+        m(x)[0].backward(gy)
+    for i, (name, p) in enumerate(m.named_parameters()):  # want: output, h_n, x's gradient, then these
+        assert rel_err(p.grad, 2 * want[3 + i]) < RTOL[torch.float32], name
+    graphed = torch.cuda.make_graphed_callables(m, (x,))
+    for _ in range(2):
+        for a, b in zip(_results(graphed, x, gy), want):
+            assert rel_err(a, b) < RTOL[torch.float32]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda])])
 def test_compiled_layer_matches_eager(device, fused_calls):
     """torch.compile traces a layer (the general path, its scan a custom op) without errors, and
