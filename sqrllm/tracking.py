@@ -56,8 +56,13 @@ class WandbRun:
             return
         cfg = self.cfg
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        self.run = self.wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, id=run_id,
-                                   resume="allow", dir=str(out_dir), config=cfg.to_dict())
+        try:
+            self.run = self.wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, id=run_id,
+                                       resume="allow", dir=str(out_dir), config=cfg.to_dict())
+        except self.wandb.errors.Error as e:  # online: its server unreachable, the project not writable, ...
+            raise ConfigError(f"wandb could not start the run ({type(e).__name__}: {e}); nothing was trained. "
+                              "Check the network and the project's permissions, or log offline with "
+                              "WANDB_MODE=offline (`wandb sync` uploads it later), or set wandb_log=False") from None
         self.id = self.run.id
 
     def log(self, row):

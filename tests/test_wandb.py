@@ -173,3 +173,20 @@ def test_a_stopped_run_keeps_its_status_when_wandb_cannot_finish(tiny_data, tmp_
                    "--max_bad_steps=2"))
     assert stop.value.code == EXIT_DIVERGED
     assert "warning: could not finish the wandb run (TimeoutError: the upload did not finish)" in capsys.readouterr().err
+
+
+def test_when_wandb_cannot_start_the_run_the_error_says_how_and_a_rerun_goes_on(tiny_data, tmp_path, monkeypatch):
+    """wandb.init failing (online: a network timeout) is one error naming offline mode and wandb_log,
+    not a traceback; the out_dir is left free, so the next run (here without wandb) trains in it."""
+    out = tmp_path / "run"
+
+    def unreachable(*args, **kwargs):
+        raise wandb.errors.CommError("Run initialization has timed out after 90.0 sec.")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    with pytest.raises(ConfigError, match=r"wandb could not start the run \(CommError: Run initialization has "
+                                          r"timed out.*WANDB_MODE=offline.*wandb_log=False"):
+        train(tiny(tiny_data, out, "--max_iters=10"))
+    assert not (out / "ckpt.pt").exists()
+    train(tiny(tiny_data, out, "--max_iters=10", "--wandb_log=false"))
+    assert (out / "ckpt.pt").exists()
