@@ -44,30 +44,6 @@
 #ifndef FOLD
 #define FOLD 8  // per-feature steps: threads' maps read from shared memory at once (a power of two <= 8)
 #endif
-// Memory-system hints, off by default (for the benchmark's --define): PREFETCH = 64, 128 or 256 asks
-// the L2 to fetch that many bytes around each 16-byte copy's; EVICT_FIRST = 1 marks the copied inputs
-// first to leave the L2; STORE_CS = 1 stores the outputs as streaming (.cs) stores.
-#ifndef PREFETCH
-#define PREFETCH 0
-#endif
-#ifndef EVICT_FIRST
-#define EVICT_FIRST 0
-#endif
-#ifndef STORE_CS
-#define STORE_CS 0
-#endif
-#define SQRLL_STR2(x) #x
-#define SQRLL_STR(x) SQRLL_STR2(x)
-#if PREFETCH
-#define COPY_PREFETCH ".L2::" SQRLL_STR(PREFETCH) "B"
-#else
-#define COPY_PREFETCH ""
-#endif
-#if STORE_CS
-#define STORE_OP "st.global.cs"
-#else
-#define STORE_OP "st.global"
-#endif
 
 // Storage types (float, f16_t, bf16_t) and to_f32 / from_f32: kernels/storage.cuh, which
 // sqrllm/cuda.py puts in front of this file.
@@ -124,9 +100,9 @@ template <typename S, int V> __device__ __forceinline__ void store_vec(S* p, con
         if constexpr (W == 1)
             *(unsigned*)p = w[0];
         else if constexpr (W == 2)
-            asm volatile(STORE_OP ".v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]) : "memory");
+            asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w[0]), "r"(w[1]) : "memory");
         else
-            asm volatile(STORE_OP ".v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
+            asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
                          "r"(w[3])
                          : "memory");
     }
@@ -144,14 +120,8 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {
 template <int BYTES> __device__ __forceinline__ void copy_async(unsigned dst, const void* src) {
     if constexpr (BYTES == 2)
         asm volatile("st.shared.u16 [%0], %1;" ::"r"(dst), "h"(*(const unsigned short*)src) : "memory");
-    else if constexpr (BYTES == 16 && EVICT_FIRST) {
-        unsigned long long policy;
-        asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-        asm volatile("cp.async.cg.shared.global.L2::cache_hint" COPY_PREFETCH " [%0], [%1], 16, %2;" ::"r"(dst),
-                     "l"(src), "l"(policy)
-                     : "memory");
-    } else if constexpr (BYTES == 16)
-        asm volatile("cp.async.cg.shared.global" COPY_PREFETCH " [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+    else if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
     else
         asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(src), "n"(BYTES) : "memory");
 }
