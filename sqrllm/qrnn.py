@@ -427,11 +427,12 @@ class QRNN(nn.Module):
         H = self.hidden_size
         if self._fuse(x, keep, td):
             fold = self.FOLD_BIAS and b is not None
-            if self.SIDE_WGRAD and (fold or b is None) and w.requires_grad and torch.is_grad_enabled() \
+            linear_bias = None if fold else b
+            if self.SIDE_WGRAD and linear_bias is None and w.requires_grad and torch.is_grad_enabled() \
                     and not torch.is_autocast_enabled("cuda"):
                 g = _SideProjection.apply(x, w)  # (.., gates * H)
             else:
-                g = F.linear(x, w, None if fold else b)  # (.., gates * H)
+                g = F.linear(x, w, linear_bias)  # (.., gates * H)
             b = b.float().contiguous() if fold else None
             s = 1 - self.zoneout if self.zoneout else 1.0  # eval: f times its expectation
             c0 = None if h0 is None else h0.to(g.dtype).contiguous()
