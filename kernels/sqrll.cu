@@ -303,17 +303,17 @@ __device__ __forceinline__ long long position_at(long long bi, long long T, long
     return bi * T * C + (flip ? T - 1 - p0 : p0) * C + cv;
 }
 
-// Copy this thread's rows p0, p0 + 1, ... (LR of them, fewer where T ends) of a and r (backward: dy,
-// r one position back and y one position on, as scan positions run) into shared memory at sa, each
-// array ARR = LR * NT vectors after the one before and each row NT vectors after the one before.
+// Copy this thread's rows p0, p0 + 1, ... (the first `rows` of LR) of a and r (backward: dy, r one
+// position back and y one position on, as scan positions run) into shared memory at sa, each array
+// ARR = LR * NT vectors after the one before and each row NT vectors after the one before.
 // No commit. Returns the offset of row LR, where register rows go on.
 template <typename S, typename Raw, int LR, bool BWD>
 __device__ __forceinline__ long long copy_rows(const S* __restrict__ a, const S* __restrict__ r,
                                                const S* __restrict__ y, const S* __restrict__ h0, long long T,
                                                long long C, long long bi, long long cv, bool v_ok, int flip,
-                                               long long p0, unsigned sa) {
+                                               long long p0, long long rows, unsigned sa) {
     constexpr unsigned ROW = NT * sizeof(Raw), ARR = LR * ROW;
-    const long long rows = min((long long)LR, T - p0), step = flip ? -C : C;
+    const long long step = flip ? -C : C;
     long long at = position_at(bi, T, C, cv, flip, p0);  // row l's offset, stepped as l goes
 #pragma unroll
     for (int l = 0; l < LR; ++l, at += step, sa += ROW) {
@@ -445,7 +445,6 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
     // share p of that slot's look-back; p = 0 also does the slot's per-feature steps
     const int G = NT / CW, fs = tid / G, p = tid % G, GL = min(G, 32);
     const bool fs_ok = c0 + (long long)(fs % CT) * V < C, f_ok = p == 0 && fs_ok;
-    const long long Tc = (long long)TT * LR;
     const long long n = k0 < n_chunks ? (n_chunks - 1 - k0) / Gc + 1 : 0;  // this block's tiles
     const long long wstride = (long long)ncol * CW;  // from one tile's map words to the next's
     unsigned long long* const words = (unsigned long long*)nodes + (long long)col * CW + fs;
@@ -456,11 +455,20 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
     // tile's map; every thread, the map from the tile's start to its own first row
     float tAc = 1.f, tBc = 0.f, tAp = 1.f, tBp = 0.f, Pc[V], Qc[V], Pp[V], Qp[V];
 
-    auto first_position = [&](long long m) { return (k0 + m * Gc) * Tc + (long long)ty * LR; };
+    // The n_chunks tiles of a column split T evenly: tile k holds q + 1 positions if k < T % n_chunks,
+    // else q = T / n_chunks, at most TT * LR (the plan makes n_chunks a whole number of rounds, so that
+    // every block walks as many tiles). The threads take LR rows each from the tile's start, the last
+    // of them fewer or none.
+    const long long q = T / n_chunks, q_rem = T % n_chunks;
+    auto tile_start = [&](long long k) { return k * q + min(k, q_rem); };
+    auto first_position = [&](long long m) { return tile_start(k0 + m * Gc) + (long long)ty * LR; };
+    auto rows_at = [&](long long m) {  // this thread's rows of tile m
+        return max(0ll, min((long long)LR, tile_start(k0 + m * Gc + 1) - first_position(m)));
+    };
     auto buffer = [&](long long m) { return tile_in + (int)(m % BUFFERS) * ARRAYS * LR * NT + tid; };
     const unsigned slot0 = smem_u32(tile_in + tid);
     auto issue = [&](long long m) {  // tile m into its buffer (an empty group past the block's tiles)
-        if (m < n) copy_rows<S, Raw, LR, BWD>(a, r, y, h0, T, C, bi, cv, v_ok, flip, first_position(m),
+        if (m < n) copy_rows<S, Raw, LR, BWD>(a, r, y, h0, T, C, bi, cv, v_ok, flip, first_position(m), rows_at(m),
                                               slot0 + (unsigned)(m % BUFFERS) * ARRAYS * ARR);
         copy_async_commit();
     };
@@ -517,7 +525,7 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
         if (m < n) {  // fold tile m and publish its map
             copy_async_wait<1>();  // tile m; tile m + 1 stays in flight
             stream_trace_at(1, m);
-            const long long rows = min((long long)LR, T - first_position(m));
+            const long long rows = rows_at(m);
             const Raw* ra = buffer(m);
             const Raw* rm = ra + LR * NT;
             float A[V], B[V];
@@ -558,7 +566,7 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
             }
             __syncthreads();
             stream_trace_at(3, m);
-            const long long p0 = first_position(m - 1), rows = min((long long)LR, T - p0);
+            const long long p0 = first_position(m - 1), rows = rows_at(m - 1);
             float g[V];
 #pragma unroll
             for (int v = 0; v < V; ++v) g[v] = fmaf(Pp[v], hin[v * CT + cx], Qp[v]);
@@ -640,7 +648,8 @@ __device__ __forceinline__ void scan_tiles(SCAN_PARAMS(S)) {
     constexpr unsigned ARR = LR * ROW;
     auto issue = [&](long long tile, int b) {  // copy this thread's rows of a, r (and y) into buffer b
         const long long p0 = first_position(tile);
-        long long at = copy_rows<S, Raw, LR, BWD>(a, r, y, h0, T, C, bi, cv, v_ok, flip, p0, slot0 + b * ARRAYS * ARR);
+        long long at = copy_rows<S, Raw, LR, BWD>(a, r, y, h0, T, C, bi, cv, v_ok, flip, p0, min((long long)LR, T - p0),
+                                                  slot0 + b * ARRAYS * ARR);
         copy_async_commit();
         if constexpr (LX > 0) {
             const long long rows_all = min((long long)LT, T - p0);

@@ -152,7 +152,8 @@ def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0, chu
         n_tiles = -(-T // (NT // CT * rows))
         gc = min(sms // ncol, n_tiles)
         if 2 <= gc and sms // ncol <= stream_max_blocks and gc * ncol >= STREAM_MIN_FILL * sms:
-            return Plan(CT, n_ct, ncol, n_tiles, gc * ncol, 0, rows, 0, stream=gc)
+            # whole rounds of gc tiles, T split evenly over them: every block walks as many tiles
+            return Plan(CT, n_ct, ncol, -(-n_tiles // gc) * gc, gc * ncol, 0, rows, 0, stream=gc)
     # T outgrows one shared-memory tile here; register rows may make one tile long enough, but a
     # single tile runs the ONE_TILE kernel, which has none, so chunk mode keeps at least two
     n_tiles = max(2, -(-T // (NT // CT * (L + reg_rows))))

@@ -246,11 +246,12 @@ def test_stream_mode_takes_chunk_modes_few_column_plans(B, T, C, V, mode, CT, bl
     L, resident, sms, rows = 12, 132 * 2, 132, 8
     p = cuda.plan(B, T, C, V, L, resident, reg_rows=6, stream=(sms, rows))
     assert p.mode == mode and p.CT == CT and p.stream == blocks
-    if mode == "STREAM":  # every position in one of n_chunks tiles of rows a thread, walked by the resident grid
+    if mode == "STREAM":  # T split evenly into n_chunks tiles of at most rows a thread, walked by the resident grid
         tile = cuda.NT // CT * rows
-        assert p.rows == rows and (p.n_chunks - 1) * tile < T <= p.n_chunks * tile
+        assert p.rows == rows and -(-T // p.n_chunks) <= tile
         assert p.grid == p.ncol * blocks <= sms and p.ncol == B * C // V // CT
-        assert p.n_chunks >= blocks  # no block without a tile
+        # whole rounds, so that every block walks as many tiles, and no more rounds than full tiles take
+        assert p.n_chunks % blocks == 0 and p.n_chunks // blocks == -(-T // (tile * blocks))
     else:
         assert p == cuda.plan(B, T, C, V, L, resident, reg_rows=6)
     # without a stream argument (no cooperative launch), or with stream mode turned off: chunk mode
@@ -265,8 +266,8 @@ def test_stream_mode_only_where_its_columns_fill_the_gpu():
     for tiles, mode in [(4, "CHUNKS"), (14, "CHUNKS"), (15, "STREAM"), (16, "STREAM"), (100, "STREAM")]:
         p = cuda.plan(1, tiles * 128, 1024, 8, 12, 264, stream=(132, 8))
         assert p.mode == mode, tiles
-        if mode == "STREAM":
-            assert p.n_chunks == tiles and p.grid == 8 * min(tiles, 16)
+        if mode == "STREAM":  # whole rounds of 16 tiles past 16 tiles
+            assert p.n_chunks == -(-tiles // 16) * min(tiles, 16) and p.grid == 8 * min(tiles, 16)
 
 
 @pytest.mark.parametrize("dtype, bwd, rows", [
