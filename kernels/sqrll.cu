@@ -278,8 +278,8 @@ extern __shared__ __align__(16) unsigned char dyn_smem[];
     const S *__restrict__ a, const S *__restrict__ r, const S *__restrict__ y,                  \
         const S *__restrict__ h0, S *__restrict__ out, S *__restrict__ dr, S *__restrict__ dh0, \
         ulonglong2 *nodes, long long T, long long C, int CT, int n_ct, int ncol, int n_chunks,  \
-        int lg, int flip
-#define SCAN_ARGS a, r, y, h0, out, dr, dh0, nodes, T, C, CT, n_ct, ncol, n_chunks, lg, flip
+        int lg, int head, int flip
+#define SCAN_ARGS a, r, y, h0, out, dr, dh0, nodes, T, C, CT, n_ct, ncol, n_chunks, lg, head, flip
 
 // A per-feature step: step(i, m, c) on the maps (sA[i], sB[i]) for i = first, first + stride, ... < end,
 // in that order. FOLD of them are read from shared memory before their steps, so the loads issue
@@ -455,12 +455,13 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
     // tile's map; every thread, the map from the tile's start to its own first row
     float tAc = 1.f, tBc = 0.f, tAp = 1.f, tBp = 0.f, Pc[V], Qc[V], Pp[V], Qp[V];
 
-    // The n_chunks tiles of a column split T evenly: tile k holds q + 1 positions if k < T % n_chunks,
-    // else q = T / n_chunks, at most TT * LR (the plan makes n_chunks a whole number of rounds, so that
-    // every block walks as many tiles). The threads take LR rows each from the tile's start, the last
-    // of them fewer or none.
-    const long long q = T / n_chunks, q_rem = T % n_chunks;
-    auto tile_start = [&](long long k) { return k * q + min(k, q_rem); };
+    // A column's n_chunks tiles, a whole number of rounds (so that every block walks as many): where
+    // `head` is set, the first round's Gc tiles hold head positions each, so that their maps, which
+    // every block's first look-back waits for, come early. The other tiles split the rest of T evenly:
+    // tile P + j holds q + 1 positions if j < q_rem, else q, at most TT * LR. The threads take LR rows
+    // each from the tile's start, the last of them fewer or none.
+    const long long P = head ? Gc : 0, rest = T - P * head, q = rest / (n_chunks - P), q_rem = rest % (n_chunks - P);
+    auto tile_start = [&](long long k) { return k <= P ? k * head : P * head + (k - P) * q + min(k - P, q_rem); };
     auto first_position = [&](long long m) { return tile_start(k0 + m * Gc) + (long long)ty * LR; };
     auto rows_at = [&](long long m) {  // this thread's rows of tile m
         return max(0ll, min((long long)LR, tile_start(k0 + m * Gc + 1) - first_position(m)));

@@ -198,6 +198,9 @@ def add_plan_args(ap):
     ap.add_argument("--stream-max-rows", type=int,
                     help="sqrllm.cuda.STREAM_MAX_ROWS, rows a thread owns in a stream-mode tile at most "
                     "(default: sqrllm.cuda's)")
+    ap.add_argument("--stream-short-head", type=int, choices=(0, 1),
+                    help="sqrllm.cuda.STREAM_SHORT_HEAD: 1, stream mode's first round of tiles short; 0, T split "
+                    "evenly (default: sqrllm.cuda's)")
     ap.add_argument("--stream-buffers", type=int,
                     help="sqrllm.cuda.STREAM_BUFFERS, stream mode's tile buffers, for a kernel (--kernel) built "
                     "with that many (default: sqrllm.cuda's)")
@@ -236,6 +239,8 @@ def apply_plan_args(args):
         cuda.STREAM_MAX_BLOCKS = args.stream_max_blocks
     if args.stream_max_rows:
         cuda.STREAM_MAX_ROWS = args.stream_max_rows
+    if args.stream_short_head is not None:
+        cuda.STREAM_SHORT_HEAD = bool(args.stream_short_head)
     if args.stream_buffers:
         cuda.STREAM_BUFFERS = args.stream_buffers
 

@@ -63,6 +63,9 @@ STREAM_MAX_BLOCKS = 40
 STREAM_MAX_ROWS = 13
 STREAM_MIN_FILL = 0.9  # stream mode: the least share of the multiprocessors its grid may use
 STREAM_BUFFERS = 2  # stream mode's tile buffers, as scan_stream in the .cu has them
+# stream mode: the first round's tiles only as long as leave the others whole rounds of full tiles, so
+# that the maps every block's first look-back waits for are published early (else T split evenly)
+STREAM_SHORT_HEAD = True
 
 
 class Unsupported(ImportError):
@@ -100,6 +103,7 @@ class Plan(NamedTuple):
     pipe: int  # loop mode: two half-size buffers, the next tile loading while this one is worked on
     long_tiles: int = 0  # loop mode on its long tiles (LOOP_FWD_TILE / LOOP_BWD_TILE)
     stream: int = 0  # stream mode: resident blocks a column (n_chunks: tiles a column)
+    head: int = 0  # stream mode: positions in each tile of the first round (0: T split evenly)
 
     @property
     def mode(self):
@@ -115,7 +119,7 @@ def _fill(ncol, resident):
 
 
 def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0, chunk_max_ct=None,
-         chunk_min_cols=None, loop=None, stream=None, stream_max_blocks=None):
+         chunk_min_cols=None, loop=None, stream=None, stream_max_blocks=None, short_head=None):
     """How to cut a (B, T, C) scan moving V features per thread; `resident` blocks fit on the GPU.
     Loop mode takes the long tiles `loop` = (L, resident blocks) gives, if any, where its columns fill
     the GPU with them and are at least LOOP_LONG_MIN_TILES of them long; else tiles of L.
@@ -123,12 +127,14 @@ def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0, chu
     most `chunk_max_ct` threads go across features, fewer (down to 8) where that makes up to
     `chunk_min_cols` columns. `stream` = (multiprocessors, rows a thread owns in a tile), if given,
     turns chunk mode into stream mode where each column gets 2 to `stream_max_blocks` of them, and
-    all columns together at least STREAM_MIN_FILL of them."""
+    all columns together at least STREAM_MIN_FILL of them; `short_head` (default STREAM_SHORT_HEAD)
+    shortens its first round's tiles."""
     min_fill = LOOP_MIN_FILL if min_fill is None else min_fill
     lg = TREE_LOG2 if tree_log2 is None else tree_log2
     chunk_max_ct = CHUNK_MAX_CT if chunk_max_ct is None else chunk_max_ct
     chunk_min_cols = CHUNK_MIN_COLS if chunk_min_cols is None else chunk_min_cols
     stream_max_blocks = STREAM_MAX_BLOCKS if stream_max_blocks is None else stream_max_blocks
+    short_head = STREAM_SHORT_HEAD if short_head is None else short_head
     nvec = C // V
     CT = min(32, 1 << (nvec - 1).bit_length())
     while CT > 8 and (-nvec % CT) * 8 > nvec:  # don't leave most of a last feature tile idle
@@ -149,11 +155,15 @@ def plan(B, T, C, V, L, resident, min_fill=None, tree_log2=None, reg_rows=0, chu
     ncol = B * n_ct
     if stream is not None:
         sms, rows = stream
-        n_tiles = -(-T // (NT // CT * rows))
+        full = NT // CT * rows  # positions in a full tile
+        n_tiles = -(-T // full)
         gc = min(sms // ncol, n_tiles)
         if 2 <= gc and sms // ncol <= stream_max_blocks and gc * ncol >= STREAM_MIN_FILL * sms:
-            # whole rounds of gc tiles, T split evenly over them: every block walks as many tiles
-            return Plan(CT, n_ct, ncol, -(-n_tiles // gc) * gc, gc * ncol, 0, rows, 0, stream=gc)
+            # whole rounds of gc tiles, so that every block walks as many; the first round's as short
+            # as leaves the others full (or T split evenly over them all)
+            rounds = -(-n_tiles // gc)
+            head = -(-(T - (rounds - 1) * gc * full) // gc) if short_head and rounds > 1 else 0
+            return Plan(CT, n_ct, ncol, rounds * gc, gc * ncol, 0, rows, 0, stream=gc, head=head)
     # T outgrows one shared-memory tile here; register rows may make one tile long enough, but a
     # single tile runs the ONE_TILE kernel, which has none, so chunk mode keeps at least two
     n_tiles = max(2, -(-T // (NT // CT * (L + reg_rows))))
@@ -300,14 +310,14 @@ def _on(device):
 
 @functools.lru_cache(maxsize=1024)
 def _recipe(bwd, dtype, B, T, C, V, device, tile, loop_tile, min_fill, tree_log2, reg_rows, chunk_max_ct,
-            chunk_min_cols, stream_max_blocks):
+            chunk_min_cols, stream_max_blocks, short_head):
     """What a launch needs besides the pointers: its plan, kernel, grid, shared memory, scratch (bytes,
     fill byte), last args."""
     L, min_blocks = _fitting(tile, dtype, V, bwd, device)
     p = plan(B, T, C, V, L, _resident(device, min_blocks), min_fill, tree_log2, reg_rows, chunk_max_ct,
              chunk_min_cols, loop=_long_loop_tiles(bwd, dtype, V, device, loop_tile),
              stream=None if device in _cooperative_refused else _stream_tiles(bwd, dtype, V, device),
-             stream_max_blocks=stream_max_blocks)
+             stream_max_blocks=stream_max_blocks, short_head=short_head)
     if p.long_tiles:
         L, min_blocks = loop_tile
     if p.stream:
@@ -322,7 +332,7 @@ def _recipe(bwd, dtype, B, T, C, V, device, tile, loop_tile, min_fill, tree_log2
         scratch = (p.n_chunks * p.ncol * p.CT * V * 8, 0xFF)
     else:
         scratch = (0, 0)
-    ints = (p.CT, p.n_ct, p.ncol, p.n_chunks, tree_log2)
+    ints = (p.CT, p.n_ct, p.ncol, p.n_chunks, tree_log2, p.head)
     tail = (np.int64(T), np.int64(C), *map(np.int32, ints))
     return p, fn, (p.grid,), dyn_smem, scratch, tail
 
@@ -334,7 +344,7 @@ def _recipe_for(bwd, a, ptrs):
     V = vector_width(C, a.element_size(), ptrs)
     return _recipe(bwd, a.dtype, B, T, C, V, a.device.index, BWD_TILE if bwd else FWD_TILE,
                    LOOP_BWD_TILE if bwd else LOOP_FWD_TILE, LOOP_MIN_FILL,
-                   TREE_LOG2, CHUNK_REG_ROWS[bwd], CHUNK_MAX_CT, CHUNK_MIN_COLS, STREAM_MAX_BLOCKS)
+                   TREE_LOG2, CHUNK_REG_ROWS[bwd], CHUNK_MAX_CT, CHUNK_MIN_COLS, STREAM_MAX_BLOCKS, STREAM_SHORT_HEAD)
 
 
 def launch_plan(x, bwd=False):

@@ -182,15 +182,19 @@ def test_every_tree_radix_matches_reference(monkeypatch, tree_log2, dtype):
 @pytest.mark.parametrize("B, T, C", [(1, 40000, 32), (1, 20000, 4), (1, 10000, 1), (2, 16384, 1024), (1, 20000, 72),
                                      (1, 3073, 1024)])
 @pytest.mark.parametrize("dtype", list(TOL))
-def test_stream_mode_matches_reference(monkeypatch, B, T, C, dtype):
+@pytest.mark.parametrize("short_head", [True, False])
+def test_stream_mode_matches_reference(monkeypatch, B, T, C, dtype, short_head):
     # from 4 blocks a column to one a multiprocessor, so look-backs from a few maps to several
     # rounds of reads per thread; C = 4 and 1 give a feature's look-back more threads than a warp,
     # C = 72 a part-empty feature tile. (1, 3073, 1024): one full tile a block and a 17th would take
     # two rounds, so the plan splits T into 32 tiles of 96 positions, from which the last threads
-    # along time get no rows. (Reverse: test_every_way_of_splitting_time_matches_reference.)
+    # along time get no rows. short_head: the first round's tiles shorter than the others, or all
+    # even. (Reverse: test_every_way_of_splitting_time_matches_reference.)
     use_mode(monkeypatch, "STREAM")
+    monkeypatch.setattr(cuda, "STREAM_SHORT_HEAD", short_head)
     x, r, h0, dy = inputs(B, T, C, dtype, seed=2)
-    assert cuda.launch_plan(x).mode == "STREAM"
+    p = cuda.launch_plan(x)
+    assert p.mode == "STREAM" and (p.head > 0) == (short_head and p.n_chunks > p.stream)
     assert_matches_reference(kernel_nan_filled(x, r, h0, dy), reference(x, r, h0, dy), dtype)
 
 

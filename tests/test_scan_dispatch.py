@@ -229,6 +229,18 @@ def test_tree_nodes_fit_the_scratch_and_cover_each_prefix(lg):
                 s += R**j
 
 
+def stream_tile_sizes(p, T):
+    """Positions in each of a stream-mode plan's tiles along a column, as scan_stream's tile_start
+    cuts them."""
+    P = p.stream if p.head else 0
+    q, q_rem = divmod(T - P * p.head, p.n_chunks - P)
+
+    def start(k):
+        return k * p.head if k <= P else P * p.head + (k - P) * q + min(k - P, q_rem)
+
+    return [start(k + 1) - start(k) for k in range(p.n_chunks)]
+
+
 @pytest.mark.parametrize("B, T, C, V, mode, CT, blocks", [
     (1, 32768, 1024, 8, "STREAM", 16, 16),  # bf16: 8 columns of 16 threads, 16 blocks each
     (1, 32768, 1024, 4, "STREAM", 32, 16),  # fp32: 8 columns of 32
@@ -246,12 +258,20 @@ def test_stream_mode_takes_chunk_modes_few_column_plans(B, T, C, V, mode, CT, bl
     L, resident, sms, rows = 12, 132 * 2, 132, 8
     p = cuda.plan(B, T, C, V, L, resident, reg_rows=6, stream=(sms, rows))
     assert p.mode == mode and p.CT == CT and p.stream == blocks
-    if mode == "STREAM":  # T split evenly into n_chunks tiles of at most rows a thread, walked by the resident grid
+    if mode == "STREAM":  # T cut into n_chunks tiles of at most rows a thread, walked by the resident grid
         tile = cuda.NT // CT * rows
-        assert p.rows == rows and -(-T // p.n_chunks) <= tile
+        assert p.rows == rows
         assert p.grid == p.ncol * blocks <= sms and p.ncol == B * C // V // CT
         # whole rounds, so that every block walks as many tiles, and no more rounds than full tiles take
         assert p.n_chunks % blocks == 0 and p.n_chunks // blocks == -(-T // (tile * blocks))
+        sizes = stream_tile_sizes(p, T)
+        assert sum(sizes) == T and 0 < min(sizes) and max(sizes) <= tile
+        # the first round short, the others full (to a position); with short_head=False, all even
+        head, others = sizes[:blocks], sizes[blocks:]
+        assert len(set(head)) == 1 and head[0] <= min(others) and min(others) >= tile - 1
+        even = stream_tile_sizes(cuda.plan(B, T, C, V, L, resident, reg_rows=6, stream=(sms, rows),
+                                           short_head=False), T)
+        assert len(even) == p.n_chunks and sum(even) == T and max(even) - min(even) <= 1
     else:
         assert p == cuda.plan(B, T, C, V, L, resident, reg_rows=6)
     # without a stream argument (no cooperative launch), or with stream mode turned off: chunk mode
@@ -268,6 +288,8 @@ def test_stream_mode_only_where_its_columns_fill_the_gpu():
         assert p.mode == mode, tiles
         if mode == "STREAM":  # whole rounds of 16 tiles past 16 tiles
             assert p.n_chunks == -(-tiles // 16) * min(tiles, 16) and p.grid == 8 * min(tiles, 16)
+            # one round: T split evenly; more: the first round's tiles as short as leaves the rest full
+            assert p.head == (0 if tiles <= 16 else -(-(tiles * 128 - (p.n_chunks - 16) * 128) // 16))
 
 
 @pytest.mark.parametrize("dtype, bwd, rows", [
