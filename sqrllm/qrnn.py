@@ -102,7 +102,8 @@ class _SideProjection(torch.autograd.Function):
     """F.linear(x, w) without a bias, x (.., I) and w (G, I) -> (.., G), whose backward computes the
     weight's gradient on a side stream beside the input's on the current one: the two matrix
     multiplies are independent, and each alone can leave multiprocessors idle (few output tiles).
-    Off by default (QRNN.SIDE_WGRAD) until measured; on the CPU it is plain F.linear's math."""
+    Off by default (QRNN.SIDE_WGRAD): on one H100 it helped at two cells of the benchmark's grid and
+    cost at one (docs/benchmarks.md); on the CPU it is plain F.linear's math."""
 
     @staticmethod
     def forward(ctx, x, w):
@@ -473,7 +474,8 @@ class QRNN(nn.Module):
     # and a column reduction; False is the unfolded way, kept for scripts/qrnn_variants.py to compare.
     FOLD_BIAS = True
     # The backward's weight gradient on a side stream beside the input gradient (_SideProjection);
-    # off until scripts/qrnn_variants.py (side_wgrad=1) measures it against one stream.
+    # off: on one H100, training at batch 8, length 512 went 35.6-35.9x -> 37.0-37.3x cuDNN's LSTM, at
+    # batch 8, length 128 21.8x -> 20.9x, level elsewhere (scripts/qrnn_variants.py side_wgrad=1)
     SIDE_WGRAD = False
 
     def _fuse(self, x, keep, td):
