@@ -180,16 +180,18 @@ def test_every_tree_radix_matches_reference(monkeypatch, tree_log2, dtype):
 
 
 @pytest.mark.parametrize("B, T, C", [(1, 40000, 32), (1, 20000, 4), (1, 10000, 1), (2, 16384, 1024), (1, 20000, 72),
-                                     (1, 3073, 1024)])
+                                     (1, 3073, 1024), (1, 3329, 1024)])
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("short_head", [True, False])
 def test_stream_mode_matches_reference(monkeypatch, B, T, C, dtype, short_head):
     # from 4 blocks a column to one a multiprocessor, so look-backs from a few maps to several
     # rounds of reads per thread; C = 4 and 1 give a feature's look-back more threads than a warp,
-    # C = 72 a part-empty feature tile. (1, 3073, 1024): one full tile a block and a 17th would take
-    # two rounds, so the plan splits T into 32 tiles of 96 positions, from which the last threads
-    # along time get no rows. short_head: the first round's tiles shorter than the others, or all
-    # even. (Reverse: test_every_way_of_splitting_time_matches_reference.)
+    # C = 72 a part-empty feature tile. short_head: the first round's tiles shorter than the others,
+    # or all even. With 16 blocks a column (132 multiprocessors), (1, 3073, 1024) and (1, 3329, 1024)
+    # are a little over one or two rounds of full tiles in most of their plans: split evenly, the last
+    # threads along time get fewer rows or none (3329 bf16 forward: 32 tiles of 104 positions, 13 rows
+    # a thread); with the short first round, its tiles can be a position long (3329 forward, every
+    # dtype). (Reverse: test_every_way_of_splitting_time_matches_reference.)
     use_mode(monkeypatch, "STREAM")
     monkeypatch.setattr(cuda, "STREAM_SHORT_HEAD", short_head)
     x, r, h0, dy = inputs(B, T, C, dtype, seed=2)
