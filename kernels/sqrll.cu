@@ -456,8 +456,8 @@ __device__ __forceinline__ void scan_stream(SCAN_PARAMS(S)) {
     float tAc = 1.f, tBc = 0.f, tAp = 1.f, tBp = 0.f, Pc[V], Qc[V], Pp[V], Qp[V];
 
     // A column's n_chunks tiles, a whole number of rounds (so that every block walks as many): where
-    // `head` is set, the first round's Gc tiles hold head positions each, so that their maps, which
-    // every block's first look-back waits for, come early. The other tiles split the rest of T evenly:
+    // `head` is set, the first round's Gc tiles hold head positions each (sqrllm/cuda.py's
+    // STREAM_SHORT_HEAD says why and what it measured). The other tiles split the rest of T evenly:
     // tile P + j holds q + 1 positions if j < q_rem, else q, at most TT * LR. The threads take LR rows
     // each from the tile's start, the last of them fewer or none.
     const long long P = head ? Gc : 0, rest = T - P * head, q = rest / (n_chunks - P), q_rem = rest % (n_chunks - P);
